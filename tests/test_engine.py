@@ -1,0 +1,133 @@
+"""Tests of the shared engine pieces: config loading, checkpoints, RNG states, schedules, CLI errors."""
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from wrn_det.engine.checkpoint import (
+    atomic_save,
+    get_rng_states,
+    load_checkpoint,
+    read_last_checkpoint,
+    set_rng_states,
+    write_last_checkpoint,
+)
+from wrn_det.engine.config import CfgNode, load_config, resolve_config_file, save_config
+from wrn_det.engine.errors import ConfigError, WrnDetError, cli_main
+from wrn_det.engine.schedules import LRMultiplier, build_lr_multiplier
+
+
+def _defaults():
+    c = CfgNode()
+    c.OUTPUT_DIR = "out"
+    c.SOLVER = CfgNode()
+    c.SOLVER.BASE_LR = 0.1
+    c.SOLVER.STEPS = (10, 20)
+    return c
+
+
+def test_config_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.5\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nOUTPUT_DIR: here\n")
+    cfg = load_config(_defaults(), str(tmp_path / "child.yaml"), ["SOLVER.STEPS", "(3, 4)"])
+    assert cfg.SOLVER.BASE_LR == 0.5 and cfg.OUTPUT_DIR == "here" and tuple(cfg.SOLVER.STEPS) == (3, 4)
+    assert cfg.is_frozen()
+    out = save_config(cfg, str(tmp_path / "o" / "config.yaml"))
+    again = load_config(_defaults(), out, [])
+    assert again == cfg
+
+
+def test_config_unknown_key_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("SOLVER:\n  BASE_LRR: 0.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(_defaults(), str(f), [])
+    assert "SOLVER.BASE_LRR" in str(e.value) and "bad.yaml" in str(e.value)
+    with pytest.raises(ConfigError, match="NOPE"):
+        load_config(_defaults(), None, ["NOPE", "1"])
+    with pytest.raises(ConfigError, match="odd number"):
+        load_config(_defaults(), None, ["SOLVER.BASE_LR"])
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config_file("no_such_config_anywhere.yaml")
+
+
+def test_atomic_save_and_weights_only_load(tmp_path):
+    p = str(tmp_path / "ck.pth")
+    atomic_save({"model": {"w": torch.ones(2)}, "iteration": 3}, p)
+    assert load_checkpoint(p)["iteration"] == 3
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+    write_last_checkpoint(str(tmp_path), "ck.pth")
+    assert read_last_checkpoint(str(tmp_path)) == p
+    with pytest.raises(WrnDetError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WrnDetError, match="cannot be read"):
+        load_checkpoint(str(tmp_path / "junk.pth"))
+
+
+def test_atomic_save_failure_keeps_old_file(tmp_path):
+    p = str(tmp_path / "ck.pth")
+    atomic_save({"v": torch.tensor(1)}, p)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"v": Unpicklable()}, p)
+    assert load_checkpoint(p)["v"].item() == 1
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+
+
+def test_rng_states_round_trip_through_weights_only(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    atomic_save(get_rng_states(), str(tmp_path / "rng.pth"))
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_states(load_checkpoint(str(tmp_path / "rng.pth")))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_multistep_schedule_drops_at_steps():
+    m = build_lr_multiplier("WarmupMultiStepLR", 10, [4, 8], 0.1)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.2)
+    sched = LRMultiplier(opt, m, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == [0.2] * 4 and all(abs(x - 0.02) < 1e-12 for x in lrs[4:8]) and abs(lrs[8] - 0.002) < 1e-12
+    with pytest.raises(ConfigError, match="LR_SCHEDULER_NAME"):
+        build_lr_multiplier("Nope", 10)
+
+
+def test_cli_main_prints_one_line(capsys):
+    def bad():
+        raise ConfigError("file x.yaml: unknown config key 'A.B'")
+
+    assert cli_main(bad) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: file x.yaml: unknown config key 'A.B'"
+
+
+def _gather_ranks(out_dir):
+    from wrn_det.engine import comm
+
+    ranks = comm.all_gather(comm.get_rank())
+    summed = comm.reduce_dict({"x": torch.tensor(float(comm.get_rank() + 1))}, average=False)["x"].item()
+    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.txt"), "w") as f:
+        f.write(f"{comm.get_world_size()} {ranks} {summed} {comm.shared_random_seed() >= 0}")
+
+
+def test_launch_spawns_cpu_processes_with_gloo(tmp_path):
+    from wrn_det.engine.launch import launch
+
+    launch(_gather_ranks, num_gpus_per_machine=2, dist_url="auto", args=(str(tmp_path),))
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.txt").read_text() == "2 [0, 1] 3.0 True"

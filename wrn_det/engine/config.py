@@ -1,0 +1,125 @@
+"""Config loading in detectron2's style: YAML files with ``_BASE_`` and ``KEY VALUE`` overrides.
+
+fvcore's ``CfgNode`` does the merging; this module turns its exceptions into one-line
+:class:`ConfigError` messages that name the file and the key, and finds config files
+by name under the repository's ``configs/`` folder.
+"""
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+from fvcore.common.config import CfgNode as _FvCfgNode
+
+from .errors import ConfigError
+
+__all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs"]
+
+
+class CfgNode(_FvCfgNode):
+    """fvcore's CfgNode; YAML files are read with ``_BASE_`` inheritance and no unsafe tags."""
+
+
+CN = CfgNode
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_search_dirs() -> List[Path]:
+    """Return the folders searched for a config given by file name: ./configs, then the repository's configs/."""
+    dirs = [Path.cwd() / "configs", _REPO_ROOT / "configs"]
+    out = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
+
+
+def resolve_config_file(name_or_path: str) -> str:
+    """Return the path of a config file given as a path or as a file name under ``configs/``.
+
+    ``wrn34_2_frcnn.yaml`` and ``COCO-Detection/wrn34_2_frcnn.yaml`` both resolve to
+    ``configs/COCO-Detection/wrn34_2_frcnn.yaml``. Raises :class:`ConfigError` if nothing
+    or more than one file matches.
+    """
+    if not name_or_path:
+        raise ConfigError("no config file given: pass --config-file PATH_OR_NAME")
+    p = Path(name_or_path)
+    if p.is_file():
+        return str(p)
+    dirs = config_search_dirs()
+    for d in dirs:
+        cand = d / name_or_path
+        if cand.is_file():
+            return str(cand)
+    matches = []
+    for d in dirs:
+        for cand in sorted(d.rglob(p.name)):
+            if cand.is_file() and str(cand).endswith(str(name_or_path)) and cand.resolve() not in [m.resolve() for m in matches]:
+                matches.append(cand)
+    if len(matches) == 1:
+        return str(matches[0])
+    if len(matches) > 1:
+        raise ConfigError(
+            f"config name {name_or_path!r} is ambiguous: it matches "
+            + ", ".join(str(m) for m in matches) + "; pass the path"
+        )
+    where = ", ".join(str(d) for d in dirs) or "no configs/ folder"
+    raise ConfigError(f"config file {name_or_path!r} not found as a path nor under {where}")
+
+
+def _merge_error(source: str, exc: Exception) -> ConfigError:
+    msg = str(exc.args[0]) if exc.args else str(exc)
+    msg = " ".join(msg.split())
+    if isinstance(exc, KeyError) and "Non-existent config key" in msg:
+        key = msg.split("Non-existent config key:")[-1].strip().strip("'\"")
+        return ConfigError(f"{source}: unknown config key {key!r} (not in the defaults; check its spelling)")
+    return ConfigError(f"{source}: {msg}")
+
+
+def load_config(defaults: CfgNode, config_file: Optional[str], opts: Optional[List[str]] = None) -> CfgNode:
+    """Return a frozen copy of ``defaults`` merged with ``config_file`` and ``KEY VALUE`` ``opts``.
+
+    An unknown key, a value of the wrong type, an unreadable file, an odd number of
+    overrides or a bad ``_BASE_`` all raise :class:`ConfigError` naming the file or key.
+    """
+    cfg = defaults.clone()
+    cfg.defrost()
+    if config_file:
+        path = resolve_config_file(config_file)
+        try:
+            cfg.merge_from_file(path, allow_unsafe=False)
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise _merge_error(path, e) from None
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: cannot read {e.filename!r}: file not found (check _BASE_)") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    opts = list(opts or [])
+    if opts and opts[0] == "--":
+        opts = opts[1:]
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise _merge_error("command-line override", e) from None
+    cfg.freeze()
+    return cfg
+
+
+def save_config(cfg: CfgNode, path: str) -> str:
+    """Write ``cfg`` as YAML to ``path`` atomically; returns the path."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(cfg.dump())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,32 @@
+"""User-facing errors and the command-line wrapper that turns them into one line."""
+import sys
+
+
+class WrnDetError(Exception):
+    """An error caused by the user's input (a file, a key, a value).
+
+    Its message is one line that names what is wrong and what was expected; the
+    command-line tools print it without a traceback and exit non-zero.
+    """
+
+
+class ConfigError(WrnDetError):
+    """A config file, key or value is not what the project expects."""
+
+
+def cli_main(fn, *args, **kwargs) -> int:
+    """Run ``fn(*args, **kwargs)`` as a command-line entry point.
+
+    Returns the exit status: 0 on success (or what ``fn`` returned if it is an int),
+    2 after printing ``error: <message>`` to stderr for a :class:`WrnDetError`.
+    """
+    try:
+        ret = fn(*args, **kwargs)
+    except WrnDetError as e:
+        msg = " ".join(str(e).split("\n")).strip()
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return ret if isinstance(ret, int) else 0

@@ -1,0 +1,117 @@
+"""Process launch in detectron2's style: one process, ``--num-gpus N`` spawning, or torchrun."""
+import argparse
+import os
+import socket
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from . import comm
+from .errors import WrnDetError
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentParser:
+    """Return an argument parser with detectron2's training flags.
+
+    ``--config-file`` (also ``--config``), ``--resume``, ``--eval-only``, ``--num-gpus``,
+    ``--num-machines``, ``--machine-rank``, ``--dist-url`` and trailing ``KEY VALUE`` overrides.
+    """
+    p = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides: trailing KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01 OUTPUT_DIR out/run1",
+    )
+    p.add_argument("--config-file", "--config", default="", metavar="FILE", help="config path or a file name under configs/")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if it exists")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
+    p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")
+    p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines; 'auto' picks a free local port")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launched_by_torchrun() -> bool:
+    """Return True when the process was started by torchrun (or another env:// launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, machine_rank: int = 0,
+           dist_url: str = "auto", args=(), timeout=DEFAULT_TIMEOUT):
+    """Run ``main_func(*args)`` in one process, under torchrun, or in spawned processes.
+
+    Under torchrun the process group is joined from the environment. Otherwise, with
+    ``num_machines * num_gpus_per_machine > 1``, this spawns ``num_gpus_per_machine``
+    processes on this machine (NCCL on GPUs, gloo on CPUs). Returns what ``main_func``
+    returns in a single process, else None.
+    """
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=_backend(), init_method="env://", timeout=timeout)
+        comm.set_local_rank(local_rank)
+        try:
+            return main_func(*args)
+        finally:
+            dist.destroy_process_group()
+
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        return main_func(*args)
+    if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
+        raise WrnDetError(
+            f"--num-gpus {num_gpus_per_machine} asks for more GPUs than the {torch.cuda.device_count()} visible here"
+        )
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise WrnDetError("--dist-url auto works on one machine only; give tcp://HOST:PORT of machine 0")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.start_processes(
+        _worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+        start_method="spawn",
+        join=False,
+    )
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        # the failing worker already printed its one-line error
+        raise SystemExit(e.exit_code if e.exit_code and e.exit_code > 0 else 1) from None
+    return None
+
+
+def _worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout):
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=_backend(), init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout)
+    comm.set_local_rank(local_rank)
+    try:
+        main_func(*args)
+    except WrnDetError as e:
+        if global_rank == 0:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
