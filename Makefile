@@ -1,0 +1,31 @@
+# wrn-det: every target creates .venv when it is missing and installs the package into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.wrn_det-installed
+PYTEST_ARGS ?= -q
+
+.PHONY: install test demo bench clean help
+
+help:
+	@echo "make install   create $(VENV) and install wrn_det with its test extra"
+	@echo "make demo      generate the shapes dataset, train WRN-FPN Faster R-CNN, evaluate, plot"
+	@echo "make test      run the test suite"
+	@echo "make bench     run the CPU benchmarks in benchmarks/"
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(PY) tools/model_info.py
+
+clean:
+	rm -rf output build *.egg-info

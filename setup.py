@@ -1,0 +1,27 @@
+"""Install wrn-det: Wide Residual Networks for classification and object detection."""
+from setuptools import find_packages, setup
+
+setup(
+    name="wrn_det",
+    version="0.1.0",
+    description="Wide Residual Networks for classification pretraining and object detection",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["wrn_det", "wrn_det.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5.post20221221",
+        "pycocotools>=2.0.7",
+        "faster-coco-eval>=1.6",
+        "opencv-python-headless>=4.8",
+        "tqdm>=4.64",
+        "matplotlib>=3.7",
+        "tensorboard>=2.14",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "scipy>=1.10",
+    ],
+    extras_require={"test": ["pytest>=7.4"]},
+)
