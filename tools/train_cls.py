@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train or evaluate a classification network of wrn_det (CIFAR-10/100, SVHN, MNIST, ImageNet).
+
+    tools/train_cls.py --config-file cifar10_wrn_28_10.yaml
+    tools/train_cls.py --config-file cifar10_wrn_28_10.yaml --num-gpus 8 SOLVER.IMS_PER_BATCH 128
+    torchrun --nproc_per_node 8 tools/train_cls.py --config-file imagenet_wide_resnet50_2.yaml
+    tools/train_cls.py --config-file cifar10_wrn_28_10.yaml --resume            # continue OUTPUT_DIR
+    tools/train_cls.py --config-file cifar10_wrn_28_10.yaml --eval-only MODEL.WEIGHTS out/model_best.pth
+
+Flags as tools/train_net.py; trailing KEY VALUE pairs override the config. A bad
+config or dataset prints one ``error:`` line and exits with status 2.
+"""
+import logging
+import os
+import sys
+
+import torch
+
+from wrn_det.classification import ClsTrainer, get_cls_cfg
+from wrn_det.engine import comm
+from wrn_det.engine.config import load_config, save_config
+from wrn_det.engine.errors import cli_main
+from wrn_det.engine.events import setup_logger
+from wrn_det.engine.launch import default_argument_parser, launch
+
+
+def setup(cfg, args) -> None:
+    """Create OUTPUT_DIR, start logging there and write config.yaml (rank 0)."""
+    rank = comm.get_rank()
+    if rank == 0:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    comm.synchronize()
+    log = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
+    log.info("rank %d of %d, torch %s, command: %s", rank, comm.get_world_size(), torch.__version__, " ".join(sys.argv))
+    if rank == 0:
+        path = save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+        log.info("full config written to %s", path)
+
+
+def main(cfg, args):
+    """Run training (or evaluation with --eval-only) in this process; returns the final metrics."""
+    setup(cfg, args)
+    trainer = ClsTrainer(cfg, resume=args.resume)
+    if args.eval_only:
+        return trainer.evaluate_only()
+    return trainer.train()
+
+
+def run(argv=None) -> None:
+    """Parse the command line, load the config and launch the processes."""
+    args = default_argument_parser("wrn-det classification training").parse_args(argv)
+    cfg = load_config(get_cls_cfg(), args.config_file or None, args.opts)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(cfg, args))
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(cli_main(run))

@@ -1,0 +1,482 @@
+"""The classification trainer: epochs of SGD over an in-memory set or an ImageNet loader.
+
+One :class:`ClsTrainer` does a whole run from a config: data, model, optimizer,
+schedule, distributed wrapping, and per epoch: training, evaluation, ``metrics.json``
+and TensorBoard, an atomic checkpoint (everything ``--resume`` needs to continue
+bit for bit), ``model_best.pth``; at the end ``model_final.pth``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from wrn_det.data.classification import ArraySet, build_cls_datasets
+from wrn_det.data.cls_loader import InMemoryLoader, build_imagenet_loader, imagenet_transforms
+from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
+from wrn_det.engine import comm
+from wrn_det.engine.checkpoint import (
+    atomic_save,
+    get_rng_states,
+    load_checkpoint,
+    read_last_checkpoint,
+    set_rng_states,
+    write_last_checkpoint,
+)
+from wrn_det.engine.errors import ConfigError, WrnDetError
+from wrn_det.engine.events import MetricsWriter
+from wrn_det.engine.schedules import build_lr_multiplier, lr_at
+from wrn_det.engine.seed import seed_all
+from wrn_det.models import build_model, count_parameters
+
+from .ema import ModelEMA
+from .evaluation import accuracy_counts, evaluate
+from .sync_bn import convert_sync_batchnorm
+
+__all__ = ["ClsTrainer", "NonFiniteLossError", "build_cls_model", "load_weights"]
+
+logger = logging.getLogger("wrn_det.cls")
+
+CHECKPOINT_PREFIX = "model_epoch_"
+
+
+class NonFiniteLossError(WrnDetError):
+    """The training loss became NaN or infinite; the run stopped without saving the bad weights."""
+
+
+def _select_device(cfg) -> torch.device:
+    want = cfg.MODEL.DEVICE
+    if want not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"MODEL.DEVICE must be 'auto', 'cuda' or 'cpu', got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("MODEL.DEVICE is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if want != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", comm.get_local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def build_cls_model(cfg, num_classes: int) -> nn.Module:
+    """Return ``wrn_det.models.build_model`` for ``cfg.MODEL``; bad names or options raise ConfigError."""
+    kwargs = {"memory_efficient": cfg.MODEL.MEMORY_EFFICIENT}
+    if cfg.MODEL.DROPOUT > 0:
+        kwargs["dropout"] = cfg.MODEL.DROPOUT
+    try:
+        return build_model(cfg.MODEL.NAME, num_classes=num_classes, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME!r} with MODEL.DROPOUT {cfg.MODEL.DROPOUT}: {e}") from None
+
+
+def load_weights(model: nn.Module, path: str) -> dict:
+    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``.
+
+    Tensors whose shape differs from the model's (a classifier for another number of
+    classes) are skipped with a warning. Returns the loaded file's dict.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise WrnDetError(f"weights file {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
+    own = model.state_dict()
+    kept = {}
+    for k, v in state.items():
+        if k in own and torch.is_tensor(v) and v.shape != own[k].shape:
+            logger.warning("not loading %s from %s: shape %s, the model has %s", k, path, tuple(v.shape), tuple(own[k].shape))
+            continue
+        kept[k] = v
+    res = model.load_state_dict(kept, strict=False)
+    if res.missing_keys:
+        logger.warning("weights %s lack %d tensors of the model, e.g. %s", path, len(res.missing_keys), res.missing_keys[:3])
+    if res.unexpected_keys:
+        logger.warning("weights %s have %d tensors the model lacks, e.g. %s", path, len(res.unexpected_keys), res.unexpected_keys[:3])
+    if not set(kept) & set(own):
+        raise WrnDetError(f"weights file {path} shares no tensor names with model {type(model).__name__}")
+    return ckpt
+
+
+class ClsTrainer:
+    """Train and evaluate one classification run described by ``cfg``.
+
+    ``resume=True`` continues from ``OUTPUT_DIR/last_checkpoint`` when there is one
+    (model, optimizer, schedule position, EMA, gradient scaler, best error and the
+    random-number states of every process), so the run ends exactly as if it had
+    never stopped. Call :meth:`train` or :meth:`evaluate_only`.
+    """
+
+    def __init__(self, cfg, resume: bool = False):
+        self.cfg = cfg
+        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+        self.device = _select_device(cfg)
+        self.output_dir = cfg.OUTPUT_DIR
+        self.is_imagenet = cfg.DATASETS.NAME.lower() == "imagenet"
+
+        self.resume_path = read_last_checkpoint(self.output_dir) if resume else None
+        self.resume_state = load_checkpoint(self.resume_path) if self.resume_path else None
+        if resume and self.resume_state is None:
+            logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
+        seed = self.resume_state["seed"] if self.resume_state else cfg.SEED
+        if seed < 0:
+            seed = comm.all_gather(seed_all(-1))[0]  # one seed for every rank
+        self.seed = seed_all(seed)
+
+        self._build_data()
+        self._build_model()
+        # per-rank streams for dropout etc., decided after the (identical) initialisation
+        seed_all(self.seed + 1_000_003 * self.rank)
+        self._build_optimizer()
+        self.start_epoch = 1
+        self.best_top1_err = math.inf
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        self._wrap()
+
+    # ------------------------------------------------------------------ building
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.test_batch = cfg.TEST.IMS_PER_BATCH
+        if self.is_imagenet:
+            tr_tf, te_tf = imagenet_transforms(cfg.INPUT.TRAIN_CROP_SIZE, cfg.INPUT.TEST_RESIZE, cfg.INPUT.TEST_CROP_SIZE)
+            train_set, test_set = build_cls_datasets(cfg, tr_tf, te_tf)
+            classes, channels = train_set.classes, 3
+            pin = self.device.type == "cuda"
+            self.train_loader = build_imagenet_loader(
+                train_set, cfg.SOLVER.IMS_PER_BATCH, True, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
+                self.world_size, pin)
+            self.test_loader = build_imagenet_loader(
+                test_set, cfg.TEST.IMS_PER_BATCH, False, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
+                self.world_size, pin)
+        else:
+            train_set, test_set = build_cls_datasets(cfg)
+            if cfg.INPUT.PREPROCESS == "zca":
+                # rank 0 fits and caches the whitening; the others then read the cache
+                if self.rank != 0:
+                    comm.synchronize()
+                train_set, test_set = zca_whiten(
+                    train_set, test_set, cfg.INPUT.ZCA_GCN_SCALE, cfg.INPUT.ZCA_FILTER_BIAS,
+                    cfg.INPUT.ZCA_CACHE_DIR or None, self.device)
+                if self.rank == 0:
+                    comm.synchronize()
+            self._check_labels(train_set)
+            self._check_labels(test_set)
+            classes, channels = train_set.classes, train_set.images.shape[1]
+            self.train_loader = InMemoryLoader(
+                train_set, cfg.SOLVER.IMS_PER_BATCH, self.device, True, cfg.INPUT.CROP_PADDING, cfg.INPUT.HFLIP,
+                self.seed, self.rank, self.world_size)
+            self.test_loader = InMemoryLoader(
+                test_set, cfg.TEST.IMS_PER_BATCH, self.device, False, seed=self.seed, rank=self.rank,
+                world_size=self.world_size)
+        self.num_classes = cfg.MODEL.NUM_CLASSES or len(classes)
+        if self.num_classes != len(classes):
+            raise ConfigError(
+                f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but {cfg.DATASETS.NAME} in {cfg.DATASETS.ROOT} has "
+                f"{len(classes)} classes (set it to {len(classes)}, or 0 to take it from the data)")
+        self.channels_last = cfg.MODEL.CHANNELS_LAST and self.device.type == "cuda"
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.normalizer = normalizer_from_cfg(cfg, channels, 3, fmt).to(self.device)
+        self.iters_per_epoch = len(self.train_loader)
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) leaves no full batch in the training set")
+
+    def _check_labels(self, data: ArraySet) -> None:
+        if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= len(data.classes)):
+            raise WrnDetError(
+                f"{data.source}: labels range over [{int(data.labels.min())}, {int(data.labels.max())}] but the "
+                f"dataset has {len(data.classes)} classes")
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        model = build_cls_model(cfg, self.num_classes)
+        if cfg.MODEL.WEIGHTS and self.resume_state is None:
+            load_weights(model, cfg.MODEL.WEIGHTS)
+            logger.info("loaded weights from %s", cfg.MODEL.WEIGHTS)
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.world_size > 1 and cfg.MODEL.SYNC_BN:
+            model = convert_sync_batchnorm(model)
+        self.model = model  # the plain module: state dicts, evaluation
+        self.n_parameters = count_parameters(model)
+        self.ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+
+        amp = cfg.SOLVER.AMP
+        if amp.DTYPE not in ("bfloat16", "float16"):
+            raise ConfigError(f"SOLVER.AMP.DTYPE must be 'bfloat16' or 'float16', got {amp.DTYPE!r}")
+        self.amp_dtype = getattr(torch, amp.DTYPE) if (amp.ENABLED and self.device.type == "cuda") else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _build_optimizer(self) -> None:
+        cfg, s = self.cfg, self.cfg.SOLVER
+        self.base_lr = s.BASE_LR * (s.IMS_PER_BATCH / s.REFERENCE_BATCH_SIZE if s.REFERENCE_BATCH_SIZE > 0 else 1.0)
+        try:
+            self.optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=self.base_lr, momentum=s.MOMENTUM, dampening=s.DAMPENING,
+                weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+        except ValueError as e:
+            raise ConfigError(f"SOLVER (BASE_LR/MOMENTUM/DAMPENING/WEIGHT_DECAY/NESTEROV): {e}") from None
+        steps = [int(x) for x in s.STEPS]
+        if any(x < 2 for x in steps) or steps != sorted(set(steps)):
+            raise ConfigError(
+                f"SOLVER.STEPS must be increasing epochs >= 2 (counted from 1) at whose start the rate drops, got {tuple(s.STEPS)}")
+        if s.EPOCHS < 1:
+            raise ConfigError(f"SOLVER.EPOCHS must be >= 1, got {s.EPOCHS}")
+        ipe = self.iters_per_epoch
+        self.max_iter = s.EPOCHS * ipe
+        self.lr_steps = [x for x in steps if x <= s.EPOCHS] if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR" else []
+        self.multiplier = build_lr_multiplier(
+            s.LR_SCHEDULER_NAME, self.max_iter, [(x - 1) * ipe for x in steps], s.GAMMA,
+            warmup_iters=int(round(s.WARMUP_EPOCHS * ipe)), warmup_factor=s.WARMUP_FACTOR,
+            warmup_method=s.WARMUP_METHOD, cosine_end=s.COSINE_END)
+
+    def _wrap(self) -> None:
+        model = self.model
+        if self.world_size > 1:
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        if self.cfg.MODEL.COMPILE:
+            model = torch.compile(model)
+        self.train_model = model
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self, epoch: int) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"name": self.cfg.SOLVER.LR_SCHEDULER_NAME, "iteration": epoch * self.iters_per_epoch,
+                          "max_iter": self.max_iter, "base_lr": self.base_lr},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "iteration": epoch * self.iters_per_epoch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rng": None,  # filled with every rank's states by _save
+            "best_top1_err": self.best_top1_err,
+            "config": self.cfg.dump(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                logger.warning("the checkpoint has no EMA weights; the EMA restarts from the current weights")
+                self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state["scheduler"]["max_iter"] != self.max_iter:
+            logger.warning("the schedule changed since the checkpoint (%d -> %d iterations); continuing on the new one",
+                           state["scheduler"]["max_iter"], self.max_iter)
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_top1_err = float(state["best_top1_err"])
+        rng = state.get("rng")
+        if rng is not None and len(rng) == self.world_size:
+            set_rng_states(rng[self.rank])
+        else:
+            logger.warning("the checkpoint was written by %s processes, this run has %d: random streams restart",
+                           state.get("world_size"), self.world_size)
+        logger.info("resumed from %s: continuing at epoch %d", self.resume_path, self.start_epoch)
+
+    def _save(self, epoch: int) -> Optional[str]:
+        rng = comm.all_gather(get_rng_states())
+        if not comm.is_main_process():
+            return None
+        state = self._state(epoch)
+        state["rng"] = rng
+        name = f"{CHECKPOINT_PREFIX}{epoch:04d}.pth"
+        path = atomic_save(state, os.path.join(self.output_dir, name))
+        write_last_checkpoint(self.output_dir, name)
+        keep = self.cfg.SOLVER.CHECKPOINT_KEEP
+        if keep > 0:
+            old = sorted(f for f in os.listdir(self.output_dir) if f.startswith(CHECKPOINT_PREFIX) and f.endswith(".pth"))
+            for f in old[:-keep]:
+                os.remove(os.path.join(self.output_dir, f))
+        return path
+
+    def _save_weights(self, name: str, **extra) -> None:
+        if comm.is_main_process():
+            obj = {"model": self.model.state_dict(), **extra}
+            if self.ema is not None:
+                obj["ema"] = self.ema.state_dict()
+            atomic_save(obj, os.path.join(self.output_dir, name))
+
+    def _trim_metrics(self, last_epoch: int) -> None:
+        """Drop metrics.json rows of epochs after ``last_epoch`` (written before an interruption)."""
+        path = os.path.join(self.output_dir, "metrics.json")
+        if not comm.is_main_process() or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
+        if len(kept) != len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ training
+
+    def _set_lr(self, iteration: int) -> float:
+        lr = lr_at(self.base_lr, self.multiplier, iteration, self.max_iter)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _check_finite(self, value: float, epoch: int, it: int, lr: float) -> None:
+        if not math.isfinite(value):
+            last = read_last_checkpoint(self.output_dir)
+            raise NonFiniteLossError(
+                f"the training loss became {value} at epoch {epoch}, iteration {it}/{self.iters_per_epoch} "
+                f"(lr {lr:g}); stopped without saving it; the last good checkpoint is "
+                f"{last or 'none (no epoch finished)'}; lower SOLVER.BASE_LR or check the data")
+
+    def _progress(self, epoch: int):
+        if comm.is_main_process() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            return tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch}/{self.cfg.SOLVER.EPOCHS}", leave=False,
+                        dynamic_ncols=True)
+        return None
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        """Run one epoch of training; returns ``{"train_loss", "train_top1_err", "lr", "seconds", ...}``."""
+        cfg = self.cfg
+        ipe = self.iters_per_epoch
+        if epoch in self.lr_steps and cfg.SOLVER.RESET_MOMENTUM_AT_STEPS:
+            # the original code built a fresh optimizer at every drop: momentum restarts from zero
+            self.optimizer.state.clear()
+            logger.info("epoch %d: learning-rate step, momentum buffers reset", epoch)
+        self.train_loader.set_epoch(epoch)
+        self.train_model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, correct, n
+        bar = self._progress(epoch)
+        redirect = contextlib.nullcontext()
+        if bar is not None:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm([logging.getLogger("wrn_det")])
+        start = time.perf_counter()
+        lr = self.base_lr
+        with redirect:
+            for i, (images, labels) in enumerate(self.train_loader):
+                it = (epoch - 1) * ipe + i
+                lr = self._set_lr(it)
+                images = self.normalizer(images.to(self.device, non_blocking=True))
+                labels = labels.to(self.device, non_blocking=True)
+                with self._autocast():
+                    logits = self.train_model(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                with torch.no_grad():
+                    top1, _ = accuracy_counts(logits.detach().float(), labels, 1)
+                    n = labels.numel()
+                    sums += torch.stack([loss.detach().double() * n, top1.double(),
+                                         torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                if (i + 1) % cfg.LOG_PERIOD == 0 or i + 1 == ipe:
+                    value = comm.reduce_dict({"loss": loss.detach()})["loss"].item()
+                    self._check_finite(value, epoch, i + 1, lr)
+                    logger.info("epoch %d/%d iter %d/%d loss %.6f lr %.6g", epoch, cfg.SOLVER.EPOCHS, i + 1, ipe, value, lr)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}")
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if self.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
+        self._check_finite(loss_sum, epoch, ipe, lr)
+        return {
+            "lr": lr,
+            "train_loss": loss_sum / count,
+            "train_top1_err": 100.0 * (1 - correct / count),
+            "seconds": seconds,
+            "images_per_sec": count / seconds,
+        }
+
+    def test(self) -> dict:
+        """Evaluate the model (and its EMA) on the test set; returns ``test_*`` and ``ema_test_*`` entries."""
+        out = {}
+        start = time.perf_counter()
+        res = evaluate(self.model, self.test_loader, self.normalizer, self.device, self._autocast)
+        out.update({"test_loss": res["loss"], "test_top1_err": res["top1_err"], "test_top5_err": res["top5_err"]})
+        if self.ema is not None:
+            res = evaluate(self.ema.module, self.test_loader, self.normalizer, self.device, self._autocast)
+            out.update({"ema_test_loss": res["loss"], "ema_test_top1_err": res["top1_err"], "ema_test_top5_err": res["top5_err"]})
+        out["eval_seconds"] = time.perf_counter() - start
+        return out
+
+    def train(self) -> dict:
+        """Train from ``start_epoch`` to ``SOLVER.EPOCHS``; returns the last epoch's metrics."""
+        cfg = self.cfg
+        self._trim_metrics(self.start_epoch - 1)
+        writer = MetricsWriter(self.output_dir)
+        logger.info("training %s (%d parameters) on %s: %d images, %d iterations per epoch, epochs %d-%d, %d process(es) on %s",
+                    cfg.MODEL.NAME, self.n_parameters, cfg.DATASETS.NAME, self.train_loader.num_images,
+                    self.iters_per_epoch, self.start_epoch, cfg.SOLVER.EPOCHS, self.world_size, self.device)
+        row = {}
+        try:
+            for epoch in range(self.start_epoch, cfg.SOLVER.EPOCHS + 1):
+                row = {"epoch": epoch, "iteration": epoch * self.iters_per_epoch}
+                row.update(self.train_one_epoch(epoch))
+                if epoch % cfg.TEST.EVAL_PERIOD == 0 or epoch == cfg.SOLVER.EPOCHS:
+                    row.update(self.test())
+                    if row["test_top1_err"] < self.best_top1_err:
+                        self.best_top1_err = row["test_top1_err"]
+                        self._save_weights("model_best.pth", epoch=epoch, test_top1_err=self.best_top1_err)
+                row["best_test_top1_err"] = self.best_top1_err if math.isfinite(self.best_top1_err) else None
+                row["n_parameters"] = self.n_parameters
+                # the checkpoint before the metrics row: after a crash between the two,
+                # the resumed run repeats the epoch and writes its row once
+                self._save(epoch)
+                writer.write(row, step=epoch)
+                logger.info("epoch %d: %s", epoch, ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
+            self._save_weights("model_final.pth", epoch=cfg.SOLVER.EPOCHS)
+        finally:
+            writer.close()
+        return row
+
+    def evaluate_only(self) -> dict:
+        """Evaluate ``MODEL.WEIGHTS`` (or the resumed checkpoint) on the test set.
+
+        Returns the ``test_*`` metrics and writes them to ``OUTPUT_DIR/eval_metrics.json``.
+        """
+        if self.resume_state is None and not self.cfg.MODEL.WEIGHTS:
+            raise ConfigError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
+        res = self.test()
+        res["weights"] = self.resume_path or self.cfg.MODEL.WEIGHTS
+        logger.info("evaluation of %s: %s", res["weights"], json.dumps(res))
+        if comm.is_main_process():
+            os.makedirs(self.output_dir, exist_ok=True)
+            tmp = os.path.join(self.output_dir, "eval_metrics.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(res, f)
+            os.replace(tmp, os.path.join(self.output_dir, "eval_metrics.json"))
+        return res
