@@ -1,0 +1,168 @@
+"""Pieces shared by every network of the model zoo.
+
+* :class:`ShapeSpec` -- channels and stride of one named feature map.
+* :class:`Stage` -- a sequence of blocks that can recompute each block in the
+  backward pass (``memory_efficient``).
+* :class:`FeatureNet` -- the feature protocol every network implements
+  (``forward_features``, ``output_shape``, ``stage_names``, ``stem``,
+  ``get_stage``, ``family``, ``default_input_size``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Dict, List, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["ShapeSpec", "Stage", "FeatureNet", "checkpoint_block", "count_parameters"]
+
+
+class ShapeSpec(NamedTuple):
+    """Channels and stride (relative to the input image) of a feature map."""
+
+    channels: int
+    stride: int
+
+
+class _KeepBatchNormStats:
+    """Context manager that undoes running-statistics updates of BatchNorm layers.
+
+    Entered around the backward-pass recomputation of a checkpointed block: the
+    recomputed forward runs in training mode and would otherwise update
+    ``running_mean``, ``running_var`` and ``num_batches_tracked`` a second time
+    for the same batch. Saving and restoring the buffers keeps them bit-identical
+    to a model that is not checkpointed, whatever the momentum (also ``None``).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [
+            (m, m.running_mean.clone(), m.running_var.clone(),
+             None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+            for m in self.module.modules()
+            if isinstance(m, _BatchNorm) and m.training and m.running_mean is not None
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        # Runs also when the recomputation is stopped early by autograd.
+        with torch.no_grad():
+            for m, mean, var, count in self.saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+        self.saved = []
+        return False
+
+
+def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``block(x)`` without keeping its intermediate activations.
+
+    Returns the block's output. The block is run again in the backward pass
+    (non-reentrant activation checkpointing); the random-number state is restored
+    for the recomputation, so dropout masks are the same, and BatchNorm running
+    statistics are updated exactly once.
+    """
+    return checkpoint(
+        block, x,
+        use_reentrant=False,
+        preserve_rng_state=True,
+        context_fn=lambda: (nullcontext(), _KeepBatchNormStats(block)),
+    )
+
+
+class Stage(nn.Sequential):
+    """A sequence of blocks; one stage of a network.
+
+    Behaves as ``nn.Sequential`` (same state-dict keys). When
+    ``memory_efficient`` is true and gradients are being recorded, each child is
+    run through :func:`checkpoint_block`, trading compute for activation memory.
+    Calling it returns the output of the last block.
+    """
+
+    memory_efficient: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the output of the last block for input ``x``."""
+        recompute = self.memory_efficient and torch.is_grad_enabled()
+        for block in self:
+            x = checkpoint_block(block, x) if recompute else block(x)
+        return x
+
+
+class FeatureNet(nn.Module):
+    """Base class of every network: classification plus named stage outputs.
+
+    Subclasses set ``family``, ``default_input_size``, ``_stage_attrs`` (stage
+    name -> attribute name of a :class:`Stage`), ``_out_specs`` (stage name ->
+    :class:`ShapeSpec`), provide ``stem`` (a submodule or a property returning
+    a module: image -> input of the first stage) and implement ``forward_head``.
+    """
+
+    family: str = "cifar"
+    default_input_size: int = 32
+    _stage_attrs: "OrderedDict[str, str]"
+    _out_specs: "OrderedDict[str, ShapeSpec]"
+
+    @property
+    def stage_names(self) -> List[str]:
+        """Return the stage names, from the first (finest) to the last."""
+        return list(self._stage_attrs)
+
+    def get_stage(self, name: str) -> nn.Module:
+        """Return the stage module ``name`` (shares parameters with the network).
+
+        Raises ``KeyError`` naming the known stages for an unknown name.
+        """
+        if name not in self._stage_attrs:
+            raise KeyError(f"unknown stage {name!r}; this network has {self.stage_names}")
+        return getattr(self, self._stage_attrs[name])
+
+    def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
+        """Return an ordered mapping stage name -> ShapeSpec(channels, stride)."""
+        return OrderedDict(self._out_specs)
+
+    def forward_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Return an ordered mapping stage name -> that stage's output for images ``x``."""
+        out: Dict[str, torch.Tensor] = OrderedDict()
+        x = self.stem(x)
+        for name in self.stage_names:
+            x = self.get_stage(name)(x)
+            out[name] = x
+        return out
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Return class logits computed from the last stage output ``x``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits of shape (N, num_classes) for images ``x`` (N, 3, H, W)."""
+        x = self.stem(x)
+        for name in self.stage_names:
+            x = self.get_stage(name)(x)
+        return self.forward_head(x)
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Return whether the blocks are recomputed in the backward pass."""
+        return any(m.memory_efficient for m in self.modules() if isinstance(m, Stage))
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Stage):
+                m.memory_efficient = bool(value)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of parameters of ``model`` (shared ones counted once)."""
+    return sum(p.numel() for p in model.parameters())

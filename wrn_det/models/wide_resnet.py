@@ -1,0 +1,176 @@
+"""ImageNet-style wide ResNets, ``wide_resnet{18,34,50,101,152}_{k}``.
+
+The state-dict keys are torchvision's ResNet keys (``conv1``, ``bn1``,
+``layer1``..``layer4``, ``fc``; blocks with ``conv1``/``bn1``/... and
+``downsample.0``/``downsample.1``), so torchvision and timm checkpoints load as
+they are.
+
+* Bottleneck depths (50, 101, 152) widen the inner 3x3 convolution of every
+  block by ``k`` (torchvision's ``width_per_group = 64 * k``); ``k = 2`` gives
+  torchvision's ``wide_resnet50_2``/``wide_resnet101_2`` (WRN-50-2-bottleneck).
+* Basic-block depths (18, 34) widen every stage: widths 64k, 128k, 256k, 512k
+  after the 64-channel stem; ``wide_resnet34_2`` is the WRN-34-2 used for COCO
+  detection in the paper.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .common import FeatureNet, ShapeSpec, Stage
+
+__all__ = ["WideResNet", "BasicBlock", "Bottleneck", "IMAGENET_DEPTHS"]
+
+# depth -> (block kind, blocks per stage), as in the ResNet paper.
+IMAGENET_DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+def _downsample(in_channels: int, out_channels: int, stride: int) -> Optional[nn.Module]:
+    """Return the projection shortcut (1x1 conv + BN) or None when the shape is kept."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block (two 3x3 convs); calling it returns relu(residual + shortcut)."""
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = _downsample(in_channels, width, stride)
+        self.out_channels = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the block output."""
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    """Post-activation bottleneck (1x1, 3x3 with stride, 1x1 x4); returns relu(residual + shortcut).
+
+    ``width`` is the inner width (``planes * k``); the output has ``4 * planes`` channels.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, width: int, stride: int = 1):
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(in_channels, out, stride)
+        self.out_channels = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the block output."""
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + identity)
+
+
+class WideResNet(FeatureNet):
+    """ImageNet wide ResNet of ``depth`` in {18, 34, 50, 101, 152} and widening ``k``.
+
+    Calling it returns logits (N, num_classes). Stages ``res2``..``res5`` are
+    ``layer1``..``layer4`` with strides 4, 8, 16, 32; ``stem`` is
+    conv1-bn1-relu-maxpool.
+
+    Args:
+        depth: 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks).
+        k: widening factor, an integer >= 1 (k = 1 is the plain ResNet).
+        num_classes: classifier size.
+        memory_efficient: recompute each block in the backward pass.
+        zero_init_residual: start the last BN of each block at 0.
+    """
+
+    family = "imagenet"
+    default_input_size = 224
+
+    def __init__(self, depth: int = 50, k: int = 2, num_classes: int = 1000,
+                 memory_efficient: bool = False, zero_init_residual: bool = False):
+        super().__init__()
+        if depth not in IMAGENET_DEPTHS:
+            raise ValueError(f"wide ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}, got {depth}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"wide ResNet widening factor k must be an integer >= 1, got {k}")
+        kind, counts = IMAGENET_DEPTHS[depth]
+        self.depth, self.k, self.num_classes = depth, k, num_classes
+
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+        in_ch = 64
+        self._stage_attrs = OrderedDict()
+        self._out_specs = OrderedDict()
+        for i, count in enumerate(counts):
+            planes = 64 * 2 ** i
+            blocks = []
+            for j in range(count):
+                stride = 2 if (i > 0 and j == 0) else 1
+                if kind == "basic":
+                    block = BasicBlock(in_ch, planes * k, stride)
+                else:
+                    block = Bottleneck(in_ch, planes, planes * k, stride)
+                blocks.append(block)
+                in_ch = block.out_channels
+            layer = f"layer{i + 1}"
+            setattr(self, layer, Stage(*blocks))
+            self._stage_attrs[f"res{i + 2}"] = layer
+            self._out_specs[f"res{i + 2}"] = ShapeSpec(in_ch, 4 * 2 ** i)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_ch, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each block then starts as the identity, which helps large-batch training.
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+        self.memory_efficient = memory_efficient
+
+    @property
+    def stem(self) -> nn.Module:
+        """Return conv1-bn1-relu-maxpool as one module (the same parameter objects)."""
+        # Built on access so the state dict keeps torchvision's top-level keys.
+        return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits from the res5 output: global average pooling, then ``fc``."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))

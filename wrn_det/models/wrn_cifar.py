@@ -1,0 +1,159 @@
+"""CIFAR-style Wide Residual Networks, WRN-d-k (Zagoruyko & Komodakis, 2016).
+
+The network follows the original Torch code of the paper layer for layer, so
+parameter counts match the paper's tables (WRN-28-10: 36,479,194 with 10
+classes):
+
+* conv3x3 3 -> 16;
+* three groups of ``n = (depth - 4) / 6`` pre-activation blocks with widths
+  16k, 32k, 64k and strides 1, 2, 2;
+* BN-ReLU, global average pooling, Linear.
+
+A block is BN-ReLU-conv3x3(stride)-BN-ReLU-Dropout-conv3x3 (no conv biases).
+The shortcut is the identity when the block keeps the shape; otherwise a 1x1
+convolution with the block's stride that reads the *pre-activated* input, i.e.
+the block's first BN-ReLU is shared between the residual branch and the
+shortcut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .common import FeatureNet, ShapeSpec, Stage
+
+__all__ = ["WideResNetCIFAR", "WideBasicBlock", "BNReLU", "init_original"]
+
+
+class BNReLU(nn.Module):
+    """BatchNorm followed by ReLU; calling it returns the activated tensor."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return relu(bn(x))."""
+        return torch.relu(self.bn(x))
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation basic block of a WRN; calling it returns the block output.
+
+    Args:
+        in_channels, out_channels: widths before and after the block.
+        stride: stride of the first 3x3 convolution (and of the shortcut).
+        dropout: dropout probability between the two convolutions (0 = none).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return residual(x) + shortcut(x)."""
+        pre = torch.relu(self.bn1(x))
+        y = self.conv1(pre)
+        y = self.conv2(self.dropout(torch.relu(self.bn2(y))))
+        # When the width changes the projection reads the activated input, as in
+        # the original code; otherwise the raw input is carried unchanged.
+        return y + (x if self.shortcut is None else self.shortcut(pre))
+
+
+def init_original(model: nn.Module, bn_weight_init: str = "uniform") -> nn.Module:
+    """Initialise ``model`` the way the original Torch code does; returns ``model``.
+
+    * convolutions: normal(0, sqrt(2 / (kh * kw * out_channels))), bias 0;
+    * BatchNorm: weight U(0, 1) (``bn_weight_init="uniform"``, the default of
+      Torch's BatchNormalization, which the original code leaves untouched) or
+      1 (``"ones"``); bias 0;
+    * Linear: bias 0; the weight keeps PyTorch's default U(-1/sqrt(fan_in),
+      1/sqrt(fan_in)), which is also Torch's default.
+    """
+    if bn_weight_init not in ("uniform", "ones"):
+        raise ValueError(f"bn_weight_init must be 'uniform' or 'ones', got {bn_weight_init!r}")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            if m.weight is not None:
+                if bn_weight_init == "uniform":
+                    nn.init.uniform_(m.weight, 0.0, 1.0)
+                else:
+                    nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    return model
+
+
+class WideResNetCIFAR(FeatureNet):
+    """WRN-``depth``-``k`` for 32x32 images; calling it returns logits (N, num_classes).
+
+    Args:
+        depth: total depth, 6n + 4 (10, 16, 22, 28, 40, ...).
+        k: widening factor, an integer >= 1.
+        num_classes: size of the classifier output.
+        dropout: dropout probability inside each block (the paper uses 0.3).
+        memory_efficient: recompute each block in the backward pass.
+        bn_weight_init: ``"uniform"`` (U(0, 1), the original) or ``"ones"``.
+
+    Stages ``stage1``, ``stage2``, ``stage3`` have strides 1, 2, 4 and widths
+    16k, 32k, 64k; the final BN-ReLU belongs to ``stage3``, so its output is
+    activated. ``stem`` is the first 3x3 convolution.
+    """
+
+    family = "cifar"
+    default_input_size = 32
+
+    def __init__(self, depth: int = 28, k: int = 10, num_classes: int = 10, dropout: float = 0.0,
+                 memory_efficient: bool = False, bn_weight_init: str = "uniform"):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...), got {depth}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"WRN widening factor k must be an integer >= 1, got {k}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        n = (depth - 4) // 6
+        self.depth, self.k, self.num_classes = depth, k, num_classes
+        widths = [16 * k, 32 * k, 64 * k]
+
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        in_ch = 16
+        self._stage_attrs = OrderedDict()
+        self._out_specs = OrderedDict()
+        for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+            blocks = OrderedDict()
+            for j in range(n):
+                blocks[str(j)] = WideBasicBlock(in_ch, width, stride if j == 0 else 1, dropout)
+                in_ch = width
+            if i == len(widths) - 1:
+                blocks["post_act"] = BNReLU(width)
+            name = f"stage{i + 1}"
+            setattr(self, name, Stage(blocks))
+            self._stage_attrs[name] = name
+            self._out_specs[name] = ShapeSpec(width, 2 ** i)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+        init_original(self, bn_weight_init)
+        self.memory_efficient = memory_efficient
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits from the (activated) last stage output: pool, then Linear."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))
