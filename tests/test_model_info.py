@@ -1,0 +1,79 @@
+"""Tests of tools/model_info.py: parameter and MAC figures, JSON output, errors."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "model_info.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("model_info_tool", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args, cwd):
+    # Run from a foreign folder without installing: the script finds the package itself.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json_for_wrn_28_10(tmp_path):
+    proc = _run("wrn_28_10", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["name"] == "wrn_28_10"
+    assert info["params"] == 36_479_194
+    assert abs(info["gmacs"] - 5.25) / 5.25 < 0.02
+    assert info["input_size"] == 32
+    assert info["features"]["stage3"] == {"channels": 640, "stride": 4, "shape": [640, 8, 8]}
+
+
+def test_cli_bad_name_is_one_line_and_exit_2(tmp_path):
+    proc = _run("wrn_foo", "--json", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "wrn_foo" in lines[0] and "wrn_28_10" in lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args,params", [
+    # Parameter counts do not depend on the input, so small inputs keep these quick.
+    (["wrn_28_10", "--num-classes", "100", "--input-size", "8"], 36_536_884),
+    (["wrn_40_4", "--input-size", "8"], 8_949_210),
+    (["wrn_16_8", "--input-size", "8"], 10_961_370),
+    (["wide_resnet34_2", "--num-classes", "1000", "--input-size", "32"], 86_036_008),
+])
+def test_json_parameter_counts(args, params, capsys):
+    tool = _load_tool()
+    assert tool.main([*args, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == params
+
+
+def test_json_wide_resnet50_2_at_224(capsys):
+    tool = _load_tool()
+    assert tool.main(["wide_resnet50_2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == 68_883_240
+    assert info["input_size"] == 224
+    assert abs(info["gmacs"] - 11.40) / 11.40 < 0.02
+    assert info["features"]["res5"] == {"channels": 2048, "stride": 32, "shape": [2048, 7, 7]}
+
+
+def test_text_output_and_bad_input_size(capsys):
+    tool = _load_tool()
+    assert tool.main(["nin", "--input-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "params: 969,822" in out and "stage2" in out
+    assert tool.main(["nin", "--input-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--input-size" in err[0]
