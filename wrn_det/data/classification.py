@@ -252,8 +252,9 @@ def read_mnist(root: str, train: bool = True, download: bool = False) -> ArraySe
     raw = os.path.join(root, "MNIST", "raw")
     if download:
         _download("MNIST", lambda: tvd.MNIST(root, train=train, download=True))
-    prefix = "train" if train else "t10k"
-    files = [(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), None), (os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), None)]
+    # torchvision's reader wants both splits present, whichever it reads
+    files = [(os.path.join(raw, f"{p}-{kind}-ubyte"), None)
+             for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
     hint = f"expected MNIST's uncompressed idx files in {raw}; pass DATASETS.DOWNLOAD True to fetch them"
     _check_files("MNIST", files, False, hint)
     try:

@@ -183,7 +183,9 @@ class EpochDataLoader:
     """A ``DataLoader`` whose order and worker random streams are set by ``set_epoch``.
 
     Worker augmentations draw from seeds derived from ``(seed, epoch, rank)``, so an
-    epoch is reproduced exactly after a resume. Iterating yields ``(images, labels)``.
+    epoch is reproduced exactly after a resume. (Without workers the transforms draw
+    from the main process's torch generator, whose state the checkpoints also keep.)
+    Iterating yields ``(images, labels)``.
     """
 
     def __init__(self, dataset, sampler: ShardSampler, batch_size: int, num_workers: int, seed: int, rank: int,

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["synthetic_stripes", "write_cifar", "write_svhn", "write_mnist", "write_image_folder"]
+__all__ = ["synthetic_stripes", "write_synthetic_cifar", "write_cifar", "write_svhn", "write_mnist", "write_image_folder"]
 
 # five well-separated base colours; two stripe orientations make ten classes
 _PALETTE = np.array([[200, 60, 60], [60, 180, 70], [70, 90, 210], [200, 190, 60], [160, 70, 190]], dtype=np.float32)
@@ -142,4 +142,16 @@ def write_image_folder(root: str, images: np.ndarray, labels: np.ndarray, class_
         d = os.path.join(root, class_names[int(lab)])
         os.makedirs(d, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(img)).save(os.path.join(d, f"{i:06d}.png"))
+    return root
+
+
+def write_synthetic_cifar(root: str, n_train: int = 2000, n_test: int = 500, seed: int = 0, noise: float = 40.0) -> str:
+    """Write :func:`synthetic_stripes` train and test sets as CIFAR-10 batches under ``root``; returns ``root``.
+
+    Read it with ``DATASETS.NAME cifar10 DATASETS.ROOT <root> DATASETS.VERIFY_CHECKSUMS False``.
+    """
+    train = synthetic_stripes(n_train, seed=seed, noise=noise)
+    test = synthetic_stripes(n_test, seed=seed + 1, noise=noise)
+    write_cifar(root, train, test, "cifar10", ["red-h", "green-h", "blue-h", "yellow-h", "purple-h",
+                                              "red-v", "green-v", "blue-v", "yellow-v", "purple-v"])
     return root

@@ -1,0 +1,87 @@
+"""tools/plot_logs.py draws curves from a finished run and from the original code's json_stats: logs."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wrn_det.classification import ClsTrainer, get_cls_cfg
+from wrn_det.classification.curves import read_run
+from wrn_det.data.cls_synthetic import write_synthetic_cifar
+from wrn_det.engine.errors import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Lines as the original Torch code printed them (a trailing tab included) and as its PyTorch code wrote them.
+LUA_LOG = """==> online epoch # 1 [batchSize = 128]\t
+json_stats: {"loss":1.39,"epoch":1,"test_acc":58.57,"lr":0.1,"train_time":291.7,"model":"wide-resnet"}\t
+==> online epoch # 2 [batchSize = 128]\t
+json_stats: {"loss":0.906,"epoch":2,"test_acc":66.11,"lr":0.1,"train_time":292.8,"model":"wide-resnet"}\t
+json_stats: {"loss":0.701,"epoch":3,"test_acc":72.40,"lr":0.1,"train_time":292.1,"model":"wide-resnet"}\t
+"""
+PYTORCH_LOG = "".join(
+    "json_stats: " + json.dumps({"train_loss": 2.0 / e, "train_acc": 50 + 10 * e, "test_loss": 2.2 / e,
+                                 "test_acc": 45 + 10 * e, "epoch": e, "depth": 16}) + "\n" for e in range(1, 5))
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _assert_png(path):
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert img.shape[0] > 200 and img.shape[1] > 400
+    assert img.std() > 5  # something was drawn
+
+
+def test_json_stats_logs_are_parsed_and_plotted(tmp_path):
+    (tmp_path / "wrn40_4.log").write_text(LUA_LOG)
+    (tmp_path / "pytorch_log.txt").write_text(PYTORCH_LOG)
+    label, rows = read_run(str(tmp_path / "wrn40_4.log"))
+    assert label == "wrn40_4" and [r["epoch"] for r in rows] == [1, 2, 3]
+    assert abs(rows[0]["test_err"] - (100 - 58.57)) < 1e-9 and rows[1]["train_loss"] == 0.906
+    assert rows[0]["test_loss"] is None  # the Torch code logged no test loss
+    _, rows = read_run(str(tmp_path / "pytorch_log.txt"))
+    assert abs(rows[3]["train_err"] - 10.0) < 1e-9 and abs(rows[3]["test_loss"] - 0.55) < 1e-9
+
+    out = tmp_path / "orig.png"
+    assert cli_main(_tool("plot_logs").run, [str(tmp_path / "wrn40_4.log"), str(tmp_path / "pytorch_log.txt"), "-o", str(out)]) == 0
+    _assert_png(out)
+
+
+def test_plot_of_a_finished_run_and_bad_input(tmp_path, capsys, one_thread):
+    root = write_synthetic_cifar(str(tmp_path / "data"), n_train=128, n_test=64, seed=3)
+    run = tmp_path / "tiny_run"
+    cfg = get_cls_cfg()
+    cfg.merge_from_list(["MODEL.NAME", "wrn_10_1", "DATASETS.ROOT", root, "DATASETS.VERIFY_CHECKSUMS", "False",
+                         "OUTPUT_DIR", str(run), "SOLVER.EPOCHS", "2", "SOLVER.IMS_PER_BATCH", "32",
+                         "TEST.IMS_PER_BATCH", "64"])
+    ClsTrainer(cfg).train()
+    label, rows = read_run(str(run))
+    assert label == "tiny_run" and [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["test_err"] is not None and r["train_loss"] is not None for r in rows)
+
+    plot = _tool("plot_logs").run
+    assert cli_main(plot, [str(run), "-o", str(tmp_path / "curves.png")]) == 0
+    _assert_png(tmp_path / "curves.png")
+
+    capsys.readouterr()
+    (tmp_path / "empty.log").write_text("nothing to see\n")
+    assert cli_main(plot, [str(tmp_path / "empty.log"), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "empty.log" in err
+    assert not (tmp_path / "x.png").exists()

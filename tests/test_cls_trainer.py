@@ -1,0 +1,92 @@
+"""Trainer behaviour: a diverging run stops cleanly, learning-rate steps reset momentum, --eval-only."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from wrn_det.classification import ClsTrainer, NonFiniteLossError, get_cls_cfg
+from wrn_det.data.cls_synthetic import write_synthetic_cifar
+from wrn_det.engine.errors import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_synthetic_cifar(str(tmp_path_factory.mktemp("cls_data")), n_train=128, n_test=64, seed=9)
+
+
+def _opts(root, out, *extra):
+    return ["MODEL.NAME", "wrn_10_1", "DATASETS.ROOT", root, "DATASETS.VERIFY_CHECKSUMS", "False",
+            "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "32", "TEST.IMS_PER_BATCH", "64", "LOG_PERIOD", "1", *extra]
+
+
+def _cfg(opts):
+    cfg = get_cls_cfg()
+    cfg.merge_from_list(opts)
+    return cfg
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, one_thread):
+    out = tmp_path / "run"
+    # epoch 1 trains normally; the "step" at epoch 2 multiplies the rate by 1e30 and the loss blows up
+    cfg = _cfg(_opts(data_root, out, "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(2,)", "SOLVER.GAMMA", "1e30"))
+    with pytest.raises(NonFiniteLossError, match=r"became (nan|inf) at epoch 2, iteration \d/4 .*model_epoch_0001.pth"):
+        ClsTrainer(cfg).train()
+    assert (out / "last_checkpoint").read_text().strip() == "model_epoch_0001.pth"
+    assert not (out / "model_epoch_0002.pth").exists() and not (out / "model_final.pth").exists()
+    rows = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    good = torch.load(out / "model_epoch_0001.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
+
+
+def test_learning_rate_step_resets_momentum(tmp_path, data_root, one_thread):
+    trainer = ClsTrainer(_cfg(_opts(data_root, tmp_path / "run", "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(2,)")))
+    trainer.train_one_epoch(1)
+    assert len(trainer.optimizer.state) > 0
+    seen = []
+    loader = trainer.train_loader
+
+    class Spy:
+        def set_epoch(self, e):
+            loader.set_epoch(e)
+
+        def __iter__(self):
+            for i, batch in enumerate(loader):
+                if i == 0:  # before the epoch's first step
+                    seen.append([len(trainer.optimizer.state)])
+                if i == 1:  # the rate the first step used
+                    seen[-1].append(trainer.optimizer.param_groups[0]["lr"])
+                yield batch
+
+    trainer.train_loader = Spy()
+    trainer.train_one_epoch(2)   # a step epoch: momentum buffers cleared before its first iteration
+    trainer.train_one_epoch(3)   # not a step: buffers carried over
+    assert seen[0] == [0, pytest.approx(0.02)] and seen[1][0] > 0 and seen[1][1] == pytest.approx(0.02)
+
+
+def test_eval_only_reproduces_the_final_test_error(tmp_path, data_root, one_thread, capsys):
+    spec = importlib.util.spec_from_file_location("tool_train_cls", REPO / "tools/train_cls.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run = tmp_path / "run"
+    assert cli_main(tool.run, _opts(data_root, run, "SOLVER.EPOCHS", "1")) == 0
+    last = json.loads((run / "metrics.json").read_text().splitlines()[-1])
+    ev = tmp_path / "eval"
+    assert cli_main(tool.run, ["--eval-only", *_opts(data_root, ev, "MODEL.WEIGHTS", str(run / "model_final.pth"))]) == 0
+    res = json.loads((ev / "eval_metrics.json").read_text())
+    assert res["test_top1_err"] == pytest.approx(last["test_top1_err"]) and res["test_loss"] == pytest.approx(last["test_loss"])
+    capsys.readouterr()
+    assert cli_main(tool.run, ["--eval-only", *_opts(data_root, tmp_path / "none")]) == 2
+    assert "MODEL.WEIGHTS" in capsys.readouterr().err
