@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Convert classification weights into detection backbone weights for either engine.
+
+    tools/convert_weights.py output/cifar/model_best.pth wrn_init          # writes wrn_init.pth and wrn_init.pkl
+    tools/convert_weights.py output/cifar/model_best.pth wrn_init.pth --ema # builtin engine only, EMA weights
+    tools/convert_weights.py wide_resnet50_2-9ba9bcbe.pth wrn50_2.pkl       # torchvision weights -> detectron2
+    tools/convert_weights.py timm_wrn101.bin wrn101.pth --model wide_resnet101_2
+
+Inputs: checkpoints of tools/train_cls.py (the network name is read from them), torchvision
+and timm wide ResNet state dicts (the name is read from the key layout; ``--model``
+overrides). Outputs by extension: ``.pth`` = backbone checkpoint for the builtin engine,
+``.pkl`` = detectron2 pickle for ``DetectionCheckpointer``; no extension = both. Use the
+result as ``MODEL.WEIGHTS``. Bad input prints one ``error:`` line and exits with status 2.
+"""
+import argparse
+import os
+import sys
+
+from wrn_det.engine.errors import ConfigError, cli_main
+from wrn_det.models.convert import convert_weights
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Return the parsed command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("input", help="classification checkpoint or state dict (.pth / .bin)")
+    p.add_argument("output", help="output path: NAME.pth (builtin engine), NAME.pkl (detectron2) or NAME (both)")
+    p.add_argument("--model", default=None, help="wrn_det.models name, e.g. wide_resnet50_2 (default: from the input)")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights of the checkpoint")
+    return p.parse_args(argv)
+
+
+def outputs_for(output: str):
+    """Return ``(builtin_path or None, d2_path or None)`` for the ``output`` argument."""
+    root, ext = os.path.splitext(output)
+    if ext == ".pth":
+        return output, None
+    if ext == ".pkl":
+        return None, output
+    if ext:
+        raise ConfigError(f"output {output!r}: expected a .pth (builtin engine) or .pkl (detectron2) file, "
+                          "or a name without extension for both")
+    return output + ".pth", output + ".pkl"
+
+
+def main(argv=None) -> int:
+    """Run the conversion; prints a summary and returns 0."""
+    args = parse_args(argv)
+    builtin_out, d2_out = outputs_for(args.output)
+    res = convert_weights(args.input, model_name=args.model, builtin_out=builtin_out, d2_out=d2_out,
+                          use_ema=args.ema)
+    dropped = f"; left out {len(res['dropped'])} classifier tensors ({', '.join(res['dropped'][:4])})" \
+        if res["dropped"] else ""
+    print(f"{res['model_name']}: {res['num_tensors']} backbone tensors ({res['num_params']:,} parameters) from "
+          f"{args.input} ({res['kind']}{', EMA' if res['ema'] else ''}){dropped}")
+    for path in res["written"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))

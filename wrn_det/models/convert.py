@@ -1,0 +1,415 @@
+"""Classification weights -> detection backbone weights, for both detection engines.
+
+Inputs: checkpoints of ``tools/train_cls.py`` (``model_best.pth``, ``model_final.pth``,
+``model_epoch_XXXX.pth``; their EMA weights with ``use_ema``), torchvision state dicts
+(``wide_resnet50_2``, ``wide_resnet101_2``, any ResNet) and timm's wide ResNets (a
+state dict, or a training checkpoint with ``state_dict`` / ``state_dict_ema``). timm's
+ResNet keys are torchvision's; ``module.`` (DataParallel) and ``_orig_mod.``
+(``torch.compile``) prefixes are removed.
+
+Every tensor of the network's stem and stages is checked against
+``build_model(name)``: a missing key, an unknown key or a wrong shape is an error.
+The classifier (the keys outside the stem and the stages) is dropped, and so are
+BatchNorm's ``num_batches_tracked`` counters (no weights; older published files lack them).
+
+Outputs:
+
+* a backbone checkpoint for the builtin engine (:func:`builtin_checkpoint`): a torch
+  file ``{"model": {network key: tensor}, "wrn_det": {...}}`` whose keys are those of
+  the classification network (torchvision's layout for the ImageNet family);
+* a detectron2 checkpoint (:func:`d2_checkpoint`): a pickle ``{"model": {key: numpy
+  array}, "__author__": "wrn_det", "matching_heuristics": True, "wrn_det": {...}}``
+  read by detectron2's ``DetectionCheckpointer``. Its keys are the *feature-protocol*
+  keys, ``stem.<...>`` and ``<stage name>.<...>`` (``res2.0.conv1.weight``), the module
+  names of ``wrn_det.d2``'s backbones and res5 head; detectron2 matches them by suffix
+  to ``backbone.res2...`` (C4), ``backbone.bottom_up.res2...`` (FPN) and
+  ``roi_heads.res5.res5...`` (C4 box head), as it does with its own ImageNet pickles.
+
+Nothing here imports detectron2.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import tempfile
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from torch import nn
+
+from wrn_det.engine.checkpoint import load_checkpoint
+from wrn_det.engine.errors import WrnDetError
+
+from .registry import build_model
+from .wide_resnet import IMAGENET_DEPTHS
+
+__all__ = [
+    "ConversionError", "BACKBONE_FORMAT", "D2_AUTHOR",
+    "protocol_stem", "protocol_modules", "backbone_key_map", "read_classifier_state", "infer_model_name",
+    "extract_backbone", "builtin_checkpoint", "d2_checkpoint", "to_protocol_keys",
+    "save_d2_checkpoint", "read_d2_pickle", "convert_weights", "is_builtin_backbone_checkpoint",
+]
+
+BACKBONE_FORMAT = "backbone"   # value of ``ckpt["wrn_det"]["format"]`` in a builtin backbone checkpoint
+D2_AUTHOR = "wrn_det"          # ``__author__`` of the detectron2 pickles written here
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class ConversionError(WrnDetError):
+    """A checkpoint cannot be converted: unreadable, wrong network, missing or unknown keys."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the feature-protocol layout of a network
+
+
+def protocol_stem(net: nn.Module) -> nn.Module:
+    """Return the network's stem as a module whose children keep their names in the network.
+
+    A registered ``stem`` submodule (CIFAR-style nets) is returned as it is. The
+    ImageNet wide ResNets build ``stem`` on access from ``conv1``, ``bn1``, ``relu`` and
+    ``maxpool``; those are wrapped in a Sequential with the same names, so its keys read
+    ``conv1.weight``, ``bn1.running_mean``, ... (the same parameter objects).
+    """
+    stem = net.stem
+    if any(child is stem for child in net._modules.values()):
+        return stem
+    if isinstance(stem, nn.Sequential):
+        names = {id(m): n for n, m in net.named_children()}
+        children = [(names.get(id(c), str(i)), c) for i, c in enumerate(stem)]
+        if len({n for n, _ in children}) == len(children):
+            return nn.Sequential(OrderedDict(children))
+    return stem
+
+
+def protocol_modules(net: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """Return ``{"stem": stem, <stage name>: stage, ...}``: the backbone pieces under their protocol names."""
+    mods = OrderedDict(stem=protocol_stem(net))
+    for name in net.stage_names:
+        mods[name] = net.get_stage(name)
+    return mods
+
+
+def backbone_key_map(net: nn.Module) -> "OrderedDict[str, str]":
+    """Return ``network state-dict key -> protocol key`` for every tensor of the stem and the stages.
+
+    ``conv1.weight -> stem.conv1.weight`` and ``layer1.0.conv1.weight -> res2.0.conv1.weight``
+    for the ImageNet family; ``stage1.0.bn1.weight -> stage1.0.bn1.weight`` for the CIFAR
+    family. Keys of the classifier are not in the result. Order: the network's state dict.
+    """
+    by_id: Dict[int, str] = {}
+    for key, tensor in net.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(tensor), key)
+    protocol: Dict[str, str] = {}
+    for prefix, module in protocol_modules(net).items():
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            net_key = by_id.get(id(tensor))
+            if net_key is None:  # pragma: no cover - a stem that copies tensors would break the protocol
+                raise ConversionError(f"{type(net).__name__}: the tensor {prefix}.{key} is not in the network's state dict")
+            protocol.setdefault(net_key, f"{prefix}.{key}")
+    return OrderedDict((k, protocol[k]) for k in by_id.values() if k in protocol)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading classification checkpoints
+
+
+def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # a prefix is removed only when every key has it, so a network with a real "module" child keeps its keys
+    changed = True
+    while changed and state:
+        changed = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in state):
+                state = OrderedDict((k[len(p):], v) for k, v in state.items())
+                changed = True
+    return state
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def _name_from_config_text(text: str) -> Optional[str]:
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    name = (cfg or {}).get("MODEL", {}).get("NAME") if isinstance(cfg, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def read_classifier_state(path: str, use_ema: bool = False) -> Tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """Read the network weights of a classification checkpoint.
+
+    Returns ``(state_dict, info)``: the weights with ``module.`` / ``_orig_mod.`` prefixes
+    removed, and ``info`` with ``kind`` (``wrn_det``: a checkpoint of our trainer,
+    ``timm``: a timm training checkpoint, ``state_dict``: a bare state dict as torchvision
+    and timm publish them, ``wrn_det_backbone``: a builtin backbone checkpoint written
+    by this module), ``ema`` (whether the EMA weights were taken) and ``model_name`` (the
+    network named in the checkpoint's config or in ``config.yaml`` beside it, else None).
+    Raises :class:`ConversionError` (one line) for anything else.
+    """
+    ckpt = load_checkpoint(path)
+    info = {"kind": None, "ema": False, "model_name": None}
+    if _is_state_dict(ckpt):
+        info["kind"], main, ema = "state_dict", ckpt, None
+    elif isinstance(ckpt, dict) and _is_state_dict(ckpt.get("model")):
+        meta = ckpt.get("wrn_det")
+        if isinstance(meta, dict) and meta.get("format") == BACKBONE_FORMAT:
+            info["kind"], info["model_name"] = "wrn_det_backbone", meta.get("model_name")
+        else:
+            info["kind"] = "wrn_det"
+        main, ema = ckpt["model"], ckpt.get("ema")
+        if isinstance(ckpt.get("config"), str):
+            info["model_name"] = _name_from_config_text(ckpt["config"])
+    elif isinstance(ckpt, dict) and _is_state_dict(ckpt.get("state_dict")):
+        info["kind"], main, ema = "timm", ckpt["state_dict"], ckpt.get("state_dict_ema")
+    else:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConversionError(f"{path}: no network weights found; expected a state dict, a wrn_det checkpoint "
+                              f"({{'model': ..., 'ema': ...}}) or a timm checkpoint ({{'state_dict': ...}}), got {keys}")
+    if use_ema:
+        if not _is_state_dict(ema):
+            raise ConversionError(f"{path}: --ema was asked for but the checkpoint holds no EMA weights "
+                                  "('ema' of tools/train_cls.py with MODEL_EMA.ENABLED, or timm's 'state_dict_ema')")
+        main, info["ema"] = ema, True
+    if info["model_name"] is None:
+        cfg_file = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+        if info["kind"] == "wrn_det" and os.path.isfile(cfg_file):
+            with open(cfg_file) as f:
+                info["model_name"] = _name_from_config_text(f.read())
+    return _strip_prefixes(OrderedDict(main)), info
+
+
+def infer_model_name(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Return the ``wrn_det.models`` name that the key layout and shapes of ``state`` describe, or None.
+
+    Recognises the ImageNet family (torchvision/timm keys: ``wide_resnet{depth}_{k}``) and
+    the CIFAR-style WRNs (``wrn_{depth}_{k}``); other networks need an explicit name.
+    """
+    blocks: Dict[int, set] = {}
+    for k in state:
+        m = re.match(r"layer([1-4])\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(blocks) == [1, 2, 3, 4] and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        counts = tuple(len(blocks[i]) for i in range(1, 5))
+        kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+        for depth, (d_kind, d_counts) in IMAGENET_DEPTHS.items():
+            if d_kind == kind and d_counts == counts:
+                width = state["layer1.0.conv1.weight"].shape[0]
+                if width % 64 == 0:
+                    return f"wide_resnet{depth}_{width // 64}"
+        return None
+    stage_blocks: Dict[int, set] = {}
+    for k in state:
+        m = re.match(r"stage([1-3])\.(\d+)\.", k)
+        if m:
+            stage_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(stage_blocks) == [1, 2, 3] and "stem.weight" in state and "stage1.0.conv1.weight" in state:
+        n = len(stage_blocks[1])
+        if len(stage_blocks[2]) == n == len(stage_blocks[3]):
+            width = state["stage1.0.conv1.weight"].shape[0]
+            if width % 16 == 0:
+                return f"wrn_{6 * n + 4}_{width // 16}"
+    return None
+
+
+def _examples(keys: List[str], n: int = 3) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _is_counter(key: str) -> bool:
+    # BatchNorm's num_batches_tracked: no weight, absent from older published checkpoints
+    # (torchvision's first ResNet files) and from detectron2's frozen BN
+    return key.endswith("num_batches_tracked")
+
+
+def extract_backbone(state: Dict[str, torch.Tensor], model_name: str, source: str = "the checkpoint"
+                     ) -> Tuple["OrderedDict[str, torch.Tensor]", nn.Module, List[str]]:
+    """Check ``state`` against ``build_model(model_name)`` and keep the backbone tensors.
+
+    Returns ``(backbone, net, dropped)``: the stem and stage tensors under the network's
+    keys, in its order (floating-point tensors as float32; BatchNorm ``num_batches_tracked``
+    counters left out); the freshly built network (for its key layout); the checkpoint
+    keys left out as not part of the backbone (the classifier). Raises
+    :class:`ConversionError` naming ``source`` when a backbone tensor is missing or has
+    another shape, or when the checkpoint has keys the network does not have.
+    """
+    try:
+        net = build_model(model_name)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"model {model_name!r}: {e}") from None
+    own = net.state_dict()
+    keymap = backbone_key_map(net)
+    required = [k for k in keymap if not _is_counter(k)]
+    guess = infer_model_name(state)
+    hint = f" (its layout looks like {guess!r}; pass --model {guess})" if guess and guess != model_name else ""
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ConversionError(f"{source} lacks {len(missing)} of the {len(required)} backbone tensors of "
+                              f"{model_name}: {_examples(missing)}{hint}")
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ConversionError(f"{source} has {len(unknown)} keys that {model_name} does not have: "
+                              f"{_examples(unknown)}{hint}")
+    for k in required:
+        if tuple(state[k].shape) != tuple(own[k].shape):
+            raise ConversionError(f"{source}: {k} has shape {tuple(state[k].shape)}, {model_name} expects "
+                                  f"{tuple(own[k].shape)}{hint}")
+    backbone = OrderedDict()
+    for k in required:
+        v = state[k].detach()
+        backbone[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
+    dropped = [k for k in state if k not in keymap]
+    return backbone, net, dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def builtin_checkpoint(backbone: Dict[str, torch.Tensor], model_name: str, **meta) -> dict:
+    """Return the builtin engine's backbone checkpoint: ``{"model": backbone, "wrn_det": {...}}``.
+
+    ``backbone`` is keyed as the classification network; ``meta`` (source file, EMA, ...)
+    is stored beside ``format`` and ``model_name``. The dict survives ``weights_only`` loads.
+    """
+    return {"model": OrderedDict(backbone),
+            "wrn_det": {"format": BACKBONE_FORMAT, "version": 1, "model_name": model_name, **meta}}
+
+
+def is_builtin_backbone_checkpoint(ckpt) -> bool:
+    """Return True when ``ckpt`` (a loaded dict) is a backbone checkpoint written by :func:`builtin_checkpoint`."""
+    meta = ckpt.get("wrn_det") if isinstance(ckpt, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == BACKBONE_FORMAT and isinstance(ckpt.get("model"), dict)
+
+
+def to_protocol_keys(backbone: Dict[str, torch.Tensor], net: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """Return ``backbone`` (network keys) re-keyed to the protocol keys of ``net``.
+
+    ``num_batches_tracked`` counters, if any, are dropped (detectron2's frozen BN has
+    none). Keys that are not backbone keys of ``net`` raise :class:`ConversionError`.
+    """
+    keymap = backbone_key_map(net)
+    out = OrderedDict()
+    for k, v in backbone.items():
+        if k not in keymap:
+            raise ConversionError(f"{k} is not a backbone tensor of {type(net).__name__}")
+        if _is_counter(k):
+            continue
+        out[keymap[k]] = v
+    return out
+
+
+def d2_checkpoint(backbone: Dict[str, torch.Tensor], net: nn.Module, model_name: str, **meta) -> dict:
+    """Return a detectron2 checkpoint dict of the backbone: protocol keys, numpy arrays.
+
+    ``{"model": {protocol key: float32 ndarray}, "__author__": "wrn_det",
+    "matching_heuristics": True, "wrn_det": {...}}``; detectron2's checkpointer matches
+    the keys by suffix (see the module docstring).
+    """
+    model = OrderedDict((k, v.cpu().numpy()) for k, v in to_protocol_keys(backbone, net).items())
+    return {"model": model, "__author__": D2_AUTHOR, "matching_heuristics": True,
+            "wrn_det": {"format": "detectron2", "version": 1, "model_name": model_name, **meta}}
+
+
+def _atomic_write_bytes(data: bytes, path: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_d2_checkpoint(ckpt: dict, path: str) -> str:
+    """Pickle ``ckpt`` (from :func:`d2_checkpoint`) to ``path`` atomically; returns ``path``."""
+    return _atomic_write_bytes(pickle.dumps(ckpt, protocol=4), path)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that builds only numpy arrays and plain containers (detectron2 model pickles)."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "numpy" and name.endswith("DType"):  # numpy 2 pickles dtypes by their class
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays and plain containers "
+                                     "are allowed in a weights pickle")
+
+
+def read_d2_pickle(path: str) -> dict:
+    """Return the dict stored in a detectron2 weights pickle, read with a restricted unpickler.
+
+    Only numpy arrays, numbers, strings and plain containers are built; anything else
+    (arbitrary code) raises :class:`ConversionError`, as does a missing or corrupt file.
+    """
+    if not os.path.isfile(path):
+        raise ConversionError(f"weights file {path!r} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{path}: cannot be read as a detectron2 weights pickle: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: expected a dict in the pickle, got {type(obj).__name__}")
+    return obj
+
+
+def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Optional[str] = None,
+                    d2_out: Optional[str] = None, use_ema: bool = False) -> dict:
+    """Convert the classification checkpoint ``src`` and write the requested outputs.
+
+    ``model_name``: the ``wrn_det.models`` network; when None, the name stored with a
+    wrn_det checkpoint is used, else the one the key layout shows. ``builtin_out`` /
+    ``d2_out``: paths of the builtin backbone checkpoint and of the detectron2 pickle
+    (either may be None). Both files are built in memory first and each is written
+    atomically, so a failure leaves no partial file. Returns a summary dict
+    (``model_name``, ``kind``, ``ema``, ``num_tensors``, ``num_params``, ``dropped``,
+    ``written``).
+    """
+    if not builtin_out and not d2_out:
+        raise ConversionError("nothing to write: give a builtin (.pth) and/or a detectron2 (.pkl) output path")
+    state, info = read_classifier_state(src, use_ema=use_ema)
+    name = model_name or info["model_name"] or infer_model_name(state)
+    if not name:
+        raise ConversionError(f"{src}: cannot tell which network these weights are for; pass --model NAME "
+                              "(a wrn_det.models name such as wide_resnet50_2 or wrn_28_10)")
+    if info["model_name"] and model_name and info["model_name"] != model_name:
+        raise ConversionError(f"{src} was trained as {info['model_name']!r} but --model says {model_name!r}")
+    backbone, net, dropped = extract_backbone(state, name, source=src)
+    meta = {"source": os.path.abspath(src), "source_kind": info["kind"], "ema": info["ema"]}
+    outputs = []
+    if builtin_out:
+        buf = io.BytesIO()
+        torch.save(builtin_checkpoint(backbone, name, **meta), buf)
+        outputs.append((buf.getvalue(), builtin_out))
+    if d2_out:
+        outputs.append((pickle.dumps(d2_checkpoint(backbone, net, name, **meta), protocol=4), d2_out))
+    written = [_atomic_write_bytes(data, path) for data, path in outputs]
+    own = net.state_dict(keep_vars=True)
+    n_params = sum(own[k].numel() for k in backbone if isinstance(own[k], nn.Parameter))
+    return {"model_name": name, "kind": info["kind"], "ema": info["ema"], "num_tensors": len(backbone),
+            "num_params": n_params, "dropped": dropped, "written": written}
