@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 8 tools/train_cls.py --config-file imagenet_wide_resnet50_2.yaml
     tools/train_cls.py --config-file cifar10_wrn_28_10.yaml --resume            # continue OUTPUT_DIR
     tools/train_cls.py --config-file cifar10_wrn_28_10.yaml --eval-only MODEL.WEIGHTS out/model_best.pth
+    tools/train_cls.py --config-file cifar100_wrn_28_10.yaml --download      # fetch CIFAR-100 first
 
 Flags as tools/train_net.py; trailing KEY VALUE pairs override the config. A bad
 config or dataset prints one ``error:`` line and exits with status 2.
@@ -48,8 +49,12 @@ def main(cfg, args):
 
 def run(argv=None) -> None:
     """Parse the command line, load the config and launch the processes."""
-    args = default_argument_parser("wrn-det classification training").parse_args(argv)
-    cfg = load_config(get_cls_cfg(), args.config_file or None, args.opts)
+    parser = default_argument_parser("wrn-det classification training")
+    parser.add_argument("--download", action="store_true",
+                        help="let torchvision download CIFAR, SVHN or MNIST into DATASETS.ROOT (= DATASETS.DOWNLOAD True)")
+    args = parser.parse_args(argv)
+    opts = list(args.opts or []) + (["DATASETS.DOWNLOAD", "True"] if args.download else [])
+    cfg = load_config(get_cls_cfg(), args.config_file or None, opts)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(cfg, args))
 

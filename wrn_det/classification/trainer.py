@@ -156,7 +156,13 @@ class ClsTrainer:
                 test_set, cfg.TEST.IMS_PER_BATCH, False, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
                 self.world_size, pin)
         else:
+            # with DATASETS.DOWNLOAD, rank 0 fetches the files before the other ranks read them
+            first = cfg.DATASETS.DOWNLOAD and self.world_size > 1
+            if first and self.rank != 0:
+                comm.synchronize()
             train_set, test_set = build_cls_datasets(cfg)
+            if first and self.rank == 0:
+                comm.synchronize()
             if cfg.INPUT.PREPROCESS == "zca":
                 # rank 0 fits and caches the whitening; the others then read the cache
                 if self.rank != 0:
@@ -236,9 +242,13 @@ class ClsTrainer:
             raise ConfigError(f"SOLVER.EPOCHS must be >= 1, got {s.EPOCHS}")
         ipe = self.iters_per_epoch
         self.max_iter = s.EPOCHS * ipe
-        self.lr_steps = [x for x in steps if x <= s.EPOCHS] if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR" else []
+        kept = [x for x in steps if x <= s.EPOCHS]
+        if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and len(kept) < len(steps):
+            # said here in epochs (the schedule itself counts iterations)
+            logger.warning("SOLVER.STEPS %s come after the last epoch (%d) and are ignored", steps[len(kept):], s.EPOCHS)
+        self.lr_steps = kept if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR" else []
         self.multiplier = build_lr_multiplier(
-            s.LR_SCHEDULER_NAME, self.max_iter, [(x - 1) * ipe for x in steps], s.GAMMA,
+            s.LR_SCHEDULER_NAME, self.max_iter, [(x - 1) * ipe for x in kept], s.GAMMA,
             warmup_iters=int(round(s.WARMUP_EPOCHS * ipe)), warmup_factor=s.WARMUP_FACTOR,
             warmup_method=s.WARMUP_METHOD, cosine_end=s.COSINE_END)
 

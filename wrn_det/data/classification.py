@@ -183,7 +183,7 @@ def read_cifar(root: str, name: str = "cifar10", train: bool = True, download: b
     files = [(os.path.join(folder, f), md5) for f, md5 in names]
     hint = (
         f"expected the python version of {pretty} ({', '.join(f for f, _ in names)}) in {folder}; "
-        f"pass DATASETS.DOWNLOAD True (or --download) to fetch it"
+        f"pass --download (DATASETS.DOWNLOAD True) to fetch it"
     )
     _check_files(pretty, files, verify_checksums, hint)
     try:
@@ -217,7 +217,7 @@ def read_svhn(root: str, split: str = "train", download: bool = False, verify_ch
     path = os.path.join(root, filename)
     if download:
         _download(f"SVHN {split}", lambda: tvd.SVHN(root, split=split, download=True))
-    hint = f"expected SVHN's format-2 file {filename} (from {url}) in {root}; pass DATASETS.DOWNLOAD True to fetch it"
+    hint = f"expected SVHN's format-2 file {filename} (from {url}) in {root}; pass --download (DATASETS.DOWNLOAD True) to fetch it"
     _check_files("SVHN", [(path, md5)], verify_checksums, hint)
     unchecked = type("_SVHNUnchecked", (tvd.SVHN,), {
         "split_list": {k: [u, f, None] for k, (u, f, _) in tvd.SVHN.split_list.items()}
@@ -255,7 +255,7 @@ def read_mnist(root: str, train: bool = True, download: bool = False) -> ArraySe
     # torchvision's reader wants both splits present, whichever it reads
     files = [(os.path.join(raw, f"{p}-{kind}-ubyte"), None)
              for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
-    hint = f"expected MNIST's uncompressed idx files in {raw}; pass DATASETS.DOWNLOAD True to fetch them"
+    hint = f"expected MNIST's uncompressed idx files in {raw}; pass --download (DATASETS.DOWNLOAD True) to fetch them"
     _check_files("MNIST", files, False, hint)
     try:
         ds = tvd.MNIST(root, train=train, download=False)
