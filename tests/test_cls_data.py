@@ -11,8 +11,7 @@ from wrn_det.data import cls_preprocess
 from wrn_det.data.classification import ArraySet, build_cls_datasets, read_cifar, read_imagenet, read_mnist, read_svhn
 from wrn_det.data.cls_loader import InMemoryLoader, ShardSampler, build_imagenet_loader, imagenet_transforms, reflect_crop_flip
 from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
-from wrn_det.data.cls_synthetic import (synthetic_stripes, write_cifar, write_image_folder, write_mnist, write_svhn,
-                                        write_synthetic_cifar)
+from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_image_folder, write_mnist, write_svhn
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 

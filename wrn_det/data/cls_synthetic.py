@@ -74,6 +74,7 @@ def write_cifar(root: str, train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.
     names = list(class_names or [f"class{i}" for i in range(n_classes)])
 
     def batch(images, labels, label_key, title):
+        """Return one batch dict as the CIFAR python files hold it."""
         images = _chw(images)
         d = {"batch_label": title, "data": images.reshape(len(images), -1).astype(np.uint8),
              "filenames": [f"img_{i:06d}.png" for i in range(len(images))]}
