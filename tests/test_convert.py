@@ -35,6 +35,15 @@ CONVERT = REPO / "tools" / "convert_weights.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the machines these run on are small and shared: one intra-op thread avoids oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _convert_main():
     spec = importlib.util.spec_from_file_location("convert_weights_cli", CONVERT)
     mod = importlib.util.module_from_spec(spec)
