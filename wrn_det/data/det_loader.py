@@ -1,0 +1,267 @@
+"""Detection data loading: the mapper (read, resize, flip), samplers and DataLoaders.
+
+Training batches are a pure function of (seed, iteration): the sampler draws image
+indices from a seeded infinite stream, groups them by aspect ratio, and hands every
+image its own augmentation seed. So a run resumed at iteration k sees exactly the
+batches an uninterrupted run sees from k on, whatever the number of DataLoader
+workers, and each process of a distributed job takes its own share of the stream.
+"""
+import itertools
+import logging
+import pickle
+from typing import Iterator, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.utils.data as tud
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from wrn_det.engine import comm
+from wrn_det.engine.errors import ConfigError, WrnDetError
+
+__all__ = [
+    "DetectionMapper", "GroupedTrainingSampler", "InferenceSampler", "build_detection_train_loader",
+    "build_detection_test_loader", "LoadError", "raise_load_errors",
+]
+
+logger = logging.getLogger("wrn_det")
+
+
+class LoadError(dict):
+    """What the mapper returns instead of raising: the one-line message of a failed image.
+
+    A DataLoader worker re-raises exceptions with the worker's traceback folded into the
+    message; returning the message lets the main process raise it as one clean line.
+    """
+
+
+def raise_load_errors(batch: List[dict]) -> List[dict]:
+    """Return ``batch`` unchanged, or raise :class:`WrnDetError` for the first image that failed to load."""
+    for x in batch:
+        if isinstance(x, LoadError):
+            raise WrnDetError(x["message"])
+    return batch
+
+
+def read_image(path: str, fmt: str = "BGR") -> torch.Tensor:
+    """Return the image at ``path`` as a uint8 tensor (3, H, W) in channel order ``fmt`` (BGR or RGB)."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        import os
+
+        why = "no such file" if not os.path.exists(path) else "not a readable image"
+        raise WrnDetError(f"image file {path} cannot be read: {why}")
+    if fmt == "RGB":
+        img = img[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+
+
+class DetectionMapper:
+    """Turn one dataset dict into the model's input dict.
+
+    Returns ``{"image": uint8 (3, H, W) in INPUT.FORMAT, "height", "width" (original size),
+    "image_id", "file_name"}`` plus, in training, ``"boxes"`` (XYXY float, resized image
+    coordinates) and ``"classes"`` (int64). Training resizes the shortest edge to one of
+    ``INPUT.MIN_SIZE_TRAIN`` (``choice``) or a value in its range (``range``), the longest
+    edge capped at ``INPUT.MAX_SIZE_TRAIN``, and flips per ``INPUT.RANDOM_FLIP``; boxes
+    follow through torchvision.transforms.v2 as ``tv_tensors.BoundingBoxes``. Crowd boxes
+    are dropped for training. Randomness comes only from the per-image ``seed``.
+    """
+
+    def __init__(self, cfg, is_train: bool):
+        self.is_train = is_train
+        self.format = cfg.INPUT.FORMAT
+        if is_train:
+            self.min_sizes = [int(s) for s in cfg.INPUT.MIN_SIZE_TRAIN]
+            self.max_size = int(cfg.INPUT.MAX_SIZE_TRAIN)
+            self.sampling = cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+            if self.sampling not in ("choice", "range") or (self.sampling == "range" and len(self.min_sizes) != 2):
+                raise ConfigError("INPUT.MIN_SIZE_TRAIN_SAMPLING must be 'choice', or 'range' with two "
+                                  f"INPUT.MIN_SIZE_TRAIN values; got {self.sampling!r} with {self.min_sizes}")
+            self.flip = cfg.INPUT.RANDOM_FLIP
+            if self.flip not in ("horizontal", "vertical", "none"):
+                raise ConfigError(f"INPUT.RANDOM_FLIP must be horizontal, vertical or none, got {self.flip!r}")
+        else:
+            self.min_sizes, self.max_size = [int(cfg.INPUT.MIN_SIZE_TEST)], int(cfg.INPUT.MAX_SIZE_TEST)
+            self.sampling, self.flip = "choice", "none"
+
+    def __call__(self, d: dict, seed: int = 0) -> dict:
+        """Return the model input for dataset dict ``d``, or a :class:`LoadError` if its image cannot be used."""
+        try:
+            return self._map(d, seed)
+        except WrnDetError as e:
+            return LoadError(message=str(e))
+
+    def _map(self, d: dict, seed: int) -> dict:
+        g = torch.Generator().manual_seed(int(seed))
+        image = read_image(d["file_name"], self.format)
+        h, w = image.shape[-2:]
+        if (h, w) != (d["height"], d["width"]):
+            raise WrnDetError(f"image file {d['file_name']} is {w}x{h} but its annotation says "
+                              f"{d['width']}x{d['height']} (image id {d.get('image_id')})")
+        if self.sampling == "choice":
+            size = self.min_sizes[int(torch.randint(len(self.min_sizes), (1,), generator=g))]
+        else:
+            size = int(torch.randint(self.min_sizes[0], self.min_sizes[1] + 1, (1,), generator=g))
+        flip = self.flip != "none" and bool(torch.rand(1, generator=g) < 0.5)
+        steps = [] if size <= 0 else [v2.Resize([size], max_size=self.max_size if self.max_size > size else None,
+                                               antialias=True)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip(p=1.0) if self.flip == "horizontal" else v2.RandomVerticalFlip(p=1.0))
+        out = {"height": d["height"], "width": d["width"], "image_id": d["image_id"], "file_name": d["file_name"]}
+        if not self.is_train:
+            out["image"] = v2.Compose(steps)(tv_tensors.Image(image)).as_subclass(torch.Tensor) if steps else image
+            return out
+        annos = [a for a in d.get("annotations", []) if a.get("iscrowd", 0) == 0]
+        xywh = torch.tensor([a["bbox"] for a in annos], dtype=torch.float32).reshape(-1, 4)
+        boxes = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), format="XYXY",
+                                         canvas_size=(h, w))
+        img_t, boxes = v2.Compose(steps + [v2.ClampBoundingBoxes()])(tv_tensors.Image(image), boxes)
+        boxes = boxes.as_subclass(torch.Tensor)
+        classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
+        # boxes squeezed to nothing by clamping carry no signal (detectron2 drops them too)
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
+        out.update(image=img_t.as_subclass(torch.Tensor), boxes=boxes[keep], classes=classes[keep])
+        return out
+
+
+class _SerializedList:
+    """A list of dicts stored as one pickled byte buffer.
+
+    DataLoader workers are forked; touching Python objects in them copies their memory
+    pages (reference counts change), so a large list of dicts would be duplicated per
+    worker. Bytes in one numpy array are shared.
+    """
+
+    def __init__(self, items: Sequence[dict]):
+        blobs = [np.frombuffer(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for x in items]
+        self._addr = np.cumsum([len(b) for b in blobs]).astype(np.int64)
+        self._data = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._addr)
+
+    def __getitem__(self, i: int) -> dict:
+        start = 0 if i == 0 else int(self._addr[i - 1])
+        return pickle.loads(memoryview(self._data[start: int(self._addr[i])]))
+
+
+class _MappedDataset(tud.Dataset):
+    """Indexable by ``(index, seed)``; returns ``mapper(dicts[index], seed)``."""
+
+    def __init__(self, dicts: Sequence[dict], mapper):
+        self.dicts = _SerializedList(dicts)
+        self.mapper = mapper
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, item):
+        index, seed = item
+        return self.mapper(self.dicts[index], seed)
+
+
+class GroupedTrainingSampler(tud.Sampler):
+    """Infinite batches of ``(index, seed)`` for one process, grouped by aspect ratio.
+
+    The global index stream is an endless sequence of seeded permutations; process
+    ``rank`` takes every ``world_size``-th element from position ``rank`` (as
+    detectron2's TrainingSampler). Indices are buffered per aspect group (wide or
+    tall) and a batch is emitted when a group holds ``batch_size`` images. Batches
+    before ``start_iter`` are computed and skipped without loading anything.
+    """
+
+    def __init__(self, aspect_groups: Sequence[int], batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, start_iter: int = 0):
+        self.groups = list(aspect_groups)
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.start_iter = int(start_iter)
+
+    def _indices(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed)
+        stream = itertools.chain.from_iterable(torch.randperm(len(self.groups), generator=g).tolist()
+                                               for _ in itertools.count())
+        return itertools.islice(stream, self.rank, None, self.world_size)
+
+    def __iter__(self) -> Iterator[List[tuple]]:
+        buckets = {}
+        it = 0
+        for idx in self._indices():
+            bucket = buckets.setdefault(self.groups[idx], [])
+            bucket.append(idx)
+            if len(bucket) == self.batch_size:
+                if it >= self.start_iter:
+                    # per-image augmentation seeds derived from (seed, rank, iteration, slot)
+                    seeds = np.random.SeedSequence([self.seed, self.rank, it]).generate_state(self.batch_size)
+                    yield [(i, int(s)) for i, s in zip(bucket, seeds)]
+                it += 1
+                bucket.clear()
+
+    def __len__(self) -> int:  # pragma: no cover - infinite; DataLoader only needs it for len()
+        raise TypeError("GroupedTrainingSampler is infinite")
+
+
+class InferenceSampler(tud.Sampler):
+    """Batches of one ``(index, 0)``: this process's contiguous share of the dataset, each image once."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        per = (size - 1) // world_size + 1 if size else 0
+        self.indices = list(range(min(size, rank * per), min(size, (rank + 1) * per)))
+
+    def __iter__(self):
+        return iter([[(i, 0)] for i in self.indices])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _collate(batch):
+    return raise_load_errors(batch)
+
+
+def _worker_init(_):
+    # each worker is one of several processes on few cores: no nested threading
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
+def build_detection_train_loader(cfg, dicts: List[dict], seed: int, start_iter: int = 0,
+                                 mapper: Optional[DetectionMapper] = None) -> tud.DataLoader:
+    """Return an infinite DataLoader of training batches (lists of model inputs) for this process.
+
+    The batch per process is ``SOLVER.IMS_PER_BATCH / world size``; with
+    ``DATALOADER.ASPECT_RATIO_GROUPING`` a batch holds only wide or only tall images.
+    """
+    world = comm.get_world_size()
+    total = int(cfg.SOLVER.IMS_PER_BATCH)
+    if total % world:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of processes ({world})")
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ConfigError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported; use TrainingSampler")
+    groups = [int(d["width"] > d["height"]) for d in dicts] if cfg.DATALOADER.ASPECT_RATIO_GROUPING else [0] * len(dicts)
+    sampler = GroupedTrainingSampler(groups, total // world, seed, comm.get_rank(), world, start_iter)
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    return tud.DataLoader(
+        _MappedDataset(dicts, mapper or DetectionMapper(cfg, True)),
+        batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        # its own generator, so creating the loader leaves the global torch RNG untouched
+        generator=torch.Generator().manual_seed(int(seed)),
+        persistent_workers=False,
+    )
+
+
+def build_detection_test_loader(cfg, dicts: List[dict], mapper: Optional[DetectionMapper] = None) -> tud.DataLoader:
+    """Return a DataLoader over this process's share of ``dicts``, one image per batch, each image once."""
+    sampler = InferenceSampler(len(dicts), comm.get_rank(), comm.get_world_size())
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    return tud.DataLoader(
+        _MappedDataset(dicts, mapper or DetectionMapper(cfg, False)),
+        batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
