@@ -1,0 +1,275 @@
+"""WRN backbones for detection: C4 (one trunk feature + a res5 box head) and FPN.
+
+Any network of ``wrn_det.models`` works: the backbone only uses the feature protocol
+(``stem``, ``stage_names``, ``get_stage``, ``output_shape``), so the ImageNet-style wide
+ResNets (stages ``res2``..``res5``) and the CIFAR-style WRNs (``stage1``..) are served
+by the same code. The whole network is kept as ``backbone.net`` (``bottom_up.net`` for
+FPN) so its state-dict keys stay those of the classification network and a
+pretrained checkpoint loads by prefix.
+"""
+import math
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+from fvcore.common.registry import Registry
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from wrn_det.engine import comm
+from wrn_det.engine.errors import ConfigError
+from wrn_det.models import ShapeSpec, build_model
+
+__all__ = [
+    "BACKBONE_REGISTRY", "build_backbone", "build_wrn_net", "build_wrn_backbone", "build_wrn_fpn_backbone",
+    "WRNBackbone", "WRNFPN", "replace_batchnorm", "frozen_bn_from",
+]
+
+BACKBONE_REGISTRY = Registry("BACKBONE")
+BACKBONE_REGISTRY.__doc__ = "Backbone builders: fn(cfg) -> nn.Module with output_shape() and size_divisibility."
+
+NORMS = ("FrozenBN", "BN", "SyncBN")
+
+
+def frozen_bn_from(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    """Return a FrozenBatchNorm2d holding ``bn``'s affine parameters and running statistics."""
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    with torch.no_grad():
+        if bn.affine:
+            frozen.weight.copy_(bn.weight)
+            frozen.bias.copy_(bn.bias)
+        if bn.track_running_stats:
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+    return frozen.to(bn.running_mean.device if bn.running_mean is not None else "cpu")
+
+
+def replace_batchnorm(root: nn.Module, convert: Callable[[nn.BatchNorm2d], nn.Module],
+                      only: Optional[set] = None) -> nn.Module:
+    """Replace BatchNorm2d modules under ``root`` by ``convert(bn)``, in place; returns ``root``.
+
+    ``only``: ids of the BatchNorm modules to replace (all when None). A module reachable
+    by several paths (a network whose ``stem`` is a registered Sequential of its own
+    layers, say) is converted once and the result put at every path, so the paths keep
+    sharing one module.
+    """
+    done: Dict[int, nn.Module] = {}
+    seen_parents = set()
+
+    def visit(parent: nn.Module):
+        if id(parent) in seen_parents:
+            return
+        seen_parents.add(id(parent))
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if isinstance(child, nn.BatchNorm2d) and (only is None or id(child) in only):
+                if id(child) not in done:
+                    done[id(child)] = convert(child)
+                setattr(parent, name, done[id(child)])
+            else:
+                visit(child)
+
+    visit(root)
+    return root
+
+
+def _bn_ids(module: nn.Module) -> set:
+    return {id(m) for m in module.modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def build_wrn_net(cfg) -> nn.Module:
+    """Return the ``MODEL.WRN.NAME`` network of ``wrn_det.models`` (its classifier stays unused)."""
+    name = cfg.MODEL.WRN.NAME
+    kwargs = {}
+    if cfg.MODEL.WRN.DROPOUT:
+        kwargs["dropout"] = float(cfg.MODEL.WRN.DROPOUT)
+    try:
+        # the classifier is never run; one output keeps it small
+        return build_model(name, num_classes=1, **kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise ConfigError(f"MODEL.WRN.NAME {name!r}: {msg}") from None
+
+
+class WRNBackbone(nn.Module):
+    """The bottom-up part of a WRN: stem and stages, returning the stages in ``out_features``.
+
+    ``forward(images)`` returns an OrderedDict ``stage name -> feature map``.
+    ``freeze_at``: 0 trains everything, 1 freezes the stem, k > 1 the stem and the first
+    k - 1 stages (their BatchNorm becomes FrozenBatchNorm), as detectron2's FREEZE_AT.
+    ``norm``: ``FrozenBN``, ``BN`` or ``SyncBN`` for the stages that are not frozen.
+    ``head_stage``: a stage after the trunk that another module (the C4 box head) runs;
+    it stays trainable. Parameters no part of the detector runs (stages past the trunk,
+    the classifier) are set to ``requires_grad=False`` so that neither the optimizer nor
+    DistributedDataParallel waits for their gradients.
+    """
+
+    def __init__(self, net: nn.Module, out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN",
+                 head_stage: Optional[str] = None):
+        super().__init__()
+        names = list(net.stage_names)
+        for f in out_features:
+            if f not in names:
+                raise ConfigError(f"MODEL.WRN.OUT_FEATURES: {f!r} is not a stage of this network; its stages are {names}")
+        if not out_features:
+            raise ConfigError("MODEL.WRN.OUT_FEATURES is empty; name at least one stage")
+        if norm not in NORMS:
+            raise ConfigError(f"MODEL.WRN.NORM must be one of {', '.join(NORMS)}, got {norm!r}")
+        last = max(names.index(f) for f in out_features)
+        if not 0 <= freeze_at <= last + 2:
+            raise ConfigError(f"MODEL.BACKBONE.FREEZE_AT must be between 0 and {last + 2} here, got {freeze_at}")
+        self.net = net
+        self.out_features = sorted(out_features, key=names.index)
+        self._stages = names[: last + 1]
+        specs = net.output_shape()
+        self._out_shapes = OrderedDict((f, ShapeSpec(specs[f].channels, specs[f].stride)) for f in self.out_features)
+        self.head_stage = head_stage
+        if head_stage is not None and (head_stage not in names or names.index(head_stage) <= last):
+            raise ConfigError(f"the box head stage {head_stage!r} must come after the trunk's last stage {names[last]!r}")
+
+        # which parts are frozen, which run at all
+        frozen_parts = ([net.stem] if freeze_at >= 1 else []) + [net.get_stage(n) for n in names[: max(freeze_at - 1, 0)]]
+        running = [net.stem] + [net.get_stage(n) for n in self._stages]
+        if head_stage is not None:
+            running.append(net.get_stage(head_stage))
+        frozen_bn = set().union(*[_bn_ids(m) for m in frozen_parts]) if frozen_parts else set()
+        frozen_params = {id(p) for m in frozen_parts for p in m.parameters()}
+        running_params = {id(p) for m in running for p in m.parameters()}
+
+        if norm == "FrozenBN":
+            replace_batchnorm(net, frozen_bn_from)
+        else:
+            replace_batchnorm(net, frozen_bn_from, only=frozen_bn)
+            if norm == "SyncBN" and comm.get_world_size() > 1 and torch.cuda.is_available():
+                # one process computes the same statistics as BN, so only convert under DDP on GPUs
+                replace_batchnorm(net, _sync_bn_from)
+        for p in net.parameters():
+            if id(p) in frozen_params or id(p) not in running_params:
+                p.requires_grad_(False)
+        self.size_divisibility = max(s.stride for s in self._out_shapes.values())
+
+    def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
+        """Return ``name -> ShapeSpec(channels, stride)`` of every returned feature."""
+        return OrderedDict(self._out_shapes)
+
+    def get_head_stage(self) -> nn.Module:
+        """Return the stage used as the C4 box head (shares parameters with ``self.net``)."""
+        return self.net.get_stage(self.head_stage)
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Return ``stage name -> feature`` for the stages in ``out_features``."""
+        out = OrderedDict()
+        x = self.net.stem(x)
+        for name in self._stages:
+            x = self.net.get_stage(name)(x)
+            if name in self._out_shapes:
+                out[name] = x
+        return out
+
+
+def _sync_bn_from(bn: nn.BatchNorm2d) -> nn.Module:
+    sync = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    sync.load_state_dict(bn.state_dict())
+    return sync.to(bn.running_mean.device)
+
+
+def _level_name(stride: int) -> str:
+    level = math.log2(stride)
+    if level != int(level):
+        raise ConfigError(f"FPN needs power-of-two strides, got a feature of stride {stride}")
+    return f"p{int(level)}"
+
+
+class WRNFPN(nn.Module):
+    """A feature pyramid over a :class:`WRNBackbone` (torchvision's FeaturePyramidNetwork).
+
+    Lateral 1x1 and output 3x3 convolutions with ``out_channels`` channels, nearest
+    upsampling and sum fusion, plus a max-pooled level on top (``p6`` for res2..res5).
+    ``forward(images)`` returns an OrderedDict ``p<log2 stride> -> feature``, finest first.
+    """
+
+    def __init__(self, bottom_up: WRNBackbone, in_features: List[str], out_channels: int):
+        super().__init__()
+        shapes = bottom_up.output_shape()
+        for f in in_features:
+            if f not in shapes:
+                raise ConfigError(f"MODEL.FPN.IN_FEATURES: {f!r} is not one of the backbone outputs {list(shapes)} "
+                                  "(MODEL.WRN.OUT_FEATURES)")
+        self.bottom_up = bottom_up
+        self.in_features = list(in_features)
+        strides = [shapes[f].stride for f in self.in_features]
+        if strides != sorted(strides) or len(set(strides)) != len(strides):
+            raise ConfigError(f"MODEL.FPN.IN_FEATURES {self.in_features} must be in increasing stride order")
+        self.fpn = FeaturePyramidNetwork([shapes[f].channels for f in self.in_features], out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        strides = strides + [strides[-1] * 2]
+        self._out_shapes = OrderedDict((_level_name(s), ShapeSpec(out_channels, s)) for s in strides)
+        # pad to the coarsest level's stride so every level's grid divides the image exactly;
+        # torchvision's anchor generator derives each level's stride from that ratio
+        self.size_divisibility = strides[-1]
+
+    def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
+        """Return ``p<level> -> ShapeSpec(out_channels, stride)``, finest first."""
+        return OrderedDict(self._out_shapes)
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """Return the pyramid levels ``p<level> -> feature`` for images ``x``."""
+        feats = self.bottom_up(x)
+        pyramid = self.fpn(OrderedDict((f, feats[f]) for f in self.in_features))
+        return OrderedDict(zip(self._out_shapes, pyramid.values()))
+
+
+def _norm_and_freeze(cfg):
+    return dict(freeze_at=int(cfg.MODEL.BACKBONE.FREEZE_AT), norm=cfg.MODEL.WRN.NORM)
+
+
+@BACKBONE_REGISTRY.register()
+def build_wrn_backbone(cfg) -> WRNBackbone:
+    """Return a C4-style backbone: the trunk up to the last of ``MODEL.WRN.OUT_FEATURES``.
+
+    When ``MODEL.ROI_HEADS.NAME`` is a res5 head, the stage after the trunk is kept
+    trainable for it (see :meth:`WRNBackbone.get_head_stage`).
+    """
+    net = build_wrn_net(cfg)
+    out = list(cfg.MODEL.WRN.OUT_FEATURES)
+    head = None
+    if cfg.MODEL.ROI_HEADS.NAME in RES5_HEAD_NAMES:
+        names = list(net.stage_names)
+        last = max(names.index(f) for f in out if f in names) if any(f in names for f in out) else -1
+        if last + 1 >= len(names):
+            raise ConfigError(f"MODEL.WRN.OUT_FEATURES {out} ends at the last stage; a res5 box head needs a stage after it")
+        head = names[last + 1] if last >= 0 else None
+    return WRNBackbone(net, out, head_stage=head, **_norm_and_freeze(cfg))
+
+
+@BACKBONE_REGISTRY.register()
+def build_wrn_fpn_backbone(cfg) -> WRNFPN:
+    """Return an FPN backbone over the stages in ``MODEL.FPN.IN_FEATURES``."""
+    if cfg.MODEL.FPN.NORM:
+        raise ConfigError(f"MODEL.FPN.NORM {cfg.MODEL.FPN.NORM!r} is not supported by the builtin engine; use ''")
+    if cfg.MODEL.FPN.FUSE_TYPE != "sum":
+        raise ConfigError(f"MODEL.FPN.FUSE_TYPE {cfg.MODEL.FPN.FUSE_TYPE!r} is not supported; use 'sum'")
+    net = build_wrn_net(cfg)
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    if not in_features:
+        raise ConfigError("MODEL.FPN.IN_FEATURES is empty; name the stages to build the pyramid on, e.g. [res2, res3, res4, res5]")
+    bottom_up = WRNBackbone(net, in_features, **_norm_and_freeze(cfg))
+    return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS))
+
+
+# ROI_HEADS.NAME values that run the backbone's next stage on pooled features (detectron2
+# builds ResNet bottlenecks for its own Res5ROIHeads; the WRN variant reuses the network's stage)
+RES5_HEAD_NAMES = ("WRNRes5ROIHeads", "Res5ROIHeads")
+
+
+def build_backbone(cfg) -> nn.Module:
+    """Return the backbone named by ``MODEL.BACKBONE.NAME``."""
+    name = cfg.MODEL.BACKBONE.NAME
+    try:
+        builder = BACKBONE_REGISTRY.get(name)
+    except KeyError:
+        raise ConfigError(f"MODEL.BACKBONE.NAME {name!r} is unknown; expected one of "
+                          f"{sorted(k for k, _ in BACKBONE_REGISTRY)}") from None
+    return builder(cfg)

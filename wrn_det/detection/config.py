@@ -1,0 +1,164 @@
+"""Config defaults of the builtin detection engine.
+
+The keys are detectron2's names with detectron2's defaults, restricted to those this
+engine honours, so a shipped config runs on both engines and a key this engine would
+silently ignore is an error instead. The project's own keys live under ``MODEL.WRN``
+(and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
+including detectron2's ``get_cfg()``.
+"""
+from wrn_det.engine.config import CfgNode as CN
+
+__all__ = ["get_det_cfg", "add_wrn_config"]
+
+
+def add_wrn_config(cfg: CN) -> CN:
+    """Add the project's keys to ``cfg`` (in place) and return it.
+
+    ``MODEL.WRN.NAME``: a ``wrn_det.models`` network used as the backbone.
+    ``MODEL.WRN.NORM``: ``FrozenBN`` (pretrained statistics kept), ``BN`` (trained, as
+    when starting from scratch) or ``SyncBN`` (BN synchronised across processes).
+    ``MODEL.WRN.OUT_FEATURES``: the bottom-up stages the backbone returns; for C4 the last
+    one ends the trunk and the stage after it becomes the box head.
+    ``MODEL.WRN.DROPOUT``: dropout of the CIFAR-style WRNs (0 for detection by default).
+    ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
+    """
+    cfg.MODEL.WRN = CN()
+    cfg.MODEL.WRN.NAME = "wide_resnet34_2"
+    cfg.MODEL.WRN.NORM = "FrozenBN"
+    cfg.MODEL.WRN.OUT_FEATURES = ["res4"]
+    cfg.MODEL.WRN.DROPOUT = 0.0
+    cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
+    return cfg
+
+
+def get_det_cfg() -> CN:
+    """Return a new CfgNode with the builtin engine's defaults (detectron2's names and values)."""
+    _C = CN()
+    _C.VERSION = 2
+
+    _C.MODEL = CN()
+    _C.MODEL.LOAD_PROPOSALS = False
+    _C.MODEL.MASK_ON = False
+    _C.MODEL.KEYPOINT_ON = False
+    # "" = CUDA when present, else the CPU (detectron2 defaults to "cuda")
+    _C.MODEL.DEVICE = ""
+    _C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    _C.MODEL.WEIGHTS = ""
+    _C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
+    _C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
+
+    _C.INPUT = CN()
+    _C.INPUT.MIN_SIZE_TRAIN = (800,)
+    _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    _C.INPUT.MAX_SIZE_TRAIN = 1333
+    _C.INPUT.MIN_SIZE_TEST = 800
+    _C.INPUT.MAX_SIZE_TEST = 1333
+    _C.INPUT.RANDOM_FLIP = "horizontal"
+    _C.INPUT.FORMAT = "BGR"
+
+    _C.DATASETS = CN()
+    _C.DATASETS.TRAIN = ()
+    _C.DATASETS.TEST = ()
+
+    _C.DATALOADER = CN()
+    _C.DATALOADER.NUM_WORKERS = 4
+    _C.DATALOADER.ASPECT_RATIO_GROUPING = True
+    _C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+    _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+
+    _C.MODEL.BACKBONE = CN()
+    _C.MODEL.BACKBONE.NAME = "build_wrn_backbone"
+    _C.MODEL.BACKBONE.FREEZE_AT = 2
+
+    _C.MODEL.FPN = CN()
+    _C.MODEL.FPN.IN_FEATURES = []
+    _C.MODEL.FPN.OUT_CHANNELS = 256
+    _C.MODEL.FPN.NORM = ""
+    _C.MODEL.FPN.FUSE_TYPE = "sum"
+
+    _C.MODEL.PROPOSAL_GENERATOR = CN()
+    _C.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
+
+    _C.MODEL.ANCHOR_GENERATOR = CN()
+    _C.MODEL.ANCHOR_GENERATOR.NAME = "DefaultAnchorGenerator"
+    _C.MODEL.ANCHOR_GENERATOR.SIZES = [[32, 64, 128, 256, 512]]
+    _C.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    _C.MODEL.ANCHOR_GENERATOR.OFFSET = 0.0
+
+    _C.MODEL.RPN = CN()
+    _C.MODEL.RPN.HEAD_NAME = "StandardRPNHead"
+    _C.MODEL.RPN.IN_FEATURES = ["res4"]
+    _C.MODEL.RPN.BOUNDARY_THRESH = -1
+    _C.MODEL.RPN.IOU_THRESHOLDS = [0.3, 0.7]
+    _C.MODEL.RPN.IOU_LABELS = [0, -1, 1]
+    _C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
+    _C.MODEL.RPN.POSITIVE_FRACTION = 0.5
+    _C.MODEL.RPN.BBOX_REG_LOSS_WEIGHT = 1.0
+    _C.MODEL.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    _C.MODEL.RPN.LOSS_WEIGHT = 1.0
+    _C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 12000
+    _C.MODEL.RPN.PRE_NMS_TOPK_TEST = 6000
+    _C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 2000
+    _C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+    _C.MODEL.RPN.NMS_THRESH = 0.7
+    _C.MODEL.RPN.CONV_DIMS = [-1]
+
+    _C.MODEL.ROI_HEADS = CN()
+    _C.MODEL.ROI_HEADS.NAME = "WRNRes5ROIHeads"
+    _C.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    _C.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
+    _C.MODEL.ROI_HEADS.IOU_THRESHOLDS = [0.5]
+    _C.MODEL.ROI_HEADS.IOU_LABELS = [0, 1]
+    _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
+    _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+    _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+    _C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True
+
+    _C.MODEL.ROI_BOX_HEAD = CN()
+    _C.MODEL.ROI_BOX_HEAD.NAME = ""
+    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT = 1.0
+    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 14
+    _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
+    _C.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
+    _C.MODEL.ROI_BOX_HEAD.NUM_FC = 0
+    _C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
+    _C.MODEL.ROI_BOX_HEAD.NUM_CONV = 0
+    _C.MODEL.ROI_BOX_HEAD.CONV_DIM = 256
+    _C.MODEL.ROI_BOX_HEAD.NORM = ""
+    _C.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = False
+
+    _C.SOLVER = CN()
+    _C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+    _C.SOLVER.MAX_ITER = 40000
+    _C.SOLVER.BASE_LR = 0.001
+    _C.SOLVER.BASE_LR_END = 0.0
+    _C.SOLVER.MOMENTUM = 0.9
+    _C.SOLVER.NESTEROV = False
+    _C.SOLVER.WEIGHT_DECAY = 0.0001
+    _C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    _C.SOLVER.GAMMA = 0.1
+    _C.SOLVER.STEPS = (30000,)
+    _C.SOLVER.WARMUP_FACTOR = 1.0 / 1000
+    _C.SOLVER.WARMUP_ITERS = 1000
+    _C.SOLVER.WARMUP_METHOD = "linear"
+    _C.SOLVER.CHECKPOINT_PERIOD = 5000
+    _C.SOLVER.IMS_PER_BATCH = 16
+    _C.SOLVER.BIAS_LR_FACTOR = 1.0
+    _C.SOLVER.WEIGHT_DECAY_BIAS = None
+    _C.SOLVER.CLIP_GRADIENTS = CN({"ENABLED": False})
+    _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
+    _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    _C.SOLVER.AMP = CN({"ENABLED": False})
+
+    _C.TEST = CN()
+    _C.TEST.EVAL_PERIOD = 0
+    _C.TEST.DETECTIONS_PER_IMAGE = 100
+
+    _C.OUTPUT_DIR = "./output"
+    _C.SEED = -1
+    _C.CUDNN_BENCHMARK = False
+
+    return add_wrn_config(_C)

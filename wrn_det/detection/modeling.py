@@ -1,0 +1,329 @@
+"""Detectors of the builtin engine, assembled from torchvision's detection pieces.
+
+``GeneralizedRCNN`` (``MODEL.META_ARCHITECTURE``) = a WRN backbone (C4 or FPN) +
+torchvision's ``RegionProposalNetwork`` + torchvision's ``RoIHeads`` with a RoIAlign
+pooler, a box head (two FC layers for FPN, the network's res5 stage for C4) and a
+``FastRCNNPredictor``. Inputs and outputs follow detectron2: the model takes a list of
+dicts (``image``: uint8 CHW tensor in ``INPUT.FORMAT``, ``boxes``/``classes`` for
+training, ``height``/``width`` of the original image) and returns a loss dict in
+training and, in inference, one dict per image with ``boxes`` (XYXY, original image
+coordinates), ``scores`` and ``classes`` (contiguous ids 0..K-1).
+"""
+import math
+from collections import OrderedDict
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from fvcore.common.registry import Registry
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import LevelMapper
+
+from wrn_det.engine.errors import ConfigError
+
+from .backbone import RES5_HEAD_NAMES, build_backbone
+
+__all__ = ["META_ARCH_REGISTRY", "build_detector", "GeneralizedRCNN", "ROIPooler", "build_rpn", "build_roi_heads"]
+
+META_ARCH_REGISTRY = Registry("META_ARCH")
+META_ARCH_REGISTRY.__doc__ = "Detector classes built from a config: cls(cfg) -> nn.Module."
+
+# torchvision's loss names -> detectron2's, which metrics.json and plots use
+_LOSS_NAMES = {"loss_classifier": "loss_cls", "loss_box_reg": "loss_box_reg",
+               "loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_loc"}
+
+
+class ROIPooler(MultiScaleRoIAlign):
+    """RoIAlign over one or several feature levels with known strides.
+
+    As torchvision's MultiScaleRoIAlign (same level assignment: canonical box 224 on
+    level 4) but with the scales taken from the backbone's strides instead of guessed
+    from the first batch, and with ``aligned`` (detectron2's ``ROIAlignV2``: half-pixel
+    offset) selectable. Calling it returns pooled features (R, C, out, out).
+    """
+
+    def __init__(self, featmap_names: List[str], strides: List[int], output_size: int, sampling_ratio: int,
+                 aligned: bool = True):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        self.aligned = aligned
+        self.scales = [1.0 / s for s in strides]
+        lvl_min, lvl_max = -math.log2(self.scales[0]), -math.log2(self.scales[-1])
+        self.map_levels = LevelMapper(int(lvl_min), int(lvl_max), canonical_scale=224, canonical_level=4)
+
+    def forward(self, x: Dict[str, torch.Tensor], boxes: List[torch.Tensor], image_shapes=None) -> torch.Tensor:
+        """Return the pooled features of every box, in the order of the concatenated ``boxes``."""
+        feats = [x[name] for name in self.featmap_names]
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
+        if len(feats) == 1:
+            return roi_align(feats[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
+        levels = self.map_levels(boxes)
+        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + tuple(self.output_size))
+        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(levels == level)[0]
+            if idx.numel():
+                out[idx] = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio,
+                                     self.aligned).to(out.dtype)
+        return out
+
+
+def _per_level(values, n: int, key: str) -> List[List[float]]:
+    values = [list(v) for v in values]
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ConfigError(f"{key} has {len(values)} entries; expected 1 or one per RPN level ({n})")
+    return values
+
+
+def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
+    """Return torchvision's RegionProposalNetwork configured by ``MODEL.RPN`` and ``MODEL.ANCHOR_GENERATOR``.
+
+    ``input_shapes``: the backbone's ``output_shape()``; the RPN reads ``MODEL.RPN.IN_FEATURES``.
+    """
+    rpn_cfg = cfg.MODEL.RPN
+    in_features = list(rpn_cfg.IN_FEATURES)
+    for f in in_features:
+        if f not in input_shapes:
+            raise ConfigError(f"MODEL.RPN.IN_FEATURES: {f!r} is not a backbone output; outputs are {list(input_shapes)}")
+    channels = {input_shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ConfigError(f"MODEL.RPN.IN_FEATURES {in_features} have different channel counts {sorted(channels)}")
+    ag = cfg.MODEL.ANCHOR_GENERATOR
+    if ag.NAME != "DefaultAnchorGenerator" or float(ag.OFFSET) != 0.0:
+        raise ConfigError("MODEL.ANCHOR_GENERATOR: only NAME DefaultAnchorGenerator with OFFSET 0.0 is supported")
+    sizes = _per_level(ag.SIZES, len(in_features), "MODEL.ANCHOR_GENERATOR.SIZES")
+    ratios = _per_level(ag.ASPECT_RATIOS, len(in_features), "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
+    num_anchors = {len(s) * len(r) for s, r in zip(sizes, ratios)}
+    if len(num_anchors) != 1:
+        raise ConfigError("MODEL.ANCHOR_GENERATOR: every level needs the same number of anchors (the RPN head is shared)")
+    anchor_generator = AnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes),
+                                       tuple(tuple(float(v) for v in r) for r in ratios))
+    (c,) = channels
+    dims = list(rpn_cfg.CONV_DIMS)
+    if any(d not in (-1, c) for d in dims):
+        raise ConfigError(f"MODEL.RPN.CONV_DIMS {dims}: the builtin RPN head keeps the input width ({c}); use -1")
+    if rpn_cfg.HEAD_NAME != "StandardRPNHead":
+        raise ConfigError(f"MODEL.RPN.HEAD_NAME {rpn_cfg.HEAD_NAME!r} is not supported; use StandardRPNHead")
+    if list(rpn_cfg.IOU_LABELS) != [0, -1, 1] or rpn_cfg.BOUNDARY_THRESH != -1:
+        raise ConfigError("MODEL.RPN: only IOU_LABELS [0, -1, 1] and BOUNDARY_THRESH -1 are supported")
+    bg_iou, fg_iou = rpn_cfg.IOU_THRESHOLDS
+    rpn = RegionProposalNetwork(
+        anchor_generator, RPNHead(c, num_anchors.pop(), conv_depth=len(dims)),
+        fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
+        batch_size_per_image=rpn_cfg.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn_cfg.POSITIVE_FRACTION,
+        pre_nms_top_n={"training": rpn_cfg.PRE_NMS_TOPK_TRAIN, "testing": rpn_cfg.PRE_NMS_TOPK_TEST},
+        post_nms_top_n={"training": rpn_cfg.POST_NMS_TOPK_TRAIN, "testing": rpn_cfg.POST_NMS_TOPK_TEST},
+        nms_thresh=rpn_cfg.NMS_THRESH,
+    )
+    rpn.box_coder = det_utils.BoxCoder(weights=tuple(float(w) for w in rpn_cfg.BBOX_REG_WEIGHTS))
+    rpn.in_features = in_features
+    return rpn
+
+
+class Res5BoxHead(nn.Module):
+    """C4 box head: the network's stage after the trunk on pooled RoI features, then a global mean.
+
+    Returns (R, channels) features for the predictor.
+    """
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.res5 = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the mean over space of the stage's output, (R, C)."""
+        return self.res5(x).mean(dim=(2, 3))
+
+
+def _init_predictor(predictor: FastRCNNPredictor) -> FastRCNNPredictor:
+    # small initial outputs (as detectron2): near-uniform class scores and near-zero box deltas
+    nn.init.normal_(predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(predictor.cls_score.bias)
+    nn.init.zeros_(predictor.bbox_pred.bias)
+    return predictor
+
+
+def build_roi_heads(cfg, backbone) -> RoIHeads:
+    """Return torchvision's RoIHeads: pooler, box head and predictor from ``MODEL.ROI_HEADS`` and ``ROI_BOX_HEAD``.
+
+    ``StandardROIHeads``: ``NUM_CONV`` convolutions and ``NUM_FC`` fully connected layers
+    on ``POOLER_RESOLUTION`` pooled features (FPN). ``WRNRes5ROIHeads``: the backbone's
+    next stage on pooled features (C4; stride 2 halves 14x14 to 7x7).
+    """
+    rh, bh = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
+    shapes = backbone.output_shape()
+    in_features = list(rh.IN_FEATURES)
+    for f in in_features:
+        if f not in shapes:
+            raise ConfigError(f"MODEL.ROI_HEADS.IN_FEATURES: {f!r} is not a backbone output; outputs are {list(shapes)}")
+    channels = {shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ConfigError(f"MODEL.ROI_HEADS.IN_FEATURES {in_features} have different channel counts {sorted(channels)}")
+    (c,) = channels
+    if bh.POOLER_TYPE not in ("ROIAlign", "ROIAlignV2"):
+        raise ConfigError(f"MODEL.ROI_BOX_HEAD.POOLER_TYPE {bh.POOLER_TYPE!r} is not supported; use ROIAlignV2 or ROIAlign")
+    if bh.CLS_AGNOSTIC_BBOX_REG or not rh.PROPOSAL_APPEND_GT or list(rh.IOU_LABELS) != [0, 1] or len(rh.IOU_THRESHOLDS) != 1:
+        raise ConfigError("MODEL.ROI_HEADS / ROI_BOX_HEAD: the builtin engine supports class-specific regression, "
+                          "PROPOSAL_APPEND_GT True and one IoU threshold with IOU_LABELS [0, 1]")
+    res = int(bh.POOLER_RESOLUTION)
+    pooler = ROIPooler(in_features, [shapes[f].stride for f in in_features], res, int(bh.POOLER_SAMPLING_RATIO),
+                       aligned=bh.POOLER_TYPE == "ROIAlignV2")
+    if rh.NAME == "StandardROIHeads":
+        if bh.NAME != "FastRCNNConvFCHead":
+            raise ConfigError(f"MODEL.ROI_BOX_HEAD.NAME {bh.NAME!r} is not supported; use FastRCNNConvFCHead")
+        norm = {"": None, "BN": nn.BatchNorm2d}.get(bh.NORM, "bad")
+        if norm == "bad":
+            raise ConfigError(f"MODEL.ROI_BOX_HEAD.NORM {bh.NORM!r} is not supported; use '' or 'BN'")
+        box_head = FastRCNNConvFCHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm)
+        out_dim = bh.FC_DIM if bh.NUM_FC else (bh.CONV_DIM if bh.NUM_CONV else c) * res * res
+    elif rh.NAME in RES5_HEAD_NAMES:
+        if getattr(backbone, "head_stage", None) is None:
+            raise ConfigError(f"MODEL.ROI_HEADS.NAME {rh.NAME} needs the C4 backbone build_wrn_backbone")
+        stage = backbone.get_head_stage()
+        box_head = Res5BoxHead(stage)
+        out_dim = backbone.net.output_shape()[backbone.head_stage].channels
+    else:
+        raise ConfigError(f"MODEL.ROI_HEADS.NAME {rh.NAME!r} is not supported; use StandardROIHeads (FPN) "
+                          f"or WRNRes5ROIHeads (C4)")
+    predictor = _init_predictor(FastRCNNPredictor(out_dim, rh.NUM_CLASSES + 1))
+    iou = float(rh.IOU_THRESHOLDS[0])
+    return RoIHeads(
+        pooler, box_head, predictor,
+        fg_iou_thresh=iou, bg_iou_thresh=iou,
+        batch_size_per_image=rh.BATCH_SIZE_PER_IMAGE, positive_fraction=rh.POSITIVE_FRACTION,
+        bbox_reg_weights=tuple(float(w) for w in bh.BBOX_REG_WEIGHTS),
+        score_thresh=rh.SCORE_THRESH_TEST, nms_thresh=rh.NMS_THRESH_TEST,
+        detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+def _check_unsupported(cfg) -> None:
+    if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("MODEL.MASK_ON / KEYPOINT_ON: the builtin engine detects boxes only; set them False")
+    if cfg.MODEL.LOAD_PROPOSALS or cfg.MODEL.PROPOSAL_GENERATOR.NAME != "RPN":
+        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} / LOAD_PROPOSALS: "
+                          "only the RPN is supported by this detector")
+    if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
+        raise ConfigError(f"INPUT.FORMAT must be BGR or RGB, got {cfg.INPUT.FORMAT!r}")
+
+
+class _Detector(nn.Module):
+    """Shared input handling: pixel normalisation, padding into a batch, output rescaling."""
+
+    def __init__(self, cfg, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.size_divisibility = int(getattr(backbone, "size_divisibility", 0))
+        mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need three values each (one per channel)")
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device of the model's buffers."""
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
+        """Return the normalised images, zero-padded to a common size divisible by the backbone's stride."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        d = self.size_divisibility
+        if d > 1:
+            h, w = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+        for b, im in zip(batch, images):
+            b[:, : im.shape[1], : im.shape[2]].copy_(im)
+        return ImageList(batch, sizes)
+
+    def targets(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
+        """Return torchvision-style targets: XYXY ``boxes`` and ``labels`` 1..K (0 is background)."""
+        return [{"boxes": x["boxes"].to(self.device, torch.float32), "labels": x["classes"].to(self.device) + 1}
+                for x in batched_inputs]
+
+    @staticmethod
+    def rescale(boxes: torch.Tensor, in_size, out_h: int, out_w: int) -> torch.Tensor:
+        """Return ``boxes`` mapped from the network's input size to the original image size, clipped to it."""
+        sy, sx = out_h / in_size[0], out_w / in_size[1]
+        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
+        return boxes
+
+
+@META_ARCH_REGISTRY.register()
+class GeneralizedRCNN(_Detector):
+    """Faster R-CNN: backbone, RPN and box RoI heads.
+
+    ``forward(batched_inputs)`` returns, in training, a dict of losses with detectron2's
+    names (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``), and in
+    inference a list of ``{"boxes", "scores", "classes"}`` per image in original coordinates.
+    """
+
+    def __init__(self, cfg):
+        _check_unsupported(cfg)
+        super().__init__(cfg, build_backbone(cfg))
+        self.rpn = build_rpn(cfg, self.backbone.output_shape())
+        self.roi_heads = build_roi_heads(cfg, self.backbone)
+        self.loss_weights = {
+            "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
+            "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
+            "loss_cls": 1.0,
+            "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
+        }
+
+    def forward(self, batched_inputs: List[dict]):
+        """Return the loss dict (training) or the detections of every image (inference)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensors)
+        rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
+        if self.training:
+            targets = self.targets(batched_inputs)
+            proposals, rpn_losses = self.rpn(images, rpn_features, targets)
+            _, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+            losses = {**rpn_losses, **det_losses}
+            return {_LOSS_NAMES[k]: v * self.loss_weights[_LOSS_NAMES[k]] for k, v in losses.items()}
+        proposals, _ = self.rpn(images, rpn_features)
+        detections, _ = self.roi_heads(features, proposals, images.image_sizes)
+        results = []
+        for x, det, size in zip(batched_inputs, detections, images.image_sizes):
+            h, w = x.get("height", size[0]), x.get("width", size[1])
+            results.append({"boxes": self.rescale(det["boxes"], size, h, w), "scores": det["scores"],
+                            "classes": det["labels"] - 1})
+        return results
+
+
+def build_detector(cfg) -> nn.Module:
+    """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present)."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    try:
+        cls = META_ARCH_REGISTRY.get(name)
+    except KeyError:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE {name!r} is unknown; expected one of "
+                          f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from None
+    model = cls(cfg)
+    return model.to(resolve_device(cfg))
+
+
+def resolve_device(cfg) -> torch.device:
+    """Return the device for ``MODEL.DEVICE``: as given, else ``cuda:<local rank>`` when CUDA is present, else CPU."""
+    from wrn_det.engine import comm
+
+    dev = cfg.MODEL.DEVICE
+    if not dev:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("MODEL.DEVICE is 'cuda' but no CUDA device is available; set MODEL.DEVICE cpu")
+        dev = f"cuda:{comm.get_local_rank()}"
+    return torch.device(dev)
