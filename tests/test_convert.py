@@ -196,3 +196,19 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(WrnDetError, match="does not exist"):
         read_d2_pickle(str(tmp_path / "nope.pkl"))
+
+
+@pytest.mark.xfail(strict=True, reason="the builtin engine's MODEL.WEIGHTS loader (wrn_det.detection.train.Checkpointer."
+                                       "load_weights) only logs missing/unexpected backbone tensors; issue 6 asks for an "
+                                       "error unless the config allows it (detection dev)")
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_builtin_engine_rejects_incomplete_backbone_weights(pretrained, tmp_path, change):
+    assert _convert_main()([str(pretrained / "model_best.pth"), str(tmp_path / "wrn.pth")]) == 0
+    ckpt = torch.load(tmp_path / "wrn.pth", weights_only=True)
+    if change == "missing":
+        del ckpt["model"]["stage2.0.conv1.weight"]
+    else:
+        ckpt["model"]["stage4.0.conv1.weight"] = ckpt["model"]["stage3.0.conv1.weight"]
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(WrnDetError, match="stage2.0.conv1.weight" if change == "missing" else "stage4.0.conv1.weight"):
+        _builtin_detector(str(tmp_path / "bad.pth"), c4=True)
