@@ -149,6 +149,10 @@ def test_torchvision_and_timm_layouts(tmp_path):
     state, info = read_classifier_state(str(src), use_ema=True)
     assert info["kind"] == "timm" and info["ema"] and torch.equal(state["conv1.weight"], ema["conv1.weight"])
     assert _convert_main()([str(src), str(tmp_path / "r18"), "--ema"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for out in ("r18.pth", "r18.pkl"):  # ordinary file permissions, not the private ones of a temporary file
+        assert (tmp_path / out).stat().st_mode & 0o777 == 0o666 & ~umask, out
     builtin = torch.load(tmp_path / "r18.pth", weights_only=True)
     assert builtin["wrn_det"]["model_name"] == "wide_resnet18_1" and builtin["wrn_det"]["ema"] is True
     assert torch.equal(builtin["model"]["layer4.1.bn2.running_var"], ema["layer4.1.bn2.running_var"])

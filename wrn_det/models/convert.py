@@ -266,7 +266,7 @@ def extract_backbone(state: Dict[str, torch.Tensor], model_name: str, source: st
     backbone = OrderedDict()
     for k in required:
         v = state[k].detach()
-        backbone[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
+        backbone[k] = (v.float() if v.is_floating_point() else v).contiguous()
     dropped = [k for k in state if k not in keymap]
     return backbone, net, dropped
 
@@ -320,24 +320,48 @@ def d2_checkpoint(backbone: Dict[str, torch.Tensor], net: nn.Module, model_name:
             "wrn_det": {"format": "detectron2", "version": 1, "model_name": model_name, **meta}}
 
 
-def _atomic_write_bytes(data: bytes, path: str) -> str:
+def _temp_beside(path: str) -> str:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    # mkstemp creates the file private (0600); give it the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def _write_all(writers) -> List[str]:
+    """Run ``write(tmp_path)`` for each ``(write, path)`` into temporary files, then rename them all.
+
+    Returns the paths written. If any write fails, every temporary file is removed and no
+    output appears, so a failure leaves nothing half-written.
+    """
+    temps = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        for write, path in writers:
+            tmp = _temp_beside(path)
+            temps.append((tmp, path))
+            write(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
-    return path
+    return [path for _, path in temps]
+
+
+def _pickle_to(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
 
 
 def save_d2_checkpoint(ckpt: dict, path: str) -> str:
     """Pickle ``ckpt`` (from :func:`d2_checkpoint`) to ``path`` atomically; returns ``path``."""
-    return _atomic_write_bytes(pickle.dumps(ckpt, protocol=4), path)
+    return _write_all([(lambda tmp: _pickle_to(ckpt, tmp), path)])[0]
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -385,8 +409,8 @@ def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Opt
     ``model_name``: the ``wrn_det.models`` network; when None, the name stored with a
     wrn_det checkpoint is used, else the one the key layout shows. ``builtin_out`` /
     ``d2_out``: paths of the builtin backbone checkpoint and of the detectron2 pickle
-    (either may be None). Both files are built in memory first and each is written
-    atomically, so a failure leaves no partial file. Returns a summary dict
+    (either may be None). Both files go to temporary files first and are renamed at
+    the end, so a failure leaves no partial file. Returns a summary dict
     (``model_name``, ``kind``, ``ema``, ``num_tensors``, ``num_params``, ``dropped``,
     ``written``).
     """
@@ -401,14 +425,12 @@ def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Opt
         raise ConversionError(f"{src} was trained as {info['model_name']!r} but --model says {model_name!r}")
     backbone, net, dropped = extract_backbone(state, name, source=src)
     meta = {"source": os.path.abspath(src), "source_kind": info["kind"], "ema": info["ema"]}
-    outputs = []
+    writers = []
     if builtin_out:
-        buf = io.BytesIO()
-        torch.save(builtin_checkpoint(backbone, name, **meta), buf)
-        outputs.append((buf.getvalue(), builtin_out))
+        writers.append((lambda tmp: torch.save(builtin_checkpoint(backbone, name, **meta), tmp), builtin_out))
     if d2_out:
-        outputs.append((pickle.dumps(d2_checkpoint(backbone, net, name, **meta), protocol=4), d2_out))
-    written = [_atomic_write_bytes(data, path) for data, path in outputs]
+        writers.append((lambda tmp: _pickle_to(d2_checkpoint(backbone, net, name, **meta), tmp), d2_out))
+    written = _write_all(writers)
     own = net.state_dict(keep_vars=True)
     n_params = sum(own[k].numel() for k in backbone if isinstance(own[k], nn.Parameter))
     return {"model_name": name, "kind": info["kind"], "ema": info["ema"], "num_tensors": len(backbone),
