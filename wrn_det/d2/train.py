@@ -24,6 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm as d2comm
+from detectron2.utils.logger import setup_logger
 
 from wrn_det.engine.config import load_config, resolve_config_file
 from wrn_det.engine.errors import ConfigError, cli_main
@@ -85,6 +86,8 @@ def setup(args):
             d2comm.create_local_process_group(per_machine)
     setup_args = argparse.Namespace(**{**vars(args), "config_file": path})
     default_setup(cfg, setup_args)
+    # the project's own messages (weights accounting, datasets) go to the same log.txt and console
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=d2comm.get_rank(), name="wrn_det")
     register_datasets()
     return cfg
 
