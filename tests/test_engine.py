@@ -48,7 +48,7 @@ def test_config_unknown_key_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(_defaults(), str(f), [])
     assert "SOLVER.BASE_LRR" in str(e.value) and "bad.yaml" in str(e.value)
-    with pytest.raises(ConfigError, match="NOPE"):
+    with pytest.raises(ConfigError, match="unknown config key .NOPE."):
         load_config(_defaults(), None, ["NOPE", "1"])
     with pytest.raises(ConfigError, match="odd number"):
         load_config(_defaults(), None, ["SOLVER.BASE_LR"])
@@ -131,3 +131,15 @@ def test_launch_spawns_cpu_processes_with_gloo(tmp_path):
     launch(_gather_ranks, num_gpus_per_machine=2, dist_url="auto", args=(str(tmp_path),))
     for r in range(2):
         assert (tmp_path / f"rank{r}.txt").read_text() == "2 [0, 1] 3.0 True"
+
+
+def test_written_files_get_the_umask_mode(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        atomic_save({"x": torch.zeros(1)}, str(tmp_path / "a.pth"))
+        save_config(_defaults(), str(tmp_path / "c.yaml"))
+        write_last_checkpoint(str(tmp_path), "a.pth")
+    finally:
+        os.umask(mask)
+    for name in ("a.pth", "c.yaml", "last_checkpoint"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o644, name

@@ -14,6 +14,13 @@ from .errors import WrnDetError
 LAST_CHECKPOINT = "last_checkpoint"
 
 
+def _umask_mode() -> int:
+    # mkstemp creates files readable by the owner only; give the result the mode a plain open() would
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj, path: str) -> str:
     """Save ``obj`` with ``torch.save`` to a temporary file beside ``path``, then rename it.
 
@@ -26,6 +33,7 @@ def atomic_save(obj, path: str) -> str:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,6 +63,7 @@ def write_last_checkpoint(output_dir: str, filename: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         f.write(os.path.basename(filename))
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
+from .checkpoint import _umask_mode
 from .errors import ConfigError
 
 __all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs"]
@@ -72,8 +73,8 @@ def resolve_config_file(name_or_path: str) -> str:
 def _merge_error(source: str, exc: Exception) -> ConfigError:
     msg = str(exc.args[0]) if exc.args else str(exc)
     msg = " ".join(msg.split())
-    if isinstance(exc, KeyError) and "Non-existent config key" in msg:
-        key = msg.split("Non-existent config key:")[-1].strip().strip("'\"")
+    if "Non-existent config key" in msg or "Non-existent key" in msg:
+        key = msg.split(":", 1)[-1].strip().strip("'\"")
         return ConfigError(f"{source}: unknown config key {key!r} (not in the defaults; check its spelling)")
     return ConfigError(f"{source}: {msg}")
 
@@ -117,6 +118,7 @@ def save_config(cfg: CfgNode, path: str) -> str:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(cfg.dump())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
