@@ -106,6 +106,13 @@ def split_val2014(val2014: dict, val2017_ids) -> tuple:
     return tuple(parts)
 
 
+def _plain_file_mode() -> int:
+    # mkstemp makes owner-only files; the splits get the mode a plain open() would give them
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_json_files_atomically(items) -> None:
     """Write every ``(path, data)`` to a temporary file beside it, then rename them all; returns None.
 
@@ -120,6 +127,7 @@ def _write_json_files_atomically(items) -> None:
             temps.append(tmp)
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, separators=(",", ":"))
+            os.chmod(tmp, _plain_file_mode())
         for (path, _), tmp in zip(items, temps):
             os.replace(tmp, path)
     except OSError as e:

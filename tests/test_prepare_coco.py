@@ -65,6 +65,10 @@ def test_builds_disjoint_minival_and_valminusminival(tmp_path):
     ids = sorted(x["id"] for x in minival["annotations"] + rest["annotations"])
     assert ids == sorted(x["id"] for x in val2014["annotations"])
     assert minival["categories"] == rest["categories"] == CATS
+    # readable like any file the user writes (not mkstemp's owner-only mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (coco / "annotations" / "instances_minival2014.json").stat().st_mode & 0o777 == 0o666 & ~mask
     # the catalog reads them under detectron2's names
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
     code = ("from wrn_det.data.catalog import DatasetCatalog as D; "

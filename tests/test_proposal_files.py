@@ -154,6 +154,9 @@ def test_save_writes_atomically_and_round_trips(tmp_path):
     save_proposal_file(str(path), [3, 4], [torch.tensor([[1.0, 2, 3, 4]]), np.zeros((0, 4))],
                        [torch.tensor([0.25]), np.zeros(0)])
     assert sorted(os.listdir(path.parent)) == ["props.pkl"]  # no temporary file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's owner-only mode
     props = load_proposal_file(str(path))
     assert props["ids"] == [3, 4]
     np.testing.assert_array_equal(props["boxes"][0], [[1, 2, 3, 4]])

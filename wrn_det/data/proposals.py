@@ -204,6 +204,13 @@ def load_proposal_file(path: str) -> dict:
             "objectness_logits": out_logits, "bbox_mode": XYXY_ABS}
 
 
+def _plain_file_mode() -> int:
+    # mkstemp makes owner-only files; a proposal file gets the mode a plain open() would give it
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_proposal_file(path: str, ids: Sequence, boxes: Sequence, objectness_logits: Sequence) -> str:
     """Write proposals to ``path`` in detectron2's format, atomically (temporary file, then rename).
 
@@ -231,6 +238,7 @@ def save_proposal_file(path: str, ids: Sequence, boxes: Sequence, objectness_log
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(data, f, protocol=4)
+        os.chmod(tmp, _plain_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
