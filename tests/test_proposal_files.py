@@ -125,6 +125,7 @@ def test_malformed_files_give_one_line(tmp_path):
     cases = {
         "notpickle.pkl": b"hello world",
         "list.pkl": pickle.dumps([1, 2]),
+        "idsint.pkl": pickle.dumps({"ids": 3, "boxes": [], "objectness_logits": []}),
         "nokey.pkl": pickle.dumps({"ids": [1], "boxes": [np.zeros((1, 4))]}),
         "lengths.pkl": pickle.dumps({"ids": [1, 2], "boxes": [np.zeros((1, 4))], "objectness_logits": [np.zeros(1)]}),
         "shape.pkl": pickle.dumps({"ids": [1], "boxes": [np.zeros((1, 5))], "objectness_logits": [np.zeros(1)]}),
@@ -132,6 +133,7 @@ def test_malformed_files_give_one_line(tmp_path):
                                   "bbox_mode": 4}),
     }
     expected = {"notpickle.pkl": "not a readable pickle", "list.pkl": "expected a dict",
+                "idsint.pkl": "ids is of type int; expected a list",
                 "nokey.pkl": "no key 'objectness_logits'", "lengths.pkl": "have 2, 1 and 1 entries",
                 "shape.pkl": r"boxes\[0\] has shape \(1, 5\)", "mode.pkl": "bbox_mode 4"}
     for name, blob in cases.items():

@@ -20,7 +20,6 @@ the file and the refused global.
 """
 import _compat_pickle
 import collections
-import io
 import os
 import pickle
 import tempfile
@@ -133,16 +132,17 @@ def safe_load_pickle(path: str, what: str = "proposal file"):
     """
     if not os.path.isfile(path):
         raise WrnDetError(f"{what} {path} not found")
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        with open(path, "rb") as f:  # read from the file: a COCO proposal file can be gigabytes
+            return RestrictedUnpickler(f, encoding="latin1").load()
     except _Refused as e:
         raise WrnDetError(f"{what} {path}: refused to load global {e} (a proposal file may hold only numpy "
                           "arrays, lists, dicts, strings and numbers); nothing from it was run") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             UnicodeDecodeError, MemoryError) as e:
         raise WrnDetError(f"{what} {path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise WrnDetError(f"{what} {path} cannot be read: {e.strerror or e}") from None
 
 
 def _as_array(path: str, key: str, i: int, value, ndim: int) -> np.ndarray:
@@ -180,6 +180,10 @@ def load_proposal_file(path: str) -> dict:
         if key not in obj:
             raise WrnDetError(f"proposal file {path} has no key {key!r}; expected keys ids, boxes, "
                               f"objectness_logits (and bbox_mode), found {sorted(map(str, obj))}")
+    for key in ("ids", "boxes", "objectness_logits"):
+        if not isinstance(obj[key], (list, tuple, np.ndarray)):
+            raise WrnDetError(f"proposal file {path}: {key} is of type {type(obj[key]).__name__}; expected a list with "
+                              "one entry per image")
     ids, boxes, logits = (list(obj[k]) for k in ("ids", "boxes", "objectness_logits"))
     if not len(ids) == len(boxes) == len(logits):
         raise WrnDetError(f"proposal file {path}: ids, boxes and objectness_logits have {len(ids)}, {len(boxes)} "
