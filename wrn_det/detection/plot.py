@@ -1,0 +1,91 @@
+"""Plot a detection run's ``metrics.json``: losses and learning rate per iteration, box AP.
+
+    python -m wrn_det.detection.plot output/demo              # writes output/demo/curves.png
+    python -m wrn_det.detection.plot output/demo -o demo.png
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Tuple
+
+from wrn_det.engine.errors import WrnDetError, cli_main
+
+__all__ = ["read_metrics", "plot_run"]
+
+_LOSSES = ("total_loss", "loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc")
+
+
+def read_metrics(path: str) -> List[dict]:
+    """Return the JSON objects of a ``metrics.json`` (a file, or the run folder holding it), in file order."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.json")
+    if not os.path.isfile(path):
+        raise WrnDetError(f"{path} not found: expected a detection run folder or its metrics.json")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise WrnDetError(f"{path}, line {n}: not a JSON object") from None
+    return rows
+
+
+def _series(rows: List[dict], key: str) -> Tuple[List[int], List[float]]:
+    # a resumed run appends to metrics.json; the last value logged for an iteration wins
+    last: Dict[int, float] = {}
+    for r in rows:
+        if key in r and isinstance(r[key], (int, float)):
+            last[int(r["iteration"])] = float(r[key])
+    its = sorted(last)
+    return its, [last[i] for i in its]
+
+
+def plot_run(path: str, output: str = "") -> str:
+    """Write a PNG with losses, learning rate and ``bbox/AP*`` of the run at ``path``; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(path)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    output = output or os.path.join(run_dir, "curves.png")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k in _LOSSES:
+        x, y = _series(rows, k)
+        if x:
+            axes[0].plot(x, y, label=k)
+    axes[0].set(xlabel="iteration", ylabel="loss (median of 20 iterations)", yscale="log", title="losses")
+    axes[0].legend(fontsize=8)
+    x, y = _series(rows, "lr")
+    axes[1].plot(x, y)
+    axes[1].set(xlabel="iteration", ylabel="learning rate", title="learning rate")
+    for k in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
+        x, y = _series(rows, k)
+        if x:
+            axes[2].plot(x, y, marker="o", label=k)
+    axes[2].set(xlabel="iteration", ylabel="COCO AP (%)", title="box AP", ylim=(0, 100))
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def main(argv=None) -> None:
+    """Command line: plot one run folder (or metrics.json) into a PNG."""
+    p = argparse.ArgumentParser(description="Plot losses, learning rate and box AP of a detection run")
+    p.add_argument("run", help="output folder of tools/train_net.py, or its metrics.json")
+    p.add_argument("-o", "--output", default="", help="PNG path (default: <run>/curves.png)")
+    args = p.parse_args(argv)
+    print(f"wrote {plot_run(args.run, args.output)}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(main))
