@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -74,14 +74,16 @@ def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, size: float, rn
     return mask
 
 
-def draw_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[dict]]:
-    """Draw one image.
+def draw_image(rng: np.random.Generator, sides: Sequence[int] = _SIDES, min_size: float = 22.0,
+               max_frac: float = 0.55, max_objects: int = 4) -> Tuple[np.ndarray, List[dict]]:
+    """Draw one image with sides from ``sides`` and 1..``max_objects`` shapes of ``min_size`` pixels
+    up to ``max_frac`` of the shorter side.
 
     Returns ``(image, objects)``: a BGR uint8 array of shape (H, W, 3) and a list of
     ``{"category_id", "bbox" [x, y, w, h], "area"}`` with boxes that enclose exactly the
     drawn pixels of each shape.
     """
-    h, w = int(rng.choice(_SIDES)), int(rng.choice(_SIDES))
+    h, w = int(rng.choice(sides)), int(rng.choice(sides))
     # background: a smooth two-colour gradient plus noise
     c0, c1 = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
     t = np.linspace(0, 1, w if rng.random() < 0.5 else h)
@@ -92,11 +94,11 @@ def draw_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[dict]]:
 
     objects: List[dict] = []
     boxes: List[Tuple[int, int, int, int]] = []
-    n = int(rng.integers(1, 5))
+    n = int(rng.integers(1, max_objects + 1))
     for _ in range(n):
         for _attempt in range(30):
             kind = ("square", "circle", "triangle")[int(rng.integers(0, 3))]
-            size = float(rng.uniform(22, min(h, w) * 0.55))
+            size = float(rng.uniform(min_size, min(h, w) * max_frac))
             r = size / 2
             cx = float(rng.uniform(r + 1, w - r - 1))
             cy = float(rng.uniform(r + 1, h - r - 1))
@@ -121,9 +123,10 @@ def draw_image(rng: np.random.Generator) -> Tuple[np.ndarray, List[dict]]:
     return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def generate_split(folder: str, split: str, num_images: int, seed: int) -> str:
+def generate_split(folder: str, split: str, num_images: int, seed: int, **draw_kwargs) -> str:
     """Write ``num_images`` JPEG files under ``folder/split`` and ``folder/annotations/instances_<split>.json``.
 
+    ``draw_kwargs`` go to :func:`draw_image` (image sides, shape sizes, shapes per image).
     Returns the path of the JSON file.
     """
     rng = np.random.default_rng(seed)
@@ -133,7 +136,7 @@ def generate_split(folder: str, split: str, num_images: int, seed: int) -> str:
     os.makedirs(ann_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(num_images):
-        img, objs = draw_image(rng)
+        img, objs = draw_image(rng, **draw_kwargs)
         name = f"{i:06d}.jpg"
         cv2.imwrite(os.path.join(img_dir, name), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
         images.append({"id": i + 1, "file_name": name, "height": img.shape[0], "width": img.shape[1]})
