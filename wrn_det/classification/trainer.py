@@ -33,6 +33,7 @@ from wrn_det.engine.checkpoint import (
     set_rng_states,
     write_last_checkpoint,
 )
+from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.schedules import build_lr_multiplier, lr_at
@@ -52,17 +53,6 @@ CHECKPOINT_PREFIX = "model_epoch_"
 
 class NonFiniteLossError(WrnDetError):
     """The training loss became NaN or infinite; the run stopped without saving the bad weights."""
-
-
-def _select_device(cfg) -> torch.device:
-    want = cfg.MODEL.DEVICE
-    if want not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"MODEL.DEVICE must be 'auto', 'cuda' or 'cpu', got {want!r}")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("MODEL.DEVICE is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if want != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", comm.get_local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def build_cls_model(cfg, num_classes: int) -> nn.Module:
@@ -115,7 +105,7 @@ class ClsTrainer:
     def __init__(self, cfg, resume: bool = False):
         self.cfg = cfg
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
-        self.device = _select_device(cfg)
+        self.device = prepare_device(resolve_device(cfg.MODEL.DEVICE))
         self.output_dir = cfg.OUTPUT_DIR
         self.is_imagenet = cfg.DATASETS.NAME.lower() == "imagenet"
 
