@@ -1,0 +1,93 @@
+"""Our COCO evaluation gives the same numbers as plain pycocotools on a generated results file."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from wrn_det.data import catalog, shapes
+from wrn_det.detection.evaluation import COCOEvaluator, evaluate_coco_results
+
+
+@pytest.fixture(scope="module")
+def gt_and_results(tmp_path_factory):
+    """A small shapes split and a results file of jittered, missed, duplicated and false boxes."""
+    root = str(tmp_path_factory.mktemp("evalgt"))
+    json_file = shapes.generate_split(root, "val", 40, seed=5)
+    gt = json.load(open(json_file))
+    rng = np.random.default_rng(0)
+    results = []
+    for a in gt["annotations"]:
+        if rng.random() < 0.15:
+            continue  # a miss
+        x, y, w, h = a["bbox"]
+        for _ in range(1 + int(rng.random() < 0.2)):  # sometimes a duplicate
+            j = rng.normal(0, 0.08, 4) * [w, h, w, h]
+            cat = a["category_id"] if rng.random() < 0.9 else 1 + (a["category_id"] % 3)
+            results.append({"image_id": a["image_id"], "category_id": int(cat),
+                            "bbox": [float(x + j[0]), float(y + j[1]), float(w + j[2]), float(h + j[3])],
+                            "score": float(rng.random())})
+    for im in gt["images"][:20]:  # false positives
+        results.append({"image_id": im["id"], "category_id": int(rng.integers(1, 4)),
+                        "bbox": [5.0, 5.0, 20.0, 15.0], "score": float(rng.random() * 0.5)})
+    res_file = os.path.join(root, "results.json")
+    with open(res_file, "w") as f:
+        json.dump(results, f)
+    return json_file, res_file
+
+
+def plain_pycocotools(json_file, res_file):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(json_file)
+        ev = COCOeval(gt, gt.loadRes(res_file), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+@pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
+def test_same_ap_as_pycocotools(gt_and_results, backend):
+    json_file, res_file = gt_and_results
+    ref = plain_pycocotools(json_file, res_file)
+    ours = evaluate_coco_results(json_file, json.load(open(res_file)), backend)
+    for i, k in enumerate(["AP", "AP50", "AP75", "APs", "APm", "APl"]):
+        if ref.stats[i] < 0:
+            assert np.isnan(ours[k])
+        else:
+            assert ours[k] == pytest.approx(ref.stats[i] * 100, abs=1e-9), k
+    assert 20 < ours["AP"] < 95  # a non-trivial result, so equality means something
+    for k, name in enumerate(["square", "circle", "triangle"]):
+        p = ref.eval["precision"][:, :, k, 0, -1]
+        assert ours[f"AP-{name}"] == pytest.approx(p[p > -1].mean() * 100, abs=1e-9)
+
+
+def test_evaluator_writes_results_and_maps_ids(gt_and_results, tmp_path):
+    json_file, res_file = gt_and_results
+    catalog.register_coco_instances("t_eval", json_file, os.path.dirname(json_file))
+    try:
+        from wrn_det.data.coco import load_coco_json
+
+        load_coco_json(json_file, os.path.dirname(json_file), "t_eval")
+        ev = COCOEvaluator("t_eval", str(tmp_path))
+        # model-style outputs: XYXY boxes and contiguous classes, from the results file
+        by_image = {}
+        for r in json.load(open(res_file)):
+            by_image.setdefault(r["image_id"], []).append(r)
+        for img, rs in by_image.items():
+            boxes = torch.tensor([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
+                                  for r in rs], dtype=torch.float64)
+            ev.process([{"image_id": img}], [{"boxes": boxes, "scores": torch.tensor([r["score"] for r in rs]),
+                                              "classes": torch.tensor([r["category_id"] - 1 for r in rs])}])
+        out = ev.evaluate()["bbox"]
+    finally:
+        catalog.DatasetCatalog.remove("t_eval")
+    written = json.load(open(tmp_path / "coco_instances_results.json"))
+    assert len(written) == len(json.load(open(res_file)))
+    ref = plain_pycocotools(json_file, res_file)
+    assert out["AP"] == pytest.approx(ref.stats[0] * 100, abs=1e-3)  # results are rounded to 1e-3 px
