@@ -190,7 +190,7 @@ class WRNFPN(nn.Module):
     ``forward(images)`` returns an OrderedDict ``p<log2 stride> -> feature``, finest first.
     """
 
-    def __init__(self, bottom_up: WRNBackbone, in_features: List[str], out_channels: int):
+    def __init__(self, bottom_up: WRNBackbone, in_features: List[str], out_channels: int, norm: str = ""):
         super().__init__()
         shapes = bottom_up.output_shape()
         for f in in_features:
@@ -203,7 +203,9 @@ class WRNFPN(nn.Module):
         if strides != sorted(strides) or len(set(strides)) != len(strides):
             raise ConfigError(f"MODEL.FPN.IN_FEATURES {self.in_features} must be in increasing stride order")
         self.fpn = FeaturePyramidNetwork([shapes[f].channels for f in self.in_features], out_channels,
-                                         extra_blocks=LastLevelMaxPool())
+                                         extra_blocks=LastLevelMaxPool(), norm_layer=_fpn_norm(norm))
+        if norm == "SyncBN" and comm.get_world_size() > 1 and torch.cuda.is_available():
+            replace_batchnorm(self.fpn, _sync_bn_from)
         strides = strides + [strides[-1] * 2]
         self._out_shapes = OrderedDict((_level_name(s), ShapeSpec(out_channels, s)) for s in strides)
         # pad to the coarsest level's stride so every level's grid divides the image exactly;
@@ -219,6 +221,18 @@ class WRNFPN(nn.Module):
         feats = self.bottom_up(x)
         pyramid = self.fpn(OrderedDict((f, feats[f]) for f in self.in_features))
         return OrderedDict(zip(self._out_shapes, pyramid.values()))
+
+
+def _fpn_norm(norm: str):
+    """Return the norm layer factory for MODEL.FPN.NORM: None (""), BatchNorm ("BN", "SyncBN") or GroupNorm(32) ("GN")."""
+    if norm == "":
+        return None
+    if norm in ("BN", "SyncBN"):
+        # SyncBN: BatchNorm here, converted to SyncBatchNorm by WRNFPN when several GPU processes run
+        return nn.BatchNorm2d
+    if norm == "GN":
+        return lambda c: nn.GroupNorm(32, c)
+    raise ConfigError(f"MODEL.FPN.NORM must be '', BN, SyncBN or GN, got {norm!r}")
 
 
 def _norm_and_freeze(cfg):
@@ -247,8 +261,6 @@ def build_wrn_backbone(cfg) -> WRNBackbone:
 @BACKBONE_REGISTRY.register()
 def build_wrn_fpn_backbone(cfg) -> WRNFPN:
     """Return an FPN backbone over the stages in ``MODEL.FPN.IN_FEATURES``."""
-    if cfg.MODEL.FPN.NORM:
-        raise ConfigError(f"MODEL.FPN.NORM {cfg.MODEL.FPN.NORM!r} is not supported by the builtin engine; use ''")
     if cfg.MODEL.FPN.FUSE_TYPE != "sum":
         raise ConfigError(f"MODEL.FPN.FUSE_TYPE {cfg.MODEL.FPN.FUSE_TYPE!r} is not supported; use 'sum'")
     net = build_wrn_net(cfg)
@@ -256,7 +268,7 @@ def build_wrn_fpn_backbone(cfg) -> WRNFPN:
     if not in_features:
         raise ConfigError("MODEL.FPN.IN_FEATURES is empty; name the stages to build the pyramid on, e.g. [res2, res3, res4, res5]")
     bottom_up = WRNBackbone(net, in_features, **_norm_and_freeze(cfg))
-    return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS))
+    return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS), cfg.MODEL.FPN.NORM)
 
 
 # ROI_HEADS.NAME values that run the backbone's next stage on pooled features (detectron2
