@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
@@ -172,9 +171,12 @@ def inference_on_dataset(model: torch.nn.Module, loader, evaluator: COCOEvaluato
 
 
 def flatten_results(results: Dict[str, Dict[str, float]], prefix: str = "") -> Dict[str, float]:
-    """Return ``{"bbox/AP": ...}`` from ``{"bbox": {"AP": ...}}`` (keys prefixed by ``prefix`` when given)."""
+    """Return ``{"bbox/AP": ...}`` from ``{"bbox": {"AP": ...}}``, and ``{"<dataset>/bbox/AP": ...}``
+    from ``{dataset: {"bbox": {...}}}`` (several test datasets)."""
     flat = {}
-    for task, metrics in results.items():
-        for k, v in metrics.items():
-            flat[f"{prefix}{task}/{k}"] = v if not (isinstance(v, float) and math.isnan(v)) else float("nan")
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update(flatten_results(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
     return flat
