@@ -40,7 +40,7 @@ def get_det_cfg() -> CN:
     _C.MODEL.LOAD_PROPOSALS = False
     _C.MODEL.MASK_ON = False
     _C.MODEL.KEYPOINT_ON = False
-    # "" = CUDA when present, else the CPU (detectron2 defaults to "cuda")
+    # "" (or "auto") = this process's GPU when CUDA is present, else the CPU (detectron2 defaults to "cuda")
     _C.MODEL.DEVICE = ""
     _C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     _C.MODEL.WEIGHTS = ""

@@ -26,6 +26,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
+from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
 
 from .backbone import RES5_HEAD_NAMES, build_backbone
@@ -312,18 +313,4 @@ def build_detector(cfg) -> nn.Module:
         raise ConfigError(f"MODEL.META_ARCHITECTURE {name!r} is unknown; expected one of "
                           f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from None
     model = cls(cfg)
-    return model.to(resolve_device(cfg))
-
-
-def resolve_device(cfg) -> torch.device:
-    """Return the device for ``MODEL.DEVICE``: as given, else ``cuda:<local rank>`` when CUDA is present, else CPU."""
-    from wrn_det.engine import comm
-
-    dev = cfg.MODEL.DEVICE
-    if not dev:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("MODEL.DEVICE is 'cuda' but no CUDA device is available; set MODEL.DEVICE cpu")
-        dev = f"cuda:{comm.get_local_rank()}"
-    return torch.device(dev)
+    return model.to(prepare_device(resolve_device(cfg.MODEL.DEVICE)))
