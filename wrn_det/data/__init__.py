@@ -1,0 +1,4 @@
+"""Datasets: classification readers and loaders, the COCO catalog and loaders, synthetic data, proposal files.
+
+Import the submodules directly (``wrn_det.data.classification``, ``wrn_det.data.catalog``, ...).
+"""
