@@ -108,12 +108,6 @@ def test_trained_checkpoint_reloads_and_evaluates_identically(trained, datasets_
         assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) < 1e-2
 
 
-_HOOKED = "wrn_det.d2" in TRAIN_NET.read_text() if TRAIN_NET.is_file() else False
-
-
-@pytest.mark.xfail(not _HOOKED, strict=True,
-                   reason="tools/train_net.py does not dispatch --engine detectron2 to wrn_det.d2.train yet "
-                          "(train_net.py belongs to the detection issue)")
 def test_train_net_engine_detectron2_dispatches_here(datasets_root, tmp_path):
     # --eval-only with a weights file that does not exist: fails fast, in one line, from wrn_det.d2's config check
     cmd = [sys.executable, str(TRAIN_NET), "--engine", "detectron2", "--config-file", DEMO, "--eval-only",

@@ -279,7 +279,15 @@ def test_full_size_config_builds_and_points_to_coco_readme(tmp_path):
     assert looked in err[0] and "datasets/README.md" in err[0] and "coco_2017_train" in err[0]
 
 
-def test_detectron2_engine_is_not_supported_yet(tmp_path):
-    r = run_cli(["--engine", "detectron2", "--config", "wrn34_2_frcnn.yaml"], str(tmp_path))
+def test_detectron2_engine_without_detectron2_is_one_line(tmp_path):
+    # a package named detectron2 that fails to import stands in front of any installed one
+    fake = tmp_path / "no_d2"
+    (fake / "detectron2").mkdir(parents=True)
+    (fake / "detectron2" / "__init__.py").write_text("raise ImportError(\"No module named 'detectron2'\")\n")
+    env = env_for(str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, TRAIN_NET, "--engine", "detectron2", "--config", "wrn34_2_frcnn.yaml"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    assert r.stderr.strip() == ("error: --engine detectron2 is not supported yet; use --engine builtin (the default)")
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --engine detectron2: ") and "not installed" in lines[0]

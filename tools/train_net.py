@@ -33,7 +33,12 @@ def parse_args(argv=None):
 def run(args) -> int:
     """Start training or evaluation for ``args`` on the chosen engine; returns the exit status."""
     if args.engine == "detectron2":
-        raise WrnDetError("--engine detectron2 is not supported yet; use --engine builtin (the default)")
+        try:
+            from wrn_det.d2.train import run as run_d2
+        except ImportError as e:
+            raise WrnDetError(f"--engine detectron2: {e}") from None
+        run_d2(args)
+        return 0
     from wrn_det.detection.train import main
 
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
