@@ -202,9 +202,6 @@ def test_restricted_unpickler_refuses_code(tmp_path):
         read_d2_pickle(str(tmp_path / "nope.pkl"))
 
 
-@pytest.mark.xfail(strict=True, reason="the builtin engine's MODEL.WEIGHTS loader (wrn_det.detection.train.Checkpointer."
-                                       "load_weights) only logs missing/unexpected backbone tensors; issue 6 asks for an "
-                                       "error unless the config allows it (detection dev)")
 @pytest.mark.parametrize("change", ["missing", "unexpected"])
 def test_builtin_engine_rejects_incomplete_backbone_weights(pretrained, tmp_path, change):
     assert _convert_main()([str(pretrained / "model_best.pth"), str(tmp_path / "wrn.pth")]) == 0

@@ -35,17 +35,6 @@ def missing_builtin_keys(cfg) -> list:
     return [k for k, _ in _leaves(get_det_cfg()) if not _has(cfg, k)]
 
 
-def _retype(node, cls):
-    """Turn every nested config node of ``node`` into ``cls`` (in place); returns ``node``."""
-    for key, value in list(node.items()):
-        if isinstance(value, _FvCfgNode):
-            if type(value) is not cls:
-                value = cls(value)  # a deep copy whose sub-nodes are cls too
-                node[key] = value
-            _retype(value, cls)
-    return node
-
-
 def add_wrn_config(cfg):
     """Add the project's keys to a detectron2 config (in place) and return it.
 
@@ -56,11 +45,6 @@ def add_wrn_config(cfg):
     detectron2's defaults.
     """
     _add_builtin_wrn_config(cfg)
-    # yacs merges a file only into nodes of the root's own class (detectron2's CfgNode here)
-    _retype(cfg, type(cfg))
-    if "STRICT_WEIGHTS" not in cfg.MODEL.WRN:
-        # MODEL.WEIGHTS must provide every backbone tensor and nothing unknown, unless this is False
-        cfg.MODEL.WRN.STRICT_WEIGHTS = True
     defaults = get_det_cfg()
     for key, value in _leaves(defaults):
         if _has(cfg, key):

@@ -20,13 +20,18 @@ def add_wrn_config(cfg: CN) -> CN:
     ``MODEL.WRN.OUT_FEATURES``: the bottom-up stages the backbone returns; for C4 the last
     one ends the trunk and the stage after it becomes the box head.
     ``MODEL.WRN.DROPOUT``: dropout of the CIFAR-style WRNs (0 for detection by default).
+    ``MODEL.WRN.STRICT_WEIGHTS``: backbone weights in ``MODEL.WEIGHTS`` must hold every
+    stem and stage tensor of the network and no unknown one (else an error); False loads
+    what fits and warns.
     ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
     """
-    cfg.MODEL.WRN = CN()
+    # nodes of the caller's class: yacs merges a file only into nodes of the root's own class
+    cfg.MODEL.WRN = type(cfg)()
     cfg.MODEL.WRN.NAME = "wide_resnet34_2"
     cfg.MODEL.WRN.NORM = "FrozenBN"
     cfg.MODEL.WRN.OUT_FEATURES = ["res4"]
     cfg.MODEL.WRN.DROPOUT = 0.0
+    cfg.MODEL.WRN.STRICT_WEIGHTS = True
     cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
     return cfg
 

@@ -74,12 +74,16 @@ class Checkpointer:
         logger.info("saved checkpoint %s", path)
         return path
 
-    def load_weights(self, path: str, key: str = "MODEL.WEIGHTS") -> dict:
+    def load_weights(self, path: str, key: str = "MODEL.WEIGHTS", strict: bool = True) -> dict:
         """Load model weights from ``path``: a detector checkpoint, or a backbone / classification state dict.
 
-        Tensors whose name or shape does not fit are skipped with a warning. Returns the
-        whole checkpoint dict. Raises :class:`WrnDetError` if the file is missing or
-        unreadable or if none of its tensors fits the model.
+        For a backbone file, every tensor of the network's stem and stages must be in the
+        file with its shape, and the file must hold no stage tensor the network lacks; the
+        classifier is ignored. With ``strict`` (``MODEL.WRN.STRICT_WEIGHTS``) a gap is a
+        :class:`WrnDetError`, else a warning. Other tensors whose name or shape does not fit
+        are skipped with a warning. Returns the whole checkpoint dict. Raises
+        :class:`WrnDetError` if the file is missing or unreadable or if none of its tensors
+        fits the model.
         """
         try:
             ckpt = load_checkpoint(path)
@@ -90,9 +94,11 @@ class Checkpointer:
             raise WrnDetError(f"{key}: {path} holds no state dict of tensors")
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         own = self.model.state_dict()
-        if not any(k in own for k in state):
+        backbone_file = not any(k in own for k in state)
+        if backbone_file:
             # a backbone (classification network) state dict: its keys live under the network's prefix
             prefix = next((p for p in ("backbone.net.", "backbone.bottom_up.net.") if any(k.startswith(p) for k in own)), "")
+            self._check_backbone_file(state, prefix, path, key, strict)
             state = {prefix + k: v for k, v in state.items()}
         loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -101,7 +107,9 @@ class Checkpointer:
             raise WrnDetError(f"{key}: none of the {len(state)} tensors in {path} matches this model "
                               f"(e.g. {next(iter(state))!r})")
         self.model.load_state_dict(loadable, strict=False)
-        missing = [k for k in own if k not in loadable]
+        # tensors shared with a loaded one (the C4 head's res5 is the network's last stage) are loaded too
+        loaded_ptrs = {own[k].data_ptr() for k in loadable}
+        missing = [k for k in own if k not in loadable and own[k].data_ptr() not in loaded_ptrs]
         logger.info("loaded %d of %d tensors of the model from %s", len(loadable), len(own), path)
         if mismatched:
             logger.warning("skipped %d tensors of a different shape: %s", len(mismatched), _short(mismatched))
@@ -110,6 +118,32 @@ class Checkpointer:
         if missing and "iteration" not in ckpt:
             logger.info("%d model tensors not in the file keep their initialisation: %s", len(missing), _short(missing))
         return ckpt
+
+    def _check_backbone_file(self, state: dict, prefix: str, path: str, key: str, strict: bool) -> None:
+        """Raise (``strict``) or warn unless ``state`` holds exactly the stem and stage tensors of the network."""
+        net = unwrap(self.model)
+        for part in prefix.strip(".").split("."):
+            net = getattr(net, part, None) if part else net
+        if net is None or not hasattr(net, "stage_names"):
+            return
+        parts = [net.stem] + [net.get_stage(n) for n in net.stage_names]
+        ids = {id(t) for m in parts for t in list(m.parameters()) + list(m.buffers())}
+        tensors = net.state_dict(keep_vars=True)
+        stage_keys = {k for k, t in tensors.items() if id(t) in ids and not k.endswith("num_batches_tracked")}
+        head_keys = set(tensors) - stage_keys  # the classifier: free to differ or be absent
+        missing = sorted(k for k in stage_keys if k not in state)
+        wrong = sorted(k for k, v in state.items() if k in stage_keys and tuple(v.shape) != tuple(tensors[k].shape))
+        unknown = sorted(k for k in state if k not in stage_keys and k not in head_keys
+                         and not k.endswith("num_batches_tracked"))
+        if not (missing or wrong or unknown):
+            return
+        problems = "; ".join(f"{what} {len(keys)}: {_short(keys, 3)}" for what, keys in (
+            ("missing", missing), ("of another shape", wrong), ("unknown to the network", unknown)) if keys)
+        msg = (f"{key}: {path} does not fit the backbone {type(net).__name__} ({len(stage_keys)} stem/stage tensors): "
+               f"{problems}")
+        if strict:
+            raise WrnDetError(msg + "; set MODEL.WRN.STRICT_WEIGHTS False to load what fits")
+        logger.warning(msg)
 
     def resume(self, path: str) -> dict:
         """Load the model, optimizer, scheduler and grad scaler states of checkpoint ``path``; returns it."""
@@ -237,7 +271,7 @@ class Trainer:
             if resume:
                 logger.info("--resume: no checkpoint in %s; starting from the beginning", self.cfg.OUTPUT_DIR)
             if self.cfg.MODEL.WEIGHTS:
-                self.checkpointer.load_weights(self.cfg.MODEL.WEIGHTS)
+                self.checkpointer.load_weights(self.cfg.MODEL.WEIGHTS, strict=self.cfg.MODEL.WRN.STRICT_WEIGHTS)
             self.data_seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
             self._rng = None
             return 0
@@ -367,6 +401,6 @@ def main(args) -> Dict:
         if not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only needs DATASETS.TEST")
         model = build_detector(cfg)
-        Checkpointer(model).load_weights(cfg.MODEL.WEIGHTS)
+        Checkpointer(model).load_weights(cfg.MODEL.WEIGHTS, strict=cfg.MODEL.WRN.STRICT_WEIGHTS)
         return test(cfg, model)
     return Trainer(cfg).train(resume=args.resume)
