@@ -10,7 +10,7 @@ def resolve_device(spec: str) -> torch.device:
 
     ``""`` or ``"auto"``: this process's GPU (``cuda:<local rank>``) when CUDA is present,
     else the CPU. ``"cuda"``: this process's GPU, an error without CUDA. ``"cuda:N"`` and
-    ``"cpu"`` as given.
+    ``"cpu"`` as given; ``"meta"`` builds shapes only, with no memory.
     """
     spec = (spec or "auto").strip()
     if spec == "auto":
@@ -24,7 +24,7 @@ def resolve_device(spec: str) -> torch.device:
         dev = torch.device(spec)
     except RuntimeError:
         raise ConfigError(f"MODEL.DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda", "meta"):
         raise ConfigError(f"MODEL.DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
     return dev
 
