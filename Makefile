@@ -24,8 +24,16 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
+# one OpenMP thread: on a small machine shared with other work, spinning threads cost more than they give
 demo: $(STAMP)
-	$(PY) tools/model_info.py
+	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file configs/demo/shapes_wrn_frcnn.yaml
+	$(PY) -m wrn_det.detection.plot output/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/cls_throughput.py
+	$(PY) benchmarks/coco_eval.py
+	$(PY) benchmarks/det_step.py
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf output build *.egg-info
