@@ -21,18 +21,19 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_save(obj, path: str) -> str:
-    """Save ``obj`` with ``torch.save`` to a temporary file beside ``path``, then rename it.
+def atomic_write(path: str, write, suffix: str = "") -> str:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
 
-    A reader never sees a half-written file, and a crash leaves the previous file intact.
+    A reader never sees a half-written file, a failure leaves the previous file intact and
+    no temporary file behind, and the file gets the mode a plain ``open`` would give it.
     Returns ``path``.
     """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pth")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -40,6 +41,11 @@ def atomic_save(obj, path: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj, path: str) -> str:
+    """Save ``obj`` with ``torch.save`` atomically (see :func:`atomic_write`); returns ``path``."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -59,12 +65,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 def write_last_checkpoint(output_dir: str, filename: str) -> None:
     """Record ``filename`` (relative to ``output_dir``) in ``output_dir/last_checkpoint``, atomically."""
-    path = os.path.join(output_dir, LAST_CHECKPOINT)
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(os.path.basename(filename))
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(os.path.basename(filename))
+
+    atomic_write(os.path.join(output_dir, LAST_CHECKPOINT), write)
 
 
 def read_last_checkpoint(output_dir: str) -> Optional[str]:

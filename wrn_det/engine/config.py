@@ -4,15 +4,13 @@ fvcore's ``CfgNode`` does the merging; this module turns its exceptions into one
 :class:`ConfigError` messages that name the file and the key, and finds config files
 by name under the repository's ``configs/`` folder.
 """
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from .checkpoint import _umask_mode
+from .checkpoint import atomic_write
 from .errors import ConfigError
 
 __all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs"]
@@ -112,16 +110,9 @@ def load_config(defaults: CfgNode, config_file: Optional[str], opts: Optional[Li
 
 def save_config(cfg: CfgNode, path: str) -> str:
     """Write ``cfg`` as YAML to ``path`` atomically; returns the path."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp):
+        with open(tmp, "w") as f:
             f.write(cfg.dump())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write, suffix=".yaml")
