@@ -13,14 +13,6 @@ from wrn_det.engine.errors import cli_main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return write_synthetic_cifar(str(tmp_path_factory.mktemp("cls_data")), n_train=128, n_test=64, seed=9)

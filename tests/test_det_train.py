@@ -69,15 +69,6 @@ def cli_in_process(argv, root, monkeypatch, capsys):
     return status, capsys.readouterr().err
 
 
-@pytest.fixture
-def one_thread():
-    # the test machine is shared: one intra-op thread avoids OpenMP spinning against other jobs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build_cfg(opts):
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.engine.config import load_config
