@@ -77,3 +77,17 @@ def test_text_output_and_bad_input_size(capsys):
     assert tool.main(["nin", "--input-size", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--input-size" in err[0]
+
+
+def test_main_leaves_grad_mode_as_it_was():
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "model_info.py"
+    spec = importlib.util.spec_from_file_location("model_info_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["wrn_10_1", "--json"]) == 0
+    assert torch.is_grad_enabled()

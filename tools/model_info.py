@@ -96,6 +96,7 @@ def _print_table(names) -> None:
         print(f"{name:<20} {info['input_size']:>5} {info['params']:>14,} {info['gmacs']:>9.3f}", flush=True)
 
 
+@torch.no_grad()  # counting needs no autograd; as a decorator it leaves the caller's grad mode as it was
 def main(argv=None) -> int:
     """Run the command line; return the exit status (0, or 2 for bad input)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,7 +106,6 @@ def main(argv=None) -> int:
     parser.add_argument("--input-size", type=int, default=None, help="square input side in pixels")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
 
     if args.all or args.name is None:
         _print_table(list_models())
