@@ -1,9 +1,6 @@
 """Tests of the shared engine pieces: config loading, checkpoints, RNG states, schedules, CLI errors."""
 import os
 import random
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest

@@ -216,7 +216,7 @@ class ClsTrainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _build_optimizer(self) -> None:
-        cfg, s = self.cfg, self.cfg.SOLVER
+        s = self.cfg.SOLVER
         self.base_lr = s.BASE_LR * (s.IMS_PER_BATCH / s.REFERENCE_BATCH_SIZE if s.REFERENCE_BATCH_SIZE > 0 else 1.0)
         try:
             self.optimizer = torch.optim.SGD(
