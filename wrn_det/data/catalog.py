@@ -165,19 +165,35 @@ def resolve_json_file(name: str) -> str:
                       "(register it with register_coco_instances)")
 
 
-def get_detection_dataset_dicts(names, filter_empty: bool = True) -> List[dict]:
+def get_detection_dataset_dicts(names, filter_empty: bool = True, proposal_files=None,
+                                proposal_key: str = "DATASETS.PROPOSAL_FILES_TRAIN") -> List[dict]:
     """Return the concatenated dataset dicts of ``names``.
 
-    With ``filter_empty``, images without any non-crowd box are dropped (detectron2's
-    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). Raises :class:`WrnDetError` if nothing is left.
+    With ``proposal_files`` (one per name, as detectron2's ``DATASETS.PROPOSAL_FILES_*``),
+    every image gets the precomputed proposals of its dataset's file (see
+    :func:`wrn_det.data.proposals.load_proposals_into_dataset`); ``proposal_key`` names
+    the config key in errors. With ``filter_empty``, images without any non-crowd box
+    are dropped (detectron2's ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). Raises
+    :class:`WrnDetError` if nothing is left or the proposal files do not fit.
     """
     if isinstance(names, str):
         names = [names]
     if not names:
         raise WrnDetError("no dataset given (DATASETS.TRAIN / DATASETS.TEST is empty)")
+    if proposal_files is not None and len(proposal_files) != len(names):
+        raise WrnDetError(f"{proposal_key} has {len(proposal_files)} file(s) for {len(names)} dataset(s) "
+                          f"({', '.join(names)}); expected one proposal file per dataset")
     dicts = []
-    for n in names:
-        dicts.extend(DatasetCatalog.get(n))
+    for i, n in enumerate(names):
+        part = DatasetCatalog.get(n)
+        if proposal_files is not None:
+            from .proposals import load_proposals_into_dataset
+
+            try:
+                part = load_proposals_into_dataset(part, proposal_files[i])
+            except WrnDetError as e:
+                raise WrnDetError(f"{proposal_key} (dataset {n}): {e}") from None
+        dicts.extend(part)
     if filter_empty:
         dicts = [d for d in dicts if any(a.get("iscrowd", 0) == 0 for a in d.get("annotations", []))]
     if not dicts:

@@ -68,6 +68,14 @@ class DetectionMapper:
     edge capped at ``INPUT.MAX_SIZE_TRAIN``, and flips per ``INPUT.RANDOM_FLIP``; boxes
     follow through torchvision.transforms.v2 as ``tv_tensors.BoundingBoxes``. Crowd boxes
     are dropped for training. Randomness comes only from the per-image ``seed``.
+
+    With ``MODEL.LOAD_PROPOSALS`` the precomputed proposals of the dataset dict
+    (``proposal_boxes``, sorted best first) go through the same resize and flip as
+    ``tv_tensors.BoundingBoxes`` too; those the image border clips to a side of at most
+    ``MODEL.PROPOSAL_GENERATOR.MIN_SIZE`` are dropped and the best
+    ``DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN`` / ``_TEST`` are returned as
+    ``"proposals"`` (XYXY, resized image coordinates) and ``"proposal_objectness_logits"``,
+    in training and in inference.
     """
 
     def __init__(self, cfg, is_train: bool):
@@ -86,6 +94,13 @@ class DetectionMapper:
         else:
             self.min_sizes, self.max_size = [int(cfg.INPUT.MIN_SIZE_TEST)], int(cfg.INPUT.MAX_SIZE_TEST)
             self.sampling, self.flip = "choice", "none"
+        self.proposal_topk = None
+        if cfg.MODEL.LOAD_PROPOSALS:
+            key = "PRECOMPUTED_PROPOSAL_TOPK_TRAIN" if is_train else "PRECOMPUTED_PROPOSAL_TOPK_TEST"
+            self.proposal_topk = int(cfg.DATASETS[key])
+            if self.proposal_topk <= 0:
+                raise ConfigError(f"DATASETS.{key} must be a positive number of proposals, got {self.proposal_topk}")
+            self.proposal_min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
 
     def __call__(self, d: dict, seed: int = 0) -> dict:
         """Return the model input for dataset dict ``d``, or a :class:`LoadError` if its image cannot be used."""
@@ -111,19 +126,37 @@ class DetectionMapper:
         if flip:
             steps.append(v2.RandomHorizontalFlip(p=1.0) if self.flip == "horizontal" else v2.RandomVerticalFlip(p=1.0))
         out = {"height": d["height"], "width": d["width"], "image_id": d["image_id"], "file_name": d["file_name"]}
-        if not self.is_train:
+        # every box set rides through the same transforms as the image
+        box_sets = {}
+        if self.is_train:
+            annos = [a for a in d.get("annotations", []) if a.get("iscrowd", 0) == 0]
+            xywh = torch.tensor([a["bbox"] for a in annos], dtype=torch.float32).reshape(-1, 4)
+            box_sets["boxes"] = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                                                         format="XYXY", canvas_size=(h, w))
+        if self.proposal_topk is not None:
+            if "proposal_boxes" not in d:
+                raise WrnDetError(f"image {d['file_name']} (id {d.get('image_id')}) has no precomputed proposals; "
+                                  "MODEL.LOAD_PROPOSALS needs DATASETS.PROPOSAL_FILES_TRAIN / _TEST")
+            props = torch.as_tensor(np.asarray(d["proposal_boxes"], dtype=np.float32)).reshape(-1, 4)
+            box_sets["proposals"] = tv_tensors.BoundingBoxes(props, format="XYXY", canvas_size=(h, w))
+        if not box_sets:
             out["image"] = v2.Compose(steps)(tv_tensors.Image(image)).as_subclass(torch.Tensor) if steps else image
             return out
-        annos = [a for a in d.get("annotations", []) if a.get("iscrowd", 0) == 0]
-        xywh = torch.tensor([a["bbox"] for a in annos], dtype=torch.float32).reshape(-1, 4)
-        boxes = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), format="XYXY",
-                                         canvas_size=(h, w))
-        img_t, boxes = v2.Compose(steps + [v2.ClampBoundingBoxes()])(tv_tensors.Image(image), boxes)
-        boxes = boxes.as_subclass(torch.Tensor)
-        classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
-        # boxes squeezed to nothing by clamping carry no signal (detectron2 drops them too)
-        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
-        out.update(image=img_t.as_subclass(torch.Tensor), boxes=boxes[keep], classes=classes[keep])
+        img_t, box_sets = v2.Compose(steps + [v2.ClampBoundingBoxes()])(tv_tensors.Image(image), box_sets)
+        out["image"] = img_t.as_subclass(torch.Tensor)
+        if self.is_train:
+            boxes = box_sets["boxes"].as_subclass(torch.Tensor)
+            classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
+            # boxes squeezed to nothing by clamping carry no signal (detectron2 drops them too)
+            keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
+            out.update(boxes=boxes[keep], classes=classes[keep])
+        if self.proposal_topk is not None:
+            props = box_sets["proposals"].as_subclass(torch.Tensor)
+            logits = torch.as_tensor(np.asarray(d["proposal_objectness_logits"], dtype=np.float32))
+            # as detectron2's transform_proposals: drop what the border clipped away, then keep the best k
+            keep = ((props[:, 2:] - props[:, :2]) > self.proposal_min_size).all(dim=1)
+            out["proposals"] = props[keep][: self.proposal_topk]
+            out["proposal_objectness_logits"] = logits[keep][: self.proposal_topk]
         return out
 
 

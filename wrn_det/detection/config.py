@@ -63,7 +63,13 @@ def get_det_cfg() -> CN:
 
     _C.DATASETS = CN()
     _C.DATASETS.TRAIN = ()
+    # one proposal file (detectron2's format) per dataset of TRAIN / TEST, read when
+    # MODEL.LOAD_PROPOSALS; the best TOPK of an image are kept after resizing and flipping
+    _C.DATASETS.PROPOSAL_FILES_TRAIN = ()
+    _C.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN = 2000
     _C.DATASETS.TEST = ()
+    _C.DATASETS.PROPOSAL_FILES_TEST = ()
+    _C.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = 1000
 
     _C.DATALOADER = CN()
     _C.DATALOADER.NUM_WORKERS = 4
@@ -82,7 +88,10 @@ def get_det_cfg() -> CN:
     _C.MODEL.FPN.FUSE_TYPE = "sum"
 
     _C.MODEL.PROPOSAL_GENERATOR = CN()
+    # "RPN", or "PrecomputedProposals" (Fast R-CNN on the proposals of DATASETS.PROPOSAL_FILES_*)
     _C.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
+    # proposals with a side of at most this many pixels (of the network input) are dropped
+    _C.MODEL.PROPOSAL_GENERATOR.MIN_SIZE = 0
 
     _C.MODEL.ANCHOR_GENERATOR = CN()
     _C.MODEL.ANCHOR_GENERATOR.NAME = "DefaultAnchorGenerator"
