@@ -125,6 +125,8 @@ def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
     )
     rpn.box_coder = det_utils.BoxCoder(weights=tuple(float(w) for w in rpn_cfg.BBOX_REG_WEIGHTS))
     rpn.in_features = in_features
+    # detectron2's MODEL.PROPOSAL_GENERATOR.MIN_SIZE (torchvision's own floor is 1e-3 pixels)
+    rpn.min_size = max(float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE), 1e-3)
     return rpn
 
 
@@ -209,9 +211,13 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
 def _check_unsupported(cfg) -> None:
     if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
         raise ConfigError("MODEL.MASK_ON / KEYPOINT_ON: the builtin engine detects boxes only; set them False")
-    if cfg.MODEL.LOAD_PROPOSALS or cfg.MODEL.PROPOSAL_GENERATOR.NAME != "RPN":
-        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} / LOAD_PROPOSALS: "
-                          "only the RPN is supported by this detector")
+    name = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    if name not in ("RPN", "PrecomputedProposals"):
+        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} is not supported; use RPN (Faster R-CNN) or "
+                          "PrecomputedProposals (Fast R-CNN on DATASETS.PROPOSAL_FILES_*)")
+    if (name == "PrecomputedProposals") != bool(cfg.MODEL.LOAD_PROPOSALS):
+        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} with MODEL.LOAD_PROPOSALS {cfg.MODEL.LOAD_PROPOSALS}: "
+                          "PrecomputedProposals and LOAD_PROPOSALS True go together (RPN with False)")
     if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
         raise ConfigError(f"INPUT.FORMAT must be BGR or RGB, got {cfg.INPUT.FORMAT!r}")
 
@@ -264,17 +270,20 @@ class _Detector(nn.Module):
 
 @META_ARCH_REGISTRY.register()
 class GeneralizedRCNN(_Detector):
-    """Faster R-CNN: backbone, RPN and box RoI heads.
+    """Faster R-CNN: backbone, RPN and box RoI heads; Fast R-CNN without the RPN.
 
     ``forward(batched_inputs)`` returns, in training, a dict of losses with detectron2's
     names (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``), and in
     inference a list of ``{"boxes", "scores", "classes"}`` per image in original coordinates.
+    With ``MODEL.PROPOSAL_GENERATOR.NAME PrecomputedProposals`` there is no RPN (and no
+    RPN loss): the box head runs on each input's ``"proposals"`` (network-input XYXY
+    coordinates, as the mapper returns them with ``MODEL.LOAD_PROPOSALS``).
     """
 
     def __init__(self, cfg):
         _check_unsupported(cfg)
         super().__init__(cfg, build_backbone(cfg))
-        self.rpn = build_rpn(cfg, self.backbone.output_shape())
+        self.rpn = build_rpn(cfg, self.backbone.output_shape()) if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN" else None
         self.roi_heads = build_roi_heads(cfg, self.backbone)
         self.loss_weights = {
             "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
@@ -287,15 +296,16 @@ class GeneralizedRCNN(_Detector):
         """Return the loss dict (training) or the detections of every image (inference)."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensors)
-        rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
-        if self.training:
-            targets = self.targets(batched_inputs)
+        targets = self.targets(batched_inputs) if self.training else None
+        if self.rpn is not None:
+            rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
             proposals, rpn_losses = self.rpn(images, rpn_features, targets)
-            _, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        else:
+            proposals, rpn_losses = self.given_proposals(batched_inputs), {}
+        detections, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        if self.training:
             losses = {**rpn_losses, **det_losses}
             return {_LOSS_NAMES[k]: v * self.loss_weights[_LOSS_NAMES[k]] for k, v in losses.items()}
-        proposals, _ = self.rpn(images, rpn_features)
-        detections, _ = self.roi_heads(features, proposals, images.image_sizes)
         results = []
         for x, det, size in zip(batched_inputs, detections, images.image_sizes):
             h, w = x.get("height", size[0]), x.get("width", size[1])
@@ -303,9 +313,18 @@ class GeneralizedRCNN(_Detector):
                             "classes": det["labels"] - 1})
         return results
 
+    def given_proposals(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
+        """Return each input's precomputed ``"proposals"`` (float XYXY boxes) on the model's device."""
+        if any("proposals" not in x for x in batched_inputs):
+            raise ConfigError("MODEL.PROPOSAL_GENERATOR.NAME PrecomputedProposals: the inputs carry no 'proposals'; "
+                              "set MODEL.LOAD_PROPOSALS True and DATASETS.PROPOSAL_FILES_TRAIN / _TEST")
+        return [x["proposals"].to(self.device, torch.float32) for x in batched_inputs]
+
 
 def build_detector(cfg) -> nn.Module:
     """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present)."""
+    from . import rpn  # noqa: F401  (registers ProposalNetwork; it builds on this module)
+
     name = cfg.MODEL.META_ARCHITECTURE
     try:
         cls = META_ARCH_REGISTRY.get(name)

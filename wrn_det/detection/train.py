@@ -34,7 +34,7 @@ from .config import get_det_cfg
 from .evaluation import COCOEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 
-__all__ = ["setup", "main", "Trainer", "Checkpointer", "build_optimizer", "test", "LOG_PERIOD"]
+__all__ = ["setup", "main", "Trainer", "Checkpointer", "build_optimizer", "build_evaluator", "test", "LOG_PERIOD"]
 
 logger = logging.getLogger("wrn_det")
 
@@ -210,20 +210,54 @@ def _clip_gradients(cfg, params: List[torch.nn.Parameter]) -> None:
         raise ConfigError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be value, norm or full_model, got {c.CLIP_TYPE!r}")
 
 
+def _proposal_files(cfg, split: str) -> Optional[List[str]]:
+    """Return ``DATASETS.PROPOSAL_FILES_<split>`` when ``MODEL.LOAD_PROPOSALS``, checked to give one file per dataset.
+
+    Returns None when proposals are not loaded. Raises :class:`ConfigError` naming the key.
+    """
+    if not cfg.MODEL.LOAD_PROPOSALS:
+        return None
+    files, names = list(cfg.DATASETS[f"PROPOSAL_FILES_{split}"]), list(cfg.DATASETS[split])
+    if len(files) != len(names):
+        raise ConfigError(f"DATASETS.PROPOSAL_FILES_{split} has {len(files)} file(s) for the {len(names)} dataset(s) "
+                          f"of DATASETS.{split} ({', '.join(names) or 'none'}); MODEL.LOAD_PROPOSALS needs one "
+                          "proposal file per dataset")
+    return files
+
+
+def build_evaluator(cfg, dataset_name: str, output_dir: str):
+    """Return the evaluator of the configured detector for one test dataset.
+
+    A ``ProposalNetwork`` gets a :class:`~wrn_det.detection.proposal_eval.ProposalEvaluator`
+    (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors a
+    :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP).
+    """
+    if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
+        from .proposal_eval import ProposalEvaluator
+
+        return ProposalEvaluator(dataset_name, output_dir)
+    return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
+
+
 def test(cfg, model: nn.Module, iteration: Optional[int] = None) -> Dict[str, Dict[str, float]]:
     """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
 
     Returns ``{"bbox": {...}}`` for one dataset, ``{dataset: {"bbox": {...}}}`` for several
-    (on rank 0; empty dicts elsewhere). Results files go to ``OUTPUT_DIR/inference``.
+    (on rank 0; empty dicts elsewhere); a ProposalNetwork gives ``"box_proposals"`` in place
+    of ``"bbox"``. Results files (``coco_instances_results.json``, or the proposal file
+    ``box_proposals.pkl``) go to ``OUTPUT_DIR/inference``, ``OUTPUT_DIR/inference/<dataset>``
+    with several datasets.
     """
     results = OrderedDict()
-    for name in cfg.DATASETS.TEST:
-        dicts = get_detection_dataset_dicts([name], filter_empty=False)
+    proposal_files = _proposal_files(cfg, "TEST")
+    for i, name in enumerate(cfg.DATASETS.TEST):
+        files = [proposal_files[i]] if proposal_files is not None else None
+        dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
+                                            proposal_key="DATASETS.PROPOSAL_FILES_TEST")
         loader = build_detection_test_loader(cfg, dicts)
         out_dir = os.path.join(cfg.OUTPUT_DIR, "inference") if len(cfg.DATASETS.TEST) == 1 else \
             os.path.join(cfg.OUTPUT_DIR, "inference", name)
-        evaluator = COCOEvaluator(name, out_dir, cfg.TEST.COCO_EVAL_BACKEND)
-        results[name] = inference_on_dataset(unwrap(model), loader, evaluator)
+        results[name] = inference_on_dataset(unwrap(model), loader, build_evaluator(cfg, name, out_dir))
     if len(results) == 1:
         return next(iter(results.values()))
     return results
@@ -250,7 +284,12 @@ class Trainer:
         logger.info("model %s with %s backbone %s: %.2fM parameters (%.2fM trainable) on %s",
                     cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME, cfg.MODEL.WRN.NAME,
                     n_all / 1e6, n_train / 1e6, self.device)
-        self.train_dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN), cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        self.train_dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN), cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                                                       proposal_files=_proposal_files(cfg, "TRAIN"))
+        # the test proposal files are read after training: check now that they are there
+        for f in _proposal_files(cfg, "TEST") or []:
+            if not os.path.isfile(f):
+                raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
         logger.info("training on %d images of %s", len(self.train_dicts), ", ".join(cfg.DATASETS.TRAIN))
         self.amp = bool(cfg.SOLVER.AMP.ENABLED)
         if self.amp and self.device.type != "cuda":
