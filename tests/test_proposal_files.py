@@ -204,3 +204,45 @@ def test_file_written_by_detectron2_loads_and_ours_loads_in_detectron2(tmp_path)
         np.testing.assert_array_equal(a["proposal_boxes"], b["proposal_boxes"])
         np.testing.assert_array_equal(a["proposal_objectness_logits"], b["proposal_objectness_logits"])
         assert int(a["proposal_bbox_mode"]) == b["proposal_bbox_mode"]
+
+
+class _ObjectArrayOverBytes:
+    # numpy.ndarray((1,), object, buffer=...) would read the file's bytes as object pointers
+    def __reduce__(self):
+        return np.ndarray, ((1,), np.dtype(object), b"A" * 8)
+
+
+class _UnflaggedObjectFieldDtype:
+    # a float dtype whose state then claims an object field without the object flag
+    def __reduce__(self):
+        return np.dtype, ("f8", False, True), (3, "|", None, ("a",), {"a": (np.dtype(object), 0)}, 8, 1, 0)
+
+
+class _ArrayOverBytesWithThatDtype:
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), _UnflaggedObjectFieldDtype(), False, b"A" * 8)
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (_ObjectArrayOverBytes, "refused to load a direct call of numpy.ndarray"),
+    (_UnflaggedObjectFieldDtype, "refused to load a dtype state"),
+    (_ArrayOverBytesWithThatDtype, "refused to load a dtype state"),
+])
+def test_arrays_of_raw_pointers_are_refused(tmp_path, payload, refused):
+    # numpy calls that only look like array reconstruction must not yield objects made of the
+    # file's raw bytes; run in a child process so that a regression crashes it, not pytest
+    import subprocess
+    import sys
+
+    path = tmp_path / "ptr.pkl"
+    path.write_bytes(pickle.dumps({"ids": [1], "boxes": [payload()], "objectness_logits": [np.zeros(1)]}, protocol=2))
+    code = ("import sys; from wrn_det.data.proposals import load_proposal_file\n"
+            "from wrn_det.engine.errors import WrnDetError\n"
+            "try:\n    load_proposal_file(sys.argv[1])\nexcept WrnDetError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import re
+
+    assert re.search(refused, r.stdout), r.stdout
