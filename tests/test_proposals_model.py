@@ -336,3 +336,13 @@ def test_fast_rcnn_configs_read_where_the_rpn_configs_write(rpn_config, fast_con
             [os.path.normpath(os.path.join(where, n, "box_proposals.pkl")) for n in names]
     if not sub:  # the demo RPN writes both sets when its training ends
         assert set(fast.DATASETS.TRAIN + fast.DATASETS.TEST) <= set(rpn.DATASETS.TEST)
+
+
+def test_plot_draws_proposal_recall_and_per_dataset_ap():
+    from wrn_det.detection.plot import eval_keys
+
+    rows = [{"iteration": 9, "total_loss": 1.0},
+            {"iteration": 9, "shapes_val/box_proposals/AR@100": 50.0, "shapes_val/box_proposals/ARs@100": 40.0,
+             "shapes_train/box_proposals/AR@1000": 60.0, "bbox/AP": 30.0, "a/bbox/AP75": 20.0, "bbox/APs": 5.0}]
+    assert eval_keys(rows) == ["a/bbox/AP75", "bbox/AP", "shapes_train/box_proposals/AR@1000",
+                               "shapes_val/box_proposals/AR@100"]

@@ -1,4 +1,5 @@
-"""Plot a detection run's ``metrics.json``: losses and learning rate per iteration, box AP.
+"""Plot a detection run's ``metrics.json``: losses and learning rate per iteration, box AP
+(or, for an RPN-only run, proposal recall).
 
     python -m wrn_det.detection.plot output/demo              # writes output/demo/curves.png
     python -m wrn_det.detection.plot output/demo -o demo.png
@@ -11,9 +12,11 @@ from typing import Dict, List, Tuple
 
 from wrn_det.engine.errors import WrnDetError, cli_main
 
-__all__ = ["read_metrics", "plot_run"]
+__all__ = ["read_metrics", "eval_keys", "plot_run"]
 
 _LOSSES = ("total_loss", "loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc")
+# evaluation metrics drawn, with or without a "<dataset>/" prefix (several test datasets)
+_EVAL = ("bbox/AP", "bbox/AP50", "bbox/AP75", "box_proposals/AR@100", "box_proposals/AR@1000")
 
 
 def read_metrics(path: str) -> List[dict]:
@@ -45,8 +48,15 @@ def _series(rows: List[dict], key: str) -> Tuple[List[int], List[float]]:
     return its, [last[i] for i in its]
 
 
+def eval_keys(rows: List[dict]) -> List[str]:
+    """Return the evaluation metrics of ``rows`` to draw: box AP, AP50, AP75 and proposal AR@100, AR@1000,
+    under any dataset prefix, sorted."""
+    return sorted({k for r in rows for k in r if any(k == e or k.endswith("/" + e) for e in _EVAL)})
+
+
 def plot_run(path: str, output: str = "") -> str:
-    """Write a PNG with losses, learning rate and ``bbox/AP*`` of the run at ``path``; returns the PNG path."""
+    """Write a PNG with losses, learning rate and ``bbox/AP*`` (or ``box_proposals/AR@*``) of the run at
+    ``path``; returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,12 +75,16 @@ def plot_run(path: str, output: str = "") -> str:
     x, y = _series(rows, "lr")
     axes[1].plot(x, y)
     axes[1].set(xlabel="iteration", ylabel="learning rate", title="learning rate")
-    for k in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
+    keys = eval_keys(rows)
+    for k in keys:
         x, y = _series(rows, k)
         if x:
             axes[2].plot(x, y, marker="o", label=k)
-    axes[2].set(xlabel="iteration", ylabel="COCO AP (%)", title="box AP", ylim=(0, 100))
-    axes[2].legend(fontsize=8)
+    recall_only = bool(keys) and all("box_proposals/" in k for k in keys)
+    axes[2].set(xlabel="iteration", ylabel="proposal recall (%)" if recall_only else "COCO AP (%)",
+                title="proposal recall" if recall_only else "box AP", ylim=(0, 100))
+    if keys:
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=100)
