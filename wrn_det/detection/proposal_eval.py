@@ -7,6 +7,8 @@ first), and recall is the share of ground-truth boxes covered at IoU >= t; AR is
 mean recall over t = 0.50, 0.55, ..., 0.95. Crowd boxes are ignored; size ranges use
 the annotation's ``area`` as COCO does (small < 32², medium 32²..96², large > 96²).
 Keys: ``AR@100``, ``ARs@100``, ``ARm@100``, ``ARl@100`` and the same at 1000, in percent.
+One difference: the ground-truth boxes of an image without any proposal count as missed,
+where detectron2 leaves such an image out (and so reports a higher recall).
 """
 import contextlib
 import io
