@@ -346,3 +346,19 @@ def test_plot_draws_proposal_recall_and_per_dataset_ap():
              "shapes_train/box_proposals/AR@1000": 60.0, "bbox/AP": 30.0, "a/bbox/AP75": 20.0, "bbox/APs": 5.0}]
     assert eval_keys(rows) == ["a/bbox/AP75", "bbox/AP", "shapes_train/box_proposals/AR@1000",
                                "shapes_val/box_proposals/AR@100"]
+
+
+def test_proposal_network_with_a_c4_backbone():
+    cfg = cfg_of("Base-WRN-RCNN-C4.yaml", [
+        "MODEL.META_ARCHITECTURE", "ProposalNetwork", "MODEL.WRN.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0",
+        "MODEL.WRN.OUT_FEATURES", "['stage2']", "MODEL.RPN.IN_FEATURES", "['stage2']",
+        "MODEL.ANCHOR_GENERATOR.SIZES", "[[16, 32, 64]]", "MODEL.RPN.POST_NMS_TOPK_TEST", "30"])
+    model = build_detector(cfg)
+    x = [{"image": _image(64, 64), "height": 64, "width": 64, "boxes": torch.tensor([[10.0, 10, 50, 50]]),
+          "classes": torch.tensor([0])}]
+    assert set(model(x)) == {"loss_rpn_cls", "loss_rpn_loc"}
+    model.eval()
+    with torch.no_grad():
+        (out,) = model(x)
+    assert 0 < len(out["proposals"]) <= 30
+    assert not hasattr(model, "roi_heads")
