@@ -16,7 +16,9 @@ somebody else's ``.pkl`` with :func:`pickle.load` can run arbitrary code. Files 
 therefore read by :class:`RestrictedUnpickler`, which resolves only the few globals
 that numpy arrays need (array and dtype reconstruction) plus plain containers; any
 other global stops the load before it is called, with a :class:`WrnDetError` naming
-the file and the refused global.
+the file and the refused global. Arrays come only through numpy's own unpickling paths
+and with plain dtypes (numbers, strings, objects), so the file's bytes can never be
+read as object pointers.
 """
 import _compat_pickle
 import collections
