@@ -24,11 +24,11 @@ import _compat_pickle
 import collections
 import os
 import pickle
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from wrn_det.engine.checkpoint import atomic_write
 from wrn_det.engine.errors import WrnDetError
 
 __all__ = ["XYXY_ABS", "XYWH_ABS", "RestrictedUnpickler", "safe_load_pickle", "load_proposal_file",
@@ -291,13 +291,6 @@ def load_proposal_file(path: str) -> dict:
             "objectness_logits": out_logits, "bbox_mode": XYXY_ABS}
 
 
-def _plain_file_mode() -> int:
-    # mkstemp makes owner-only files; a proposal file gets the mode a plain open() would give it
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_proposal_file(path: str, ids: Sequence, boxes: Sequence, objectness_logits: Sequence) -> str:
     """Write proposals to ``path`` in detectron2's format, atomically (temporary file, then rename).
 
@@ -319,18 +312,12 @@ def save_proposal_file(path: str, ids: Sequence, boxes: Sequence, objectness_log
         "objectness_logits": [to_np(s, ()) for s in objectness_logits],
         "bbox_mode": XYXY_ABS,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".proposals-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             pickle.dump(data, f, protocol=4)
-        os.chmod(tmp, _plain_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write, suffix=".tmp")
     return path
 
 
