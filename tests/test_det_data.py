@@ -53,7 +53,7 @@ def test_coco_loading_maps_ids_and_filters(tmp_path):
     assert meta.contiguous_id_to_thing_dataset_id == {0: 5, 1: 9}
     assert dicts[1]["annotations"][0]["iscrowd"] == 1 and dicts[2]["annotations"] == []
 
-    catalog.register_coco_instances("t_filter", path, root)
+    coco.register_coco_instances("t_filter", path, root)
     try:
         kept = catalog.get_detection_dataset_dicts(["t_filter"], filter_empty=True)
         assert [d["image_id"] for d in kept] == [1]  # crowd-only and empty-box images are dropped
@@ -93,7 +93,7 @@ def test_builtin_names_follow_detectron2_datasets(tmp_path, monkeypatch):
 
 def test_register_coco_instances_accepts_detectron2_order(tmp_path):
     path, root = write_coco(str(tmp_path), IMAGES[:1], [ann(1, 1, 5, [1, 1, 2, 2])])
-    catalog.register_coco_instances("t_d2order", {"note": "x"}, path, root)
+    coco.register_coco_instances("t_d2order", {"note": "x"}, path, root)
     try:
         assert len(catalog.DatasetCatalog.get("t_d2order")) == 1
         assert catalog.MetadataCatalog.get("t_d2order").note == "x"

@@ -10,7 +10,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from wrn_det.data import catalog, shapes
+from wrn_det.data import catalog, coco, shapes
 from wrn_det.detection.evaluation import COCOEvaluator, evaluate_coco_results
 
 
@@ -69,7 +69,7 @@ def test_same_ap_as_pycocotools(gt_and_results, backend):
 
 def test_evaluator_writes_results_and_maps_ids(gt_and_results, tmp_path):
     json_file, res_file = gt_and_results
-    catalog.register_coco_instances("t_eval", json_file, os.path.dirname(json_file))
+    coco.register_coco_instances("t_eval", json_file, os.path.dirname(json_file))
     try:
         from wrn_det.data.coco import load_coco_json
 

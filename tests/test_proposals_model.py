@@ -142,7 +142,8 @@ def test_recall_equals_detectron2s(tmp_path):
 
 
 def test_proposal_evaluator_writes_detectron2_file_and_recall(tmp_path):
-    from wrn_det.data.catalog import DatasetCatalog, MetadataCatalog, register_coco_instances
+    from wrn_det.data.catalog import DatasetCatalog, MetadataCatalog
+    from wrn_det.data.coco import register_coco_instances
 
     path = str(tmp_path / "gt.json")
     _coco_file(path, [{"id": 7, "file_name": "a.jpg", "height": 50, "width": 50}],

@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog as D2DatasetCatalog
 from detectron2.data import MetadataCatalog as D2MetadataCatalog
 from detectron2.structures import BoxMode
 
-from wrn_det.data import catalog
+from wrn_det.data import catalog, coco
 
 __all__ = ["register_datasets", "register_coco_instances", "sync_metadata"]
 
@@ -69,5 +69,5 @@ def register_coco_instances(name: str, metadata: Optional[dict], json_file: str,
     Loading it through either engine reads the same files with the project's checks.
     Returns None.
     """
-    catalog.register_coco_instances(name, json_file, image_root, metadata or {})
+    coco.register_coco_instances(name, json_file, image_root, metadata or {})
     register_datasets()

@@ -2,35 +2,20 @@
 
 A name maps to a function returning the dataset as a list of dicts (detectron2's
 "standard dataset dicts") and to metadata (``json_file``, ``image_root``, class
-names, the mapping between COCO category ids and contiguous labels). The COCO
-splits are registered under detectron2's names and paths, rooted at the
-``DETECTRON2_DATASETS`` environment variable (default ``datasets``), read when a
-dataset is loaded, not when this module is imported::
-
-    coco_2017_train   coco/train2017  coco/annotations/instances_train2017.json
-    coco_2014_minival coco/val2014    coco/annotations/instances_minival2014.json  (val5k)
-    ...
-
-plus ``shapes_train`` / ``shapes_val``, the synthetic dataset generated on first use.
+names, the mapping between COCO category ids and contiguous labels). This module
+holds only the catalogs and what reads them; the readers live in
+:mod:`wrn_det.data.coco` (``register_coco_instances``) and the project's own
+registrations (the COCO splits under detectron2's names, the shapes dataset) in
+:mod:`wrn_det.data.builtin`, which ``import wrn_det.data`` runs.
 """
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 from wrn_det.engine.errors import WrnDetError
 
-__all__ = ["DatasetCatalog", "MetadataCatalog", "register_coco_instances", "get_detection_dataset_dicts",
-           "datasets_root", "BUILTIN_COCO"]
+from .proposals import load_proposals_into_dataset
 
-# name -> (image folder, annotation file), relative to the datasets root (detectron2's layout)
-BUILTIN_COCO = {
-    "coco_2014_train": ("coco/train2014", "coco/annotations/instances_train2014.json"),
-    "coco_2014_val": ("coco/val2014", "coco/annotations/instances_val2014.json"),
-    "coco_2014_minival": ("coco/val2014", "coco/annotations/instances_minival2014.json"),
-    "coco_2014_valminusminival": ("coco/val2014", "coco/annotations/instances_valminusminival2014.json"),
-    "coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
-    "coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
-    "coco_2017_val_100": ("coco/val2017", "coco/annotations/instances_val2017_100.json"),
-}
+__all__ = ["DatasetCatalog", "MetadataCatalog", "get_detection_dataset_dicts", "resolve_json_file", "datasets_root"]
 
 
 def datasets_root() -> str:
@@ -64,7 +49,7 @@ class _DatasetCatalog:
         """Return the dataset dicts of ``name`` (calls its loader)."""
         if name not in self._fns:
             raise WrnDetError(f"dataset {name!r} is not registered; known datasets: {', '.join(sorted(self._fns))} "
-                              "(register your own with wrn_det.data.catalog.register_coco_instances)")
+                              "(register your own with wrn_det.data.coco.register_coco_instances)")
         return self._fns[name]()
 
     def list(self) -> List[str]:
@@ -98,71 +83,21 @@ DatasetCatalog = _DatasetCatalog()
 MetadataCatalog = _MetadataCatalog()
 
 
-def register_coco_instances(name: str, json_file, image_root, metadata: Optional[dict] = None) -> None:
-    """Register a COCO-format detection dataset as ``name``.
-
-    ``json_file``: the COCO instances JSON; ``image_root``: the folder its ``file_name``
-    entries are relative to. detectron2's argument order ``(name, metadata, json_file,
-    image_root)`` is accepted too. Paths are stored as given (a relative path is read
-    relative to the working directory at load time). Returns None.
-    """
-    if isinstance(json_file, dict):  # detectron2's order: (name, metadata, json_file, image_root)
-        metadata, json_file, image_root = json_file, image_root, metadata
-    from .coco import load_coco_json
-
-    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
-    MetadataCatalog.get(name).update(json_file=json_file, image_root=image_root, evaluator_type="coco",
-                                     **(metadata or {}))
-
-
-def _register_builtin_coco(name: str, image_dir: str, json_rel: str) -> None:
-    # the root is read at load time so DETECTRON2_DATASETS can be set after import
-    def load():
-        from .coco import load_coco_json
-
-        root = datasets_root()
-        return load_coco_json(os.path.join(root, json_rel), os.path.join(root, image_dir), name,
-                              missing_hint=f"(DETECTRON2_DATASETS={root}); see datasets/README.md for how to "
-                                           "download and lay out COCO")
-
-    DatasetCatalog.register(name, load)
-    meta = MetadataCatalog.get(name)
-    meta.update(evaluator_type="coco", json_rel=json_rel, image_dir=image_dir)
-
-
-def _register_shapes(name: str, split: str) -> None:
-    def load():
-        from .coco import load_coco_json
-        from .shapes import ensure_shapes
-
-        folder = ensure_shapes()
-        return load_coco_json(*shapes_paths(split, folder), name)
-
-    DatasetCatalog.register(name, load)
-    MetadataCatalog.get(name).update(evaluator_type="coco", shapes_split=split)
-
-
-def shapes_paths(split: str, folder: Optional[str] = None):
-    """Return ``(json_file, image_root)`` of a shapes split under ``folder`` (default: the current root)."""
-    from .shapes import shapes_root
-
-    folder = folder or shapes_root()
-    return os.path.join(folder, "annotations", f"instances_{split}.json"), os.path.join(folder, split)
-
-
 def resolve_json_file(name: str) -> str:
-    """Return the COCO JSON path behind dataset ``name`` (generating the shapes data if needed)."""
+    """Return the COCO JSON path behind dataset ``name``.
+
+    Read from the metadata's ``json_file``, or from ``json_file_fn()`` for datasets whose
+    path is decided when they are used (the builtin COCO splits read ``DETECTRON2_DATASETS``
+    then, the shapes dataset is generated then). Raises :class:`WrnDetError` for a dataset
+    without a COCO file.
+    """
     meta = MetadataCatalog.get(name)
     if "json_file" in meta:
         return meta["json_file"]
-    if "json_rel" in meta:
-        return os.path.join(datasets_root(), meta["json_rel"])
-    if "shapes_split" in meta:
-        from .shapes import ensure_shapes
-
-        return shapes_paths(meta["shapes_split"], ensure_shapes())[0]
+    if "json_file_fn" in meta:
+        return meta["json_file_fn"]()
     raise WrnDetError(f"dataset {name!r} has no COCO JSON file; COCO evaluation needs one "
-                      "(register it with register_coco_instances)")
+                      "(register it with wrn_det.data.coco.register_coco_instances)")
 
 
 def get_detection_dataset_dicts(names, filter_empty: bool = True, proposal_files=None,
@@ -187,8 +122,6 @@ def get_detection_dataset_dicts(names, filter_empty: bool = True, proposal_files
     for i, n in enumerate(names):
         part = DatasetCatalog.get(n)
         if proposal_files is not None:
-            from .proposals import load_proposals_into_dataset
-
             try:
                 part = load_proposals_into_dataset(part, proposal_files[i])
             except WrnDetError as e:
@@ -201,7 +134,3 @@ def get_detection_dataset_dicts(names, filter_empty: bool = True, proposal_files
     return dicts
 
 
-for _name, (_img, _json) in BUILTIN_COCO.items():
-    _register_builtin_coco(_name, _img, _json)
-_register_shapes("shapes_train", "train")
-_register_shapes("shapes_val", "val")

@@ -15,9 +15,9 @@ from typing import List, Optional
 
 from wrn_det.engine.errors import WrnDetError
 
-from .catalog import MetadataCatalog
+from .catalog import DatasetCatalog, MetadataCatalog
 
-__all__ = ["load_coco_json", "XYWH_ABS"]
+__all__ = ["load_coco_json", "register_coco_instances", "XYWH_ABS"]
 
 XYWH_ABS = 1  # detectron2's BoxMode.XYWH_ABS
 
@@ -89,3 +89,18 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
         record["annotations"] = objs
         dicts.append(record)
     return dicts
+
+
+def register_coco_instances(name: str, json_file, image_root, metadata: Optional[dict] = None) -> None:
+    """Register a COCO-format detection dataset as ``name`` (detectron2's function of the same name).
+
+    ``json_file``: the COCO instances JSON; ``image_root``: the folder its ``file_name``
+    entries are relative to. detectron2's argument order ``(name, metadata, json_file,
+    image_root)`` is accepted too. Paths are stored as given (a relative path is read
+    relative to the working directory at load time). Returns None.
+    """
+    if isinstance(json_file, dict):  # detectron2's order: (name, metadata, json_file, image_root)
+        metadata, json_file, image_root = json_file, image_root, metadata
+    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+    MetadataCatalog.get(name).update(json_file=json_file, image_root=image_root, evaluator_type="coco",
+                                     **(metadata or {}))

@@ -12,7 +12,6 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
 import torch
-from fvcore.common.registry import Registry
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -21,13 +20,12 @@ from wrn_det.engine import comm
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models import ShapeSpec, build_model
 
+from .registry import BACKBONE_REGISTRY
+
 __all__ = [
     "BACKBONE_REGISTRY", "build_backbone", "build_wrn_net", "build_wrn_backbone", "build_wrn_fpn_backbone",
     "WRNBackbone", "WRNFPN", "replace_batchnorm", "frozen_bn_from",
 ]
-
-BACKBONE_REGISTRY = Registry("BACKBONE")
-BACKBONE_REGISTRY.__doc__ = "Backbone builders: fn(cfg) -> nn.Module with output_shape() and size_divisibility."
 
 NORMS = ("FrozenBN", "BN", "SyncBN")
 

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from wrn_det.data.catalog import MetadataCatalog, resolve_json_file
 from wrn_det.engine import comm
 from wrn_det.engine.errors import ConfigError
 
@@ -106,8 +107,6 @@ class COCOEvaluator:
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None, backend: str = "faster_coco_eval"):
-        from wrn_det.data.catalog import MetadataCatalog, resolve_json_file
-
         _coco_api(backend)  # reject a bad backend before any inference
         self.dataset_name = dataset_name
         self.output_dir = output_dir

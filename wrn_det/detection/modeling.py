@@ -14,15 +14,9 @@ from collections import OrderedDict
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
-from fvcore.common.registry import Registry
 from torch import nn
-from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
@@ -30,15 +24,11 @@ from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
 
 from .backbone import RES5_HEAD_NAMES, build_backbone
+from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .registry import META_ARCH_REGISTRY
+from .rpn import build_rpn
 
 __all__ = ["META_ARCH_REGISTRY", "build_detector", "GeneralizedRCNN", "ROIPooler", "build_rpn", "build_roi_heads"]
-
-META_ARCH_REGISTRY = Registry("META_ARCH")
-META_ARCH_REGISTRY.__doc__ = "Detector classes built from a config: cls(cfg) -> nn.Module."
-
-# torchvision's loss names -> detectron2's, which metrics.json and plots use
-_LOSS_NAMES = {"loss_classifier": "loss_cls", "loss_box_reg": "loss_box_reg",
-               "loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_loc"}
 
 
 class ROIPooler(MultiScaleRoIAlign):
@@ -72,62 +62,6 @@ class ROIPooler(MultiScaleRoIAlign):
                 out[idx] = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio,
                                      self.aligned).to(out.dtype)
         return out
-
-
-def _per_level(values, n: int, key: str) -> List[List[float]]:
-    values = [list(v) for v in values]
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise ConfigError(f"{key} has {len(values)} entries; expected 1 or one per RPN level ({n})")
-    return values
-
-
-def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
-    """Return torchvision's RegionProposalNetwork configured by ``MODEL.RPN`` and ``MODEL.ANCHOR_GENERATOR``.
-
-    ``input_shapes``: the backbone's ``output_shape()``; the RPN reads ``MODEL.RPN.IN_FEATURES``.
-    """
-    rpn_cfg = cfg.MODEL.RPN
-    in_features = list(rpn_cfg.IN_FEATURES)
-    for f in in_features:
-        if f not in input_shapes:
-            raise ConfigError(f"MODEL.RPN.IN_FEATURES: {f!r} is not a backbone output; outputs are {list(input_shapes)}")
-    channels = {input_shapes[f].channels for f in in_features}
-    if len(channels) != 1:
-        raise ConfigError(f"MODEL.RPN.IN_FEATURES {in_features} have different channel counts {sorted(channels)}")
-    ag = cfg.MODEL.ANCHOR_GENERATOR
-    if ag.NAME != "DefaultAnchorGenerator" or float(ag.OFFSET) != 0.0:
-        raise ConfigError("MODEL.ANCHOR_GENERATOR: only NAME DefaultAnchorGenerator with OFFSET 0.0 is supported")
-    sizes = _per_level(ag.SIZES, len(in_features), "MODEL.ANCHOR_GENERATOR.SIZES")
-    ratios = _per_level(ag.ASPECT_RATIOS, len(in_features), "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
-    num_anchors = {len(s) * len(r) for s, r in zip(sizes, ratios)}
-    if len(num_anchors) != 1:
-        raise ConfigError("MODEL.ANCHOR_GENERATOR: every level needs the same number of anchors (the RPN head is shared)")
-    anchor_generator = AnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes),
-                                       tuple(tuple(float(v) for v in r) for r in ratios))
-    (c,) = channels
-    dims = list(rpn_cfg.CONV_DIMS)
-    if any(d not in (-1, c) for d in dims):
-        raise ConfigError(f"MODEL.RPN.CONV_DIMS {dims}: the builtin RPN head keeps the input width ({c}); use -1")
-    if rpn_cfg.HEAD_NAME != "StandardRPNHead":
-        raise ConfigError(f"MODEL.RPN.HEAD_NAME {rpn_cfg.HEAD_NAME!r} is not supported; use StandardRPNHead")
-    if list(rpn_cfg.IOU_LABELS) != [0, -1, 1] or rpn_cfg.BOUNDARY_THRESH != -1:
-        raise ConfigError("MODEL.RPN: only IOU_LABELS [0, -1, 1] and BOUNDARY_THRESH -1 are supported")
-    bg_iou, fg_iou = rpn_cfg.IOU_THRESHOLDS
-    rpn = RegionProposalNetwork(
-        anchor_generator, RPNHead(c, num_anchors.pop(), conv_depth=len(dims)),
-        fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
-        batch_size_per_image=rpn_cfg.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn_cfg.POSITIVE_FRACTION,
-        pre_nms_top_n={"training": rpn_cfg.PRE_NMS_TOPK_TRAIN, "testing": rpn_cfg.PRE_NMS_TOPK_TEST},
-        post_nms_top_n={"training": rpn_cfg.POST_NMS_TOPK_TRAIN, "testing": rpn_cfg.POST_NMS_TOPK_TEST},
-        nms_thresh=rpn_cfg.NMS_THRESH,
-    )
-    rpn.box_coder = det_utils.BoxCoder(weights=tuple(float(w) for w in rpn_cfg.BBOX_REG_WEIGHTS))
-    rpn.in_features = in_features
-    # detectron2's MODEL.PROPOSAL_GENERATOR.MIN_SIZE (torchvision's own floor is 1e-3 pixels)
-    rpn.min_size = max(float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE), 1e-3)
-    return rpn
 
 
 class Res5BoxHead(nn.Module):
@@ -208,68 +142,8 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
     )
 
 
-def _check_unsupported(cfg) -> None:
-    if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
-        raise ConfigError("MODEL.MASK_ON / KEYPOINT_ON: the builtin engine detects boxes only; set them False")
-    name = cfg.MODEL.PROPOSAL_GENERATOR.NAME
-    if name not in ("RPN", "PrecomputedProposals"):
-        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} is not supported; use RPN (Faster R-CNN) or "
-                          "PrecomputedProposals (Fast R-CNN on DATASETS.PROPOSAL_FILES_*)")
-    if (name == "PrecomputedProposals") != bool(cfg.MODEL.LOAD_PROPOSALS):
-        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} with MODEL.LOAD_PROPOSALS {cfg.MODEL.LOAD_PROPOSALS}: "
-                          "PrecomputedProposals and LOAD_PROPOSALS True go together (RPN with False)")
-    if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
-        raise ConfigError(f"INPUT.FORMAT must be BGR or RGB, got {cfg.INPUT.FORMAT!r}")
-
-
-class _Detector(nn.Module):
-    """Shared input handling: pixel normalisation, padding into a batch, output rescaling."""
-
-    def __init__(self, cfg, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.size_divisibility = int(getattr(backbone, "size_divisibility", 0))
-        mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need three values each (one per channel)")
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(-1, 1, 1), persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device of the model's buffers."""
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
-        """Return the normalised images, zero-padded to a common size divisible by the backbone's stride."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        d = self.size_divisibility
-        if d > 1:
-            h, w = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
-        batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
-        for b, im in zip(batch, images):
-            b[:, : im.shape[1], : im.shape[2]].copy_(im)
-        return ImageList(batch, sizes)
-
-    def targets(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
-        """Return torchvision-style targets: XYXY ``boxes`` and ``labels`` 1..K (0 is background)."""
-        return [{"boxes": x["boxes"].to(self.device, torch.float32), "labels": x["classes"].to(self.device) + 1}
-                for x in batched_inputs]
-
-    @staticmethod
-    def rescale(boxes: torch.Tensor, in_size, out_h: int, out_w: int) -> torch.Tensor:
-        """Return ``boxes`` mapped from the network's input size to the original image size, clipped to it."""
-        sy, sx = out_h / in_size[0], out_w / in_size[1]
-        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
-        return boxes
-
-
 @META_ARCH_REGISTRY.register()
-class GeneralizedRCNN(_Detector):
+class GeneralizedRCNN(DetectorBase):
     """Faster R-CNN: backbone, RPN and box RoI heads; Fast R-CNN without the RPN.
 
     ``forward(batched_inputs)`` returns, in training, a dict of losses with detectron2's
@@ -281,7 +155,7 @@ class GeneralizedRCNN(_Detector):
     """
 
     def __init__(self, cfg):
-        _check_unsupported(cfg)
+        check_unsupported(cfg)
         super().__init__(cfg, build_backbone(cfg))
         self.rpn = build_rpn(cfg, self.backbone.output_shape()) if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN" else None
         self.roi_heads = build_roi_heads(cfg, self.backbone)
@@ -305,7 +179,7 @@ class GeneralizedRCNN(_Detector):
         detections, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
         if self.training:
             losses = {**rpn_losses, **det_losses}
-            return {_LOSS_NAMES[k]: v * self.loss_weights[_LOSS_NAMES[k]] for k, v in losses.items()}
+            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
         results = []
         for x, det, size in zip(batched_inputs, detections, images.image_sizes):
             h, w = x.get("height", size[0]), x.get("width", size[1])
@@ -323,8 +197,6 @@ class GeneralizedRCNN(_Detector):
 
 def build_detector(cfg) -> nn.Module:
     """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present)."""
-    from . import rpn  # noqa: F401  (registers ProposalNetwork; it builds on this module)
-
     name = cfg.MODEL.META_ARCHITECTURE
     try:
         cls = META_ARCH_REGISTRY.get(name)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from wrn_det.data.catalog import resolve_json_file
 from wrn_det.data.proposals import save_proposal_file
 from wrn_det.engine import comm
 
@@ -110,8 +111,6 @@ class ProposalEvaluator:
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None):
-        from wrn_det.data.catalog import resolve_json_file
-
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         self.json_file = resolve_json_file(dataset_name)

@@ -1,24 +1,84 @@
-"""The RPN-only detector (``MODEL.META_ARCHITECTURE: ProposalNetwork``).
+"""The region proposal network: its builder, proposal selection, and the RPN-only detector.
 
-A WRN backbone (C4 or FPN) and torchvision's ``RegionProposalNetwork``, built exactly
-as in :class:`~wrn_det.detection.modeling.GeneralizedRCNN` (same parameter names, so
-an RPN's weights load into a Faster R-CNN and back). Training returns the RPN losses;
-inference returns, per image, the proposals in original-image XYXY pixels with their
-objectness logits, which is what detectron2's proposal files hold.
+:func:`build_rpn` configures torchvision's ``RegionProposalNetwork`` from ``MODEL.RPN`` and
+``MODEL.ANCHOR_GENERATOR``; both detectors use it, so an RPN's weights load into a Faster
+R-CNN and back. :class:`ProposalNetwork` (``MODEL.META_ARCHITECTURE: ProposalNetwork``) is a
+WRN backbone (C4 or FPN) and that RPN: training returns the RPN losses; inference returns,
+per image, the proposals in original-image XYXY pixels with their objectness logits, which
+is what detectron2's proposal files hold.
 """
 from collections import OrderedDict
 from typing import List, Sequence, Tuple
 
 import torch
-from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
 from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
-from .modeling import _LOSS_NAMES, META_ARCH_REGISTRY, _check_unsupported, _Detector, build_rpn
+from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .registry import META_ARCH_REGISTRY
 
-__all__ = ["ProposalNetwork", "select_top_proposals"]
+__all__ = ["build_rpn", "ProposalNetwork", "select_top_proposals"]
+
+
+def _per_level(values, n: int, key: str) -> List[List[float]]:
+    values = [list(v) for v in values]
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ConfigError(f"{key} has {len(values)} entries; expected 1 or one per RPN level ({n})")
+    return values
+
+
+def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
+    """Return torchvision's RegionProposalNetwork configured by ``MODEL.RPN`` and ``MODEL.ANCHOR_GENERATOR``.
+
+    ``input_shapes``: the backbone's ``output_shape()``; the RPN reads ``MODEL.RPN.IN_FEATURES``.
+    """
+    rpn_cfg = cfg.MODEL.RPN
+    in_features = list(rpn_cfg.IN_FEATURES)
+    for f in in_features:
+        if f not in input_shapes:
+            raise ConfigError(f"MODEL.RPN.IN_FEATURES: {f!r} is not a backbone output; outputs are {list(input_shapes)}")
+    channels = {input_shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ConfigError(f"MODEL.RPN.IN_FEATURES {in_features} have different channel counts {sorted(channels)}")
+    ag = cfg.MODEL.ANCHOR_GENERATOR
+    if ag.NAME != "DefaultAnchorGenerator" or float(ag.OFFSET) != 0.0:
+        raise ConfigError("MODEL.ANCHOR_GENERATOR: only NAME DefaultAnchorGenerator with OFFSET 0.0 is supported")
+    sizes = _per_level(ag.SIZES, len(in_features), "MODEL.ANCHOR_GENERATOR.SIZES")
+    ratios = _per_level(ag.ASPECT_RATIOS, len(in_features), "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS")
+    num_anchors = {len(s) * len(r) for s, r in zip(sizes, ratios)}
+    if len(num_anchors) != 1:
+        raise ConfigError("MODEL.ANCHOR_GENERATOR: every level needs the same number of anchors (the RPN head is shared)")
+    anchor_generator = AnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes),
+                                       tuple(tuple(float(v) for v in r) for r in ratios))
+    (c,) = channels
+    dims = list(rpn_cfg.CONV_DIMS)
+    if any(d not in (-1, c) for d in dims):
+        raise ConfigError(f"MODEL.RPN.CONV_DIMS {dims}: the builtin RPN head keeps the input width ({c}); use -1")
+    if rpn_cfg.HEAD_NAME != "StandardRPNHead":
+        raise ConfigError(f"MODEL.RPN.HEAD_NAME {rpn_cfg.HEAD_NAME!r} is not supported; use StandardRPNHead")
+    if list(rpn_cfg.IOU_LABELS) != [0, -1, 1] or rpn_cfg.BOUNDARY_THRESH != -1:
+        raise ConfigError("MODEL.RPN: only IOU_LABELS [0, -1, 1] and BOUNDARY_THRESH -1 are supported")
+    bg_iou, fg_iou = rpn_cfg.IOU_THRESHOLDS
+    rpn = RegionProposalNetwork(
+        anchor_generator, RPNHead(c, num_anchors.pop(), conv_depth=len(dims)),
+        fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
+        batch_size_per_image=rpn_cfg.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn_cfg.POSITIVE_FRACTION,
+        pre_nms_top_n={"training": rpn_cfg.PRE_NMS_TOPK_TRAIN, "testing": rpn_cfg.PRE_NMS_TOPK_TEST},
+        post_nms_top_n={"training": rpn_cfg.POST_NMS_TOPK_TRAIN, "testing": rpn_cfg.POST_NMS_TOPK_TEST},
+        nms_thresh=rpn_cfg.NMS_THRESH,
+    )
+    rpn.box_coder = det_utils.BoxCoder(weights=tuple(float(w) for w in rpn_cfg.BBOX_REG_WEIGHTS))
+    rpn.in_features = in_features
+    # detectron2's MODEL.PROPOSAL_GENERATOR.MIN_SIZE (torchvision's own floor is 1e-3 pixels)
+    rpn.min_size = max(float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE), 1e-3)
+    return rpn
 
 
 def select_top_proposals(proposals: torch.Tensor, logits: torch.Tensor, num_per_level: Sequence[int],
@@ -58,7 +118,7 @@ def select_top_proposals(proposals: torch.Tensor, logits: torch.Tensor, num_per_
 
 
 @META_ARCH_REGISTRY.register()
-class ProposalNetwork(_Detector):
+class ProposalNetwork(DetectorBase):
     """RPN-only detector: backbone + region proposal network.
 
     ``forward(batched_inputs)`` returns, in training, ``{"loss_rpn_cls", "loss_rpn_loc"}``
@@ -72,7 +132,7 @@ class ProposalNetwork(_Detector):
             raise ConfigError(f"MODEL.META_ARCHITECTURE ProposalNetwork needs MODEL.PROPOSAL_GENERATOR.NAME 'RPN' "
                               f"and MODEL.LOAD_PROPOSALS False; got {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} and "
                               f"{cfg.MODEL.LOAD_PROPOSALS}")
-        _check_unsupported(cfg)
+        check_unsupported(cfg)
         super().__init__(cfg, build_backbone(cfg))
         self.rpn = build_rpn(cfg, self.backbone.output_shape())
         self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
@@ -87,7 +147,7 @@ class ProposalNetwork(_Detector):
         if self.training:
             # torchvision's RPN also selects proposals in training; they are not needed here (as in detectron2)
             _, losses = self.rpn(images, feats, self.targets(batched_inputs))
-            return {_LOSS_NAMES[k]: v * self.loss_weights[_LOSS_NAMES[k]] for k, v in losses.items()}
+            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
         results = []
         for (boxes, logits), x, size in zip(self.propose(images, list(feats.values())), batched_inputs,
                                             images.image_sizes):

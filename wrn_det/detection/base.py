@@ -1,0 +1,81 @@
+"""What every detector of the builtin engine shares: input handling, loss names, the unsupported-key checks.
+
+:class:`DetectorBase` normalises the images (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``), pads
+them into a batch divisible by the backbone's stride, turns annotations into
+torchvision-style targets and maps boxes back to the original image size.
+"""
+import math
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+from wrn_det.engine.errors import ConfigError
+
+__all__ = ["DetectorBase", "LOSS_NAMES", "check_unsupported"]
+
+# torchvision's loss names -> detectron2's, which metrics.json and plots use
+LOSS_NAMES = {"loss_classifier": "loss_cls", "loss_box_reg": "loss_box_reg",
+              "loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_loc"}
+
+
+def check_unsupported(cfg) -> None:
+    """Raise :class:`ConfigError` for keys the builtin detectors do not honour (masks, keypoints, ...)."""
+    if cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("MODEL.MASK_ON / KEYPOINT_ON: the builtin engine detects boxes only; set them False")
+    name = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    if name not in ("RPN", "PrecomputedProposals"):
+        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} is not supported; use RPN (Faster R-CNN) or "
+                          "PrecomputedProposals (Fast R-CNN on DATASETS.PROPOSAL_FILES_*)")
+    if (name == "PrecomputedProposals") != bool(cfg.MODEL.LOAD_PROPOSALS):
+        raise ConfigError(f"MODEL.PROPOSAL_GENERATOR.NAME {name!r} with MODEL.LOAD_PROPOSALS {cfg.MODEL.LOAD_PROPOSALS}: "
+                          "PrecomputedProposals and LOAD_PROPOSALS True go together (RPN with False)")
+    if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
+        raise ConfigError(f"INPUT.FORMAT must be BGR or RGB, got {cfg.INPUT.FORMAT!r}")
+
+
+class DetectorBase(nn.Module):
+    """Shared input handling: pixel normalisation, padding into a batch, output rescaling."""
+
+    def __init__(self, cfg, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.size_divisibility = int(getattr(backbone, "size_divisibility", 0))
+        mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need three values each (one per channel)")
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Return the device of the model's buffers."""
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
+        """Return the normalised images, zero-padded to a common size divisible by the backbone's stride."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        d = self.size_divisibility
+        if d > 1:
+            h, w = int(math.ceil(h / d) * d), int(math.ceil(w / d) * d)
+        batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+        for b, im in zip(batch, images):
+            b[:, : im.shape[1], : im.shape[2]].copy_(im)
+        return ImageList(batch, sizes)
+
+    def targets(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
+        """Return torchvision-style targets: XYXY ``boxes`` and ``labels`` 1..K (0 is background)."""
+        return [{"boxes": x["boxes"].to(self.device, torch.float32), "labels": x["classes"].to(self.device) + 1}
+                for x in batched_inputs]
+
+    @staticmethod
+    def rescale(boxes: torch.Tensor, in_size, out_h: int, out_w: int) -> torch.Tensor:
+        """Return ``boxes`` mapped from the network's input size to the original image size, clipped to it."""
+        sy, sx = out_h / in_size[0], out_w / in_size[1]
+        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
+        return boxes
