@@ -68,7 +68,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     cb = torch.load(broken / "model_epoch_0004.pth", weights_only=True)
     for k, v in ca["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], cb["optimizer"]["state"][k]["momentum_buffer"])
-    assert torch.equal(ca["rng"][0]["torch"], cb["rng"][0]["torch"])
+    assert torch.equal(ca["rng_states"][0]["torch"], cb["rng_states"][0]["torch"])
 
     rows_a = [json.loads(x) for x in (straight / "metrics.json").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (broken / "metrics.json").read_text().splitlines()]

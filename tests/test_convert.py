@@ -25,7 +25,7 @@ from wrn_det.models.convert import (
     ConversionError,
     backbone_key_map,
     extract_backbone,
-    infer_model_name,
+    guess_network,
     read_classifier_state,
     read_d2_pickle,
 )
@@ -74,7 +74,7 @@ def pretrained(tmp_path_factory):
 
 def _builtin_detector(weights: str, c4: bool):
     """Build a builtin-engine wrn_10_1 detector and load MODEL.WEIGHTS through the engine's own loader."""
-    from wrn_det.detection.train import Checkpointer
+    from wrn_det.detection.weights import load_detector_weights
 
     if c4:
         opts = ["MODEL.BACKBONE.NAME", "build_wrn_backbone", "MODEL.ROI_HEADS.NAME", "WRNRes5ROIHeads",
@@ -91,7 +91,7 @@ def _builtin_detector(weights: str, c4: bool):
     cfg = load_config(get_det_cfg(), None, ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.DEVICE", "cpu",
                                              "MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.WEIGHTS", weights, *opts])
     model = build_detector(cfg)
-    Checkpointer(model).load_weights(cfg.MODEL.WEIGHTS)
+    load_detector_weights(model, cfg.MODEL.WEIGHTS)
     return model
 
 
@@ -133,13 +133,13 @@ def test_pretrain_convert_detect_loads_every_backbone_parameter(pretrained, tmp_
 def test_torchvision_and_timm_layouts(tmp_path):
     # torchvision's wide_resnet50_2 (random weights: nothing can be downloaded here) is recognised by its layout
     tv = torchvision.models.wide_resnet50_2().state_dict()
-    assert infer_model_name(tv) == "wide_resnet50_2"
+    assert guess_network(tv) == "wide_resnet50_2"
     backbone, _, dropped = extract_backbone(tv, "wide_resnet50_2")
     assert dropped == ["fc.weight", "fc.bias"]
     assert all(torch.equal(v, tv[k]) for k, v in backbone.items())
     assert len(backbone) == sum(1 for k in tv if not k.startswith("fc.") and not k.endswith("num_batches_tracked"))
     with torch.device("meta"):
-        assert infer_model_name(torchvision.models.wide_resnet101_2().state_dict()) == "wide_resnet101_2"
+        assert guess_network(torchvision.models.wide_resnet101_2().state_dict()) == "wide_resnet101_2"
 
     # a timm training checkpoint: DataParallel prefixes, raw and EMA weights (timm's ResNet keys are torchvision's)
     raw, ema = torchvision.models.resnet18().state_dict(), torchvision.models.resnet18().state_dict()
@@ -195,7 +195,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"model": {"w": Evil()}, "__author__": "x"}))
-    with pytest.raises(ConversionError, match="refusing to load"):
+    with pytest.raises(ConversionError, match="refused to load global (posix|nt|os).system"):
         read_d2_pickle(str(path))
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(WrnDetError, match="does not exist"):

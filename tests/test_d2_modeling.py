@@ -22,7 +22,7 @@ from wrn_det.d2 import WRNDetectionCheckpointer, WRNFPNBackbone, WRNRes5ROIHeads
 from wrn_det.d2.train import build_config  # noqa: E402
 from wrn_det.detection.config import get_det_cfg  # noqa: E402
 from wrn_det.detection.modeling import build_detector  # noqa: E402
-from wrn_det.detection.train import Checkpointer  # noqa: E402
+from wrn_det.detection.weights import load_detector_weights  # noqa: E402
 from wrn_det.engine.config import load_config  # noqa: E402
 from wrn_det.engine.errors import ConfigError, WrnDetError  # noqa: E402
 from wrn_det.models import build_model as build_net  # noqa: E402
@@ -146,7 +146,7 @@ def test_builtin_and_detectron2_backbones_give_identical_features(tmp_path, opts
     convert_weights(str(src), model_name=name, builtin_out=str(tmp_path / "w.pth"), d2_out=str(tmp_path / "w.pkl"))
 
     builtin = build_detector(_builtin_cfg([*opts, "MODEL.WEIGHTS", str(tmp_path / "w.pth")])).eval()
-    Checkpointer(builtin).load_weights(str(tmp_path / "w.pth"))
+    load_detector_weights(builtin, str(tmp_path / "w.pth"))
     d2 = build_model(_d2_cfg(opts)).eval()
     ckpt = WRNDetectionCheckpointer(d2)
     ckpt.load(str(tmp_path / "w.pkl"))

@@ -8,7 +8,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from wrn_det.detection.backbone import WRNBackbone, build_backbone
 from wrn_det.detection.config import get_det_cfg
 from wrn_det.detection.modeling import build_detector
-from wrn_det.detection.train import Checkpointer
+from wrn_det.detection.weights import load_detector_weights
 from wrn_det.engine.config import load_config
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models import build_model
@@ -79,7 +79,7 @@ def test_model_weights_from_classification_checkpoint(tmp_path):
     path = tmp_path / "cls.pth"
     torch.save({"model": net.state_dict()}, path)
     model = build_detector(cfg_for("shapes_wrn_frcnn.yaml", "MODEL.WRN.NAME", "wrn_10_1"))
-    Checkpointer(model).load_weights(str(path))
+    load_detector_weights(model, str(path))
     mine = model.backbone.bottom_up.net.state_dict()
     skipped = [k for k, v in net.state_dict().items() if mine[k].shape != v.shape]
     assert skipped == ["fc.weight", "fc.bias"]  # the classifier (10 classes here) is not a backbone tensor

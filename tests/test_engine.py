@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from wrn_det.engine.checkpoint import (
-    atomic_save,
     get_rng_states,
     load_checkpoint,
     read_last_checkpoint,
@@ -16,7 +15,8 @@ from wrn_det.engine.checkpoint import (
 )
 from wrn_det.engine.config import CfgNode, load_config, resolve_config_file, save_config
 from wrn_det.engine.errors import ConfigError, WrnDetError, cli_main
-from wrn_det.engine.schedules import LRMultiplier, build_lr_multiplier
+from wrn_det.engine.fileio import atomic_save
+from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
 
 def _defaults():
@@ -93,12 +93,12 @@ def test_multistep_schedule_drops_at_steps():
     m = build_lr_multiplier("WarmupMultiStepLR", 10, [4, 8], 0.1)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.2)
-    sched = LRMultiplier(opt, m, 10)
+    sched = LRSchedule(opt, m, 10)
     lrs = []
-    for _ in range(10):
+    for it in range(10):
+        sched.apply(it)
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
     assert lrs[:4] == [0.2] * 4 and all(abs(x - 0.02) < 1e-12 for x in lrs[4:8]) and abs(lrs[8] - 0.002) < 1e-12
     with pytest.raises(ConfigError, match="LR_SCHEDULER_NAME"):
         build_lr_multiplier("Nope", 10)

@@ -6,9 +6,9 @@ import pickle
 import numpy as np
 import pytest
 
-from wrn_det.data.proposals import (load_proposal_file, load_proposals_into_dataset, safe_load_pickle,
-                                    save_proposal_file)
+from wrn_det.data.proposals import load_proposal_file, load_proposals_into_dataset, save_proposal_file
 from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.safe_pickle import safe_load_pickle
 
 
 class _RunsShell:
@@ -212,6 +212,12 @@ class _ObjectArrayOverBytes:
         return np.ndarray, ((1,), np.dtype(object), b"A" * 8)
 
 
+class _FloatArrayOverBytes:
+    # the same direct call with a plain dtype: still not numpy's unpickling path, so refused
+    def __reduce__(self):
+        return np.ndarray, ((1,), np.dtype("f8"), b"A" * 8)
+
+
 class _UnflaggedObjectFieldDtype:
     # a float dtype whose state then claims an object field without the object flag
     def __reduce__(self):
@@ -225,10 +231,28 @@ class _ArrayOverBytesWithThatDtype:
         return _reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), _UnflaggedObjectFieldDtype(), False, b"A" * 8)
 
 
+class _StructuredStateDtype:
+    # a plain float dtype whose state then turns it into a structured one (of plain fields):
+    # the state itself is what is refused
+    def __reduce__(self):
+        return np.dtype, ("f8", False, True), (3, "|", None, ("a",), {"a": (np.dtype("f8"), 0)}, 8, 1, 0)
+
+
+class _ArrayOverBytesWithStructuredState:
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), _StructuredStateDtype(), False, b"A" * 8)
+
+
 @pytest.mark.parametrize("payload, refused", [
-    (_ObjectArrayOverBytes, "refused to load a direct call of numpy.ndarray"),
-    (_UnflaggedObjectFieldDtype, "refused to load a dtype state"),
-    (_ArrayOverBytesWithThatDtype, "refused to load a dtype state"),
+    (_ObjectArrayOverBytes, "refused to load dtype 'O8'"),
+    (_FloatArrayOverBytes, "refused to load a direct call of numpy.ndarray"),
+    # the object field's own dtype is refused before the state that hides it is read
+    (_UnflaggedObjectFieldDtype, "refused to load dtype 'O8'"),
+    (_ArrayOverBytesWithThatDtype, "refused to load dtype 'O8'"),
+    (_StructuredStateDtype, "refused to load a dtype state"),
+    (_ArrayOverBytesWithStructuredState, "refused to load a dtype state"),
 ])
 def test_arrays_of_raw_pointers_are_refused(tmp_path, payload, refused):
     # numpy calls that only look like array reconstruction must not yield objects made of the

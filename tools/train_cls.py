@@ -12,35 +12,19 @@ Flags as tools/train_net.py; trailing KEY VALUE pairs override the config. A bad
 config or dataset prints one ``error:`` line and exits with status 2.
 """
 import logging
-import os
 import sys
 
-import torch
-
 from wrn_det.classification import ClsTrainer, get_cls_cfg
-from wrn_det.engine import comm
-from wrn_det.engine.config import load_config, save_config
+from wrn_det.engine.config import load_config
 from wrn_det.engine.errors import cli_main
-from wrn_det.engine.events import setup_logger
 from wrn_det.engine.launch import default_argument_parser, launch
-
-
-def setup(cfg, args) -> None:
-    """Create OUTPUT_DIR, start logging there and write config.yaml (rank 0)."""
-    rank = comm.get_rank()
-    if rank == 0:
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    comm.synchronize()
-    log = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
-    log.info("rank %d of %d, torch %s, command: %s", rank, comm.get_world_size(), torch.__version__, " ".join(sys.argv))
-    if rank == 0:
-        path = save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
-        log.info("full config written to %s", path)
+from wrn_det.engine.run import open_output_dir, setup_run
 
 
 def main(cfg, args):
     """Run training (or evaluation with --eval-only) in this process; returns the final metrics."""
-    setup(cfg, args)
+    setup_run(cfg, seed_per_rank=False)
+    open_output_dir(cfg)
     trainer = ClsTrainer(cfg, resume=args.resume)
     if args.eval_only:
         return trainer.evaluate_only()

@@ -105,9 +105,11 @@ _C.SOLVER.WARMUP_METHOD = "linear"
 _C.SOLVER.COSINE_END = 0.0
 # How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint.
 _C.SOLVER.CHECKPOINT_KEEP = 1
-# Mixed precision on CUDA: bfloat16 or float16 (float16 uses a gradient scaler).
+# Mixed precision (autocast) on the run's device: bfloat16 (CUDA or CPU) or float16 (CUDA,
+# with a gradient scaler). Off by default, as in detectron2 and timm; the shipped GPU recipes
+# (Base-CIFAR.yaml, imagenet_*.yaml) turn it on.
 _C.SOLVER.AMP = CN()
-_C.SOLVER.AMP.ENABLED = True
+_C.SOLVER.AMP.ENABLED = False
 _C.SOLVER.AMP.DTYPE = "bfloat16"
 
 _C.TEST = CN()

@@ -14,33 +14,28 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from wrn_det.data.classification import ArraySet, build_cls_datasets
 from wrn_det.data.cls_loader import InMemoryLoader, build_imagenet_loader, imagenet_transforms
 from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
 from wrn_det.engine import comm
-from wrn_det.engine.checkpoint import (
-    atomic_save,
-    get_rng_states,
-    load_checkpoint,
-    read_last_checkpoint,
-    set_rng_states,
-    write_last_checkpoint,
-)
+from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.device import prepare_device, resolve_device
-from wrn_det.engine.errors import ConfigError, WrnDetError
+from wrn_det.engine.ema import ModelEMA
+from wrn_det.engine.errors import ConfigError, NonFiniteLossError, WrnDetError
 from wrn_det.engine.events import MetricsWriter
-from wrn_det.engine.schedules import build_lr_multiplier, lr_at
+from wrn_det.engine.fileio import atomic_save, atomic_write, write_json
+from wrn_det.engine.launch import create_ddp_model
+from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
+from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
 from wrn_det.models import build_model, count_parameters
+from wrn_det.models.weights import match_state_dict
 
-from .ema import ModelEMA
 from .evaluation import accuracy_counts, evaluate
 from .sync_bn import convert_sync_batchnorm
 
@@ -49,10 +44,6 @@ __all__ = ["ClsTrainer", "NonFiniteLossError", "build_cls_model", "load_weights"
 logger = logging.getLogger("wrn_det.cls")
 
 CHECKPOINT_PREFIX = "model_epoch_"
-
-
-class NonFiniteLossError(WrnDetError):
-    """The training loss became NaN or infinite; the run stopped without saving the bad weights."""
 
 
 def build_cls_model(cfg, num_classes: int) -> nn.Module:
@@ -69,27 +60,22 @@ def build_cls_model(cfg, num_classes: int) -> nn.Module:
 def load_weights(model: nn.Module, path: str) -> dict:
     """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``.
 
-    Tensors whose shape differs from the model's (a classifier for another number of
+    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed);
+    tensors whose shape differs from the model's (a classifier for another number of
     classes) are skipped with a warning. Returns the loaded file's dict.
     """
     ckpt = load_checkpoint(path)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise WrnDetError(f"weights file {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
-    own = model.state_dict()
-    kept = {}
-    for k, v in state.items():
-        if k in own and torch.is_tensor(v) and v.shape != own[k].shape:
-            logger.warning("not loading %s from %s: shape %s, the model has %s", k, path, tuple(v.shape), tuple(own[k].shape))
-            continue
-        kept[k] = v
-    res = model.load_state_dict(kept, strict=False)
-    if res.missing_keys:
-        logger.warning("weights %s lack %d tensors of the model, e.g. %s", path, len(res.missing_keys), res.missing_keys[:3])
-    if res.unexpected_keys:
-        logger.warning("weights %s have %d tensors the model lacks, e.g. %s", path, len(res.unexpected_keys), res.unexpected_keys[:3])
-    if not set(kept) & set(own):
-        raise WrnDetError(f"weights file {path} shares no tensor names with model {type(model).__name__}")
+    loadable, report = match_state_dict(state, model.state_dict(), source=path)
+    if not loadable:
+        raise WrnDetError(f"weights file {path} shares no tensor names with model {type(model).__name__}"
+                          f"{report.hint()}")
+    model.load_state_dict(loadable, strict=False)
+    if not report.ok:
+        logger.warning("weights %s do not fit the model exactly (%s); the rest keeps its initialisation",
+                       path, report.problems())
     return ckpt
 
 
@@ -109,7 +95,9 @@ class ClsTrainer:
         self.output_dir = cfg.OUTPUT_DIR
         self.is_imagenet = cfg.DATASETS.NAME.lower() == "imagenet"
 
-        self.resume_path = read_last_checkpoint(self.output_dir) if resume else None
+        self.checkpointer = TrainingCheckpointer(self.output_dir, prefix=CHECKPOINT_PREFIX,
+                                                 keep=cfg.SOLVER.CHECKPOINT_KEEP)
+        self.resume_path = self.checkpointer.latest() if resume else None
         self.resume_state = load_checkpoint(self.resume_path) if self.resume_path else None
         if resume and self.resume_state is None:
             logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
@@ -204,16 +192,10 @@ class ClsTrainer:
         self.n_parameters = count_parameters(model)
         self.ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
 
-        amp = cfg.SOLVER.AMP
-        if amp.DTYPE not in ("bfloat16", "float16"):
-            raise ConfigError(f"SOLVER.AMP.DTYPE must be 'bfloat16' or 'float16', got {amp.DTYPE!r}")
-        self.amp_dtype = getattr(torch, amp.DTYPE) if (amp.ENABLED and self.device.type == "cuda") else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.amp_dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.step.autocast()
 
     def _build_optimizer(self) -> None:
         s = self.cfg.SOLVER
@@ -237,17 +219,15 @@ class ClsTrainer:
             # said here in epochs (the schedule itself counts iterations)
             logger.warning("SOLVER.STEPS %s come after the last epoch (%d) and are ignored", steps[len(kept):], s.EPOCHS)
         self.lr_steps = kept if s.LR_SCHEDULER_NAME == "WarmupMultiStepLR" else []
-        self.multiplier = build_lr_multiplier(
+        multiplier = build_lr_multiplier(
             s.LR_SCHEDULER_NAME, self.max_iter, [(x - 1) * ipe for x in kept], s.GAMMA,
             warmup_iters=int(round(s.WARMUP_EPOCHS * ipe)), warmup_factor=s.WARMUP_FACTOR,
-            warmup_method=s.WARMUP_METHOD, cosine_end=s.COSINE_END)
+            warmup_method=s.WARMUP_METHOD, cosine_end=s.COSINE_END, length_key="SOLVER.EPOCHS")
+        self.schedule = LRSchedule(self.optimizer, multiplier, self.max_iter)
+        self.step = OptimizerStep(self.optimizer, self.device, self.amp_dtype)
 
     def _wrap(self) -> None:
-        model = self.model
-        if self.world_size > 1:
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        model = create_ddp_model(self.model, self.device)
         if self.cfg.MODEL.COMPILE:
             model = torch.compile(model)
         self.train_model = model
@@ -261,12 +241,11 @@ class ClsTrainer:
             "scheduler": {"name": self.cfg.SOLVER.LR_SCHEDULER_NAME, "iteration": epoch * self.iters_per_epoch,
                           "max_iter": self.max_iter, "base_lr": self.base_lr},
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "scaler": self.scaler.state_dict(),
+            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            "scaler": self.step.state_dict(),
             "epoch": epoch,
             "iteration": epoch * self.iters_per_epoch,
             "seed": self.seed,
-            "world_size": self.world_size,
-            "rng": None,  # filled with every rank's states by _save
             "best_top1_err": self.best_top1_err,
             "config": self.cfg.dump(),
         }
@@ -276,40 +255,23 @@ class ClsTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             if state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
+                self.ema.load_state_dict(state["ema"], state.get("ema_updates", 1))
             else:
                 logger.warning("the checkpoint has no EMA weights; the EMA restarts from the current weights")
                 self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.step.load_state_dict(state.get("scaler") or {})
         if state["scheduler"]["max_iter"] != self.max_iter:
             logger.warning("the schedule changed since the checkpoint (%d -> %d iterations); continuing on the new one",
                            state["scheduler"]["max_iter"], self.max_iter)
         self.start_epoch = int(state["epoch"]) + 1
         self.best_top1_err = float(state["best_top1_err"])
-        rng = state.get("rng")
-        if rng is not None and len(rng) == self.world_size:
-            set_rng_states(rng[self.rank])
-        else:
+        if not TrainingCheckpointer.restore_rng(state):
             logger.warning("the checkpoint was written by %s processes, this run has %d: random streams restart",
                            state.get("world_size"), self.world_size)
         logger.info("resumed from %s: continuing at epoch %d", self.resume_path, self.start_epoch)
 
-    def _save(self, epoch: int) -> Optional[str]:
-        rng = comm.all_gather(get_rng_states())
-        if not comm.is_main_process():
-            return None
-        state = self._state(epoch)
-        state["rng"] = rng
-        name = f"{CHECKPOINT_PREFIX}{epoch:04d}.pth"
-        path = atomic_save(state, os.path.join(self.output_dir, name))
-        write_last_checkpoint(self.output_dir, name)
-        keep = self.cfg.SOLVER.CHECKPOINT_KEEP
-        if keep > 0:
-            old = sorted(f for f in os.listdir(self.output_dir) if f.startswith(CHECKPOINT_PREFIX) and f.endswith(".pth"))
-            for f in old[:-keep]:
-                os.remove(os.path.join(self.output_dir, f))
-        return path
+    def _save(self, epoch: int):
+        return self.checkpointer.save(f"{CHECKPOINT_PREFIX}{epoch:04d}", self._state(epoch))
 
     def _save_weights(self, name: str, **extra) -> None:
         if comm.is_main_process():
@@ -327,26 +289,18 @@ class ClsTrainer:
             lines = [ln for ln in f if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
         if len(kept) != len(lines):
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+
+            atomic_write(path, write)
 
     # ------------------------------------------------------------------ training
 
-    def _set_lr(self, iteration: int) -> float:
-        lr = lr_at(self.base_lr, self.multiplier, iteration, self.max_iter)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
-
     def _check_finite(self, value: float, epoch: int, it: int, lr: float) -> None:
         if not math.isfinite(value):
-            last = read_last_checkpoint(self.output_dir)
-            raise NonFiniteLossError(
-                f"the training loss became {value} at epoch {epoch}, iteration {it}/{self.iters_per_epoch} "
-                f"(lr {lr:g}); stopped without saving it; the last good checkpoint is "
-                f"{last or 'none (no epoch finished)'}; lower SOLVER.BASE_LR or check the data")
+            raise non_finite_error(str(value), f"at epoch {epoch}, iteration {it}/{self.iters_per_epoch}", f"lr {lr:g}",
+                                   self.checkpointer.latest())
 
     def _progress(self, epoch: int):
         if comm.is_main_process() and sys.stderr.isatty():
@@ -378,16 +332,13 @@ class ClsTrainer:
         with redirect:
             for i, (images, labels) in enumerate(self.train_loader):
                 it = (epoch - 1) * ipe + i
-                lr = self._set_lr(it)
+                lr = self.schedule.apply(it)
                 images = self.normalizer(images.to(self.device, non_blocking=True))
                 labels = labels.to(self.device, non_blocking=True)
                 with self._autocast():
                     logits = self.train_model(images)
                 loss = F.cross_entropy(logits.float(), labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                self.step.step(loss)
                 if self.ema is not None:
                     self.ema.update(self.model)
                 with torch.no_grad():
@@ -474,9 +425,5 @@ class ClsTrainer:
         res["weights"] = self.resume_path or self.cfg.MODEL.WEIGHTS
         logger.info("evaluation of %s: %s", res["weights"], json.dumps(res))
         if comm.is_main_process():
-            os.makedirs(self.output_dir, exist_ok=True)
-            tmp = os.path.join(self.output_dir, "eval_metrics.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(res, f)
-            os.replace(tmp, os.path.join(self.output_dir, "eval_metrics.json"))
+            write_json(os.path.join(self.output_dir, "eval_metrics.json"), res)
         return res

@@ -13,7 +13,6 @@
   logged. The outcome is kept in ``last_report``.
 """
 import logging
-from typing import List
 
 from detectron2.checkpoint import DetectionCheckpointer
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +25,8 @@ from wrn_det.models.convert import (
     read_d2_pickle,
     to_protocol_keys,
 )
+
+from wrn_det.models.weights import match_state_dict
 
 from .backbone import WRNTrunk
 from .roi_heads import WRNHeadStage
@@ -51,10 +52,6 @@ def backbone_keys(model) -> "dict[str, WRNTrunk | WRNHeadStage]":
     """
     return {prefix + k: module for prefix, module in _wrn_modules(model)
             for k in module.state_dict() if not k.endswith("num_batches_tracked")}
-
-
-def _unused_stage_key(key: str, stages: List[str]) -> bool:
-    return key.split(".", 1)[0] in stages
 
 
 def _short(keys, n=3) -> str:
@@ -99,48 +96,49 @@ class WRNDetectionCheckpointer(DetectionCheckpointer):
         return loaded
 
     def _load_model(self, checkpoint):
-        converted = checkpoint.get("__author__") == D2_AUTHOR
-        incompatible = super()._load_model(checkpoint)
         wrn = backbone_keys(self.model)
         if not wrn:
-            return incompatible
-        stages, all_stages = set(), {"stem"}
+            return super()._load_model(checkpoint)
+        converted = checkpoint.get("__author__") == D2_AUTHOR
+        unused, all_stages = set(), {"stem"}
         for module in wrn.values():
             if isinstance(module, WRNTrunk):
-                stages.update(s for s in module.network_stages if s not in module.stages)
+                unused.update(s for s in module.network_stages if s not in module.stages)
                 all_stages.update(module.network_stages)
+        unused -= {m.stage_name for m in wrn.values() if isinstance(m, WRNHeadStage)}
         prefixes = tuple(p for p, _ in _wrn_modules(self.model) if p)
-        used_by_head = {m.stage_name for m in wrn.values() if isinstance(m, WRNHeadStage)}
-        stages -= used_by_head
-        missing = set(k for k in incompatible.missing_keys if k in wrn)
-        wrong_shape = {k for k, *_ in incompatible.incorrect_shapes if k in wrn}
-        unused = [k for k in incompatible.unexpected_keys if _unused_stage_key(k, sorted(stages))]
-        unexpected = []
-        for k in incompatible.unexpected_keys:
-            if k in unused:
-                continue
-            # detectron2's suffix matching leaves a key of the right name but the wrong shape unmatched
-            same_name = [m for m in wrn if m == k or m.endswith("." + k)]
-            if same_name:
-                wrong_shape.update(same_name)
-            elif converted or k.split(".", 1)[0] in all_stages or k.startswith(prefixes):
-                unexpected.append(k)  # a backbone key (other keys, e.g. of another head, only get detectron2's warning)
-        missing |= wrong_shape
-        self.last_report = {"loaded": len(wrn) - len(missing), "total": len(wrn), "missing": sorted(missing),
-                            "unexpected": sorted(unexpected), "unused_stages": sorted(unused),
-                            "wrong_shape": sorted(wrong_shape)}
+        file_state = dict(checkpoint["model"])  # detectron2 pops and re-keys it while loading
+        skipped_stages = sorted(k for k in file_state if k.split(".", 1)[0] in unused)
+
+        def not_ours(key: str) -> bool:
+            # stages this detector does not run, and keys of other heads (detectron2's own business)
+            if key.split(".", 1)[0] in unused:
+                return True
+            return not (converted or key.split(".", 1)[0] in all_stages or key.startswith(prefixes))
+
+        own = self.model.state_dict()
+        _, report = match_state_dict(file_state, {k: own[k] for k in wrn}, source=self._source, ignore=not_ours,
+                                     suffix=True)
+        incompatible = super()._load_model(checkpoint)
+        self.last_report = {"loaded": len(report.matched), "total": len(wrn),
+                            "missing": sorted(set(report.missing) | {k for k, *_ in report.wrong_shape}),
+                            "unexpected": sorted(report.unexpected), "unused_stages": skipped_stages,
+                            "wrong_shape": sorted(k for k, *_ in report.wrong_shape)}
         src = self._source
-        if unused:
+        if skipped_stages:
             logger.info("%s: %d tensors of stages this detector does not run were not loaded (%s)",
-                        src, len(unused), _short(unused))
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} of the {len(wrn)} backbone tensors were not loaded "
-                            f"({_short(missing)}){' (shape mismatch: ' + _short(wrong_shape) + ')' if wrong_shape else ''}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} keys of the file match nothing in the model ({_short(unexpected)})")
-        if problems:
-            msg = f"MODEL.WEIGHTS {src}: " + "; ".join(problems)
+                        src, len(skipped_stages), _short(skipped_stages))
+        if not report.ok:
+            wrong = sorted(k for k, *_ in report.wrong_shape)
+            not_loaded = sorted(set(report.missing) | set(wrong))
+            problems = []
+            if not_loaded:
+                problems.append(f"{len(not_loaded)} of the {len(wrn)} backbone tensors were not loaded "
+                                f"({_short(not_loaded)}){' (shape mismatch: ' + _short(wrong) + ')' if wrong else ''}")
+            if report.unexpected:
+                problems.append(f"{len(report.unexpected)} keys of the file match nothing in the model "
+                                f"({_short(report.unexpected)})")
+            msg = f"MODEL.WEIGHTS {src}: " + "; ".join(problems) + report.hint()
             if self.strict:
                 raise WrnDetError(msg + "; set MODEL.WRN.STRICT_WEIGHTS False to load it anyway")
             logger.warning("%s (MODEL.WRN.STRICT_WEIGHTS is False: continuing)", msg)

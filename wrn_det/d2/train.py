@@ -1,8 +1,9 @@
 """``tools/train_net.py --engine detectron2``: the shipped configs on detectron2's trainer and evaluator.
 
 Per process (:func:`main`): detectron2's ``get_cfg()``, :func:`add_wrn_config`, the YAML
-file (a path or a name under ``configs/``), the ``KEY VALUE`` overrides; detectron2's
-``default_setup`` (output folder, ``config.yaml``, logs, seeding); then training with
+file (a path or a name under ``configs/``), the ``KEY VALUE`` overrides; the project's run
+set-up (:mod:`wrn_det.engine.run`: logging for detectron2's and the project's loggers,
+seeding, output folder, ``config.yaml``), as on the builtin engine; then training with
 ``DefaultTrainer`` and evaluation with ``COCOEvaluator`` (``inference/`` under
 ``OUTPUT_DIR``), or ``--eval-only`` on ``MODEL.WEIGHTS``. :func:`run` launches it
 (one process, ``--num-gpus N`` spawning, or under torchrun). Also runnable as
@@ -21,14 +22,15 @@ import sys
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm as d2comm
-from detectron2.utils.logger import setup_logger
 
 from wrn_det.engine.config import load_config, resolve_config_file
 from wrn_det.engine.errors import ConfigError, cli_main
 from wrn_det.engine.launch import default_argument_parser, launch
+from wrn_det.engine.optim import amp_dtype
+from wrn_det.engine.run import open_output_dir, setup_run
 
 from .checkpoint import WRNDetectionCheckpointer
 from .config import add_wrn_config
@@ -64,6 +66,10 @@ def build_config(config_file: str = "", opts=None):
     if cfg.TEST.COCO_EVAL_BACKEND not in EVAL_BACKENDS:
         raise ConfigError(f"TEST.COCO_EVAL_BACKEND must be one of {', '.join(EVAL_BACKENDS)}, "
                           f"got {cfg.TEST.COCO_EVAL_BACKEND!r}")
+    if cfg.MODEL_EMA.ENABLED:
+        raise ConfigError("MODEL_EMA.ENABLED: weight EMA is a builtin-engine option; detectron2's DefaultTrainer "
+                          "has none (use --engine builtin, or set it False)")
+    amp_dtype(cfg.SOLVER.AMP, torch.device(cfg.MODEL.DEVICE))  # a bad SOLVER.AMP.DTYPE is a one-line error here
     weights = cfg.MODEL.WEIGHTS
     if weights and _is_local_path(weights) and not os.path.isfile(weights):
         raise ConfigError(f"MODEL.WEIGHTS file {weights!r} does not exist")
@@ -84,10 +90,12 @@ def setup(args):
             # detectron2's own launch() creates it; under wrn_det's launch or torchrun we do
             per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", getattr(args, "num_gpus", 1)))
             d2comm.create_local_process_group(per_machine)
-    setup_args = argparse.Namespace(**{**vars(args), "config_file": path})
-    default_setup(cfg, setup_args)
-    # the project's own messages (weights accounting, datasets) go to the same log.txt and console
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=d2comm.get_rank(), name="wrn_det")
+    # detectron2's own messages and the project's (weights accounting, datasets) to the same console and log.txt
+    loggers = ("wrn_det", "detectron2", "fvcore")
+    setup_run(cfg, loggers)
+    logging.getLogger("wrn_det").info("config file %s, command-line overrides: %s", path or "(none)",
+                                      " ".join(args.opts or []))
+    open_output_dir(cfg, loggers)
     register_datasets()
     return cfg
 
@@ -105,6 +113,9 @@ class Trainer(DefaultTrainer):
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
+        dtype = amp_dtype(cfg.SOLVER.AMP, torch.device(cfg.MODEL.DEVICE))
+        if dtype is not None and hasattr(self._trainer, "precision"):
+            self._trainer.precision = dtype  # detectron2's AMPTrainer autocasts to float16 unless told otherwise
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

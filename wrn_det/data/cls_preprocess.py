@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from wrn_det.engine.checkpoint import atomic_save, load_checkpoint
+from wrn_det.engine.checkpoint import load_checkpoint
+from wrn_det.engine.fileio import atomic_save
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 from .classification import ArraySet

@@ -11,221 +11,26 @@ A proposal file is a pickle of a dict (as detectron2's ``COCOEvaluator`` writes
 Files of the original Detectron (``indexes`` / ``scores`` instead of ``ids`` /
 ``objectness_logits``, pickled by Python 2) load too, as in detectron2.
 
-A pickle can name any importable function and have the loader call it, so opening
-somebody else's ``.pkl`` with :func:`pickle.load` can run arbitrary code. Files are
-therefore read by :class:`RestrictedUnpickler`, which resolves only the few globals
-that numpy arrays need (array and dtype reconstruction) plus plain containers; any
-other global stops the load before it is called, with a :class:`WrnDetError` naming
-the file and the refused global. Arrays come only through numpy's own unpickling paths
-and with plain dtypes (numbers, strings, objects), so the file's bytes can never be
-read as object pointers.
+A pickle can run code when it is opened, so proposal files are read through the
+project's restricted unpickler (:func:`wrn_det.engine.safe_pickle.safe_load_pickle`):
+numpy arrays of plain dtypes and plain containers only; anything else is refused before
+it runs, with one line naming the file and what was refused.
 """
-import _compat_pickle
-import collections
-import os
 import pickle
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
-from wrn_det.engine.checkpoint import atomic_write
+from wrn_det.engine.fileio import atomic_write
 from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.safe_pickle import safe_load_pickle
 
-__all__ = ["XYXY_ABS", "XYWH_ABS", "RestrictedUnpickler", "safe_load_pickle", "load_proposal_file",
-           "save_proposal_file", "load_proposals_into_dataset"]
+__all__ = ["XYXY_ABS", "XYWH_ABS", "load_proposal_file", "save_proposal_file", "load_proposals_into_dataset"]
 
 # detectron2's BoxMode values (detectron2.structures.BoxMode)
 XYXY_ABS = 0
 XYWH_ABS = 1
 _BOX_MODE_NAMES = {0: "XYXY_ABS", 1: "XYWH_ABS", 2: "XYXY_REL", 3: "XYWH_REL", 4: "XYWHA_ABS"}
-
-
-def _numpy_global(qualname: str):
-    """Return the numpy object at ``qualname`` (``numpy._core`` in numpy 2, ``numpy.core`` before)."""
-    module, _, name = qualname.rpartition(".")
-    for prefix in ("numpy._core", "numpy.core"):
-        try:
-            mod = __import__(f"{prefix}.{module}", fromlist=[name])
-            return getattr(mod, name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(qualname)  # pragma: no cover - every supported numpy has these
-
-
-def _latin1_encode(text, encoding="latin1"):
-    # Python 3 pickles ``bytes`` at protocol < 3 as _codecs.encode(str, "latin1"); only that use is admitted
-    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") != "latin1":
-        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} (only 'latin1' is admitted)")
-    return text.encode("latin1")
-
-
-def _box_mode(value):
-    # detectron2 writes ``BoxMode.XYXY_ABS.value``, but a pickled enum member is
-    # BoxMode(value); read it as its int without importing detectron2
-    if not isinstance(value, int) or value not in _BOX_MODE_NAMES:
-        raise pickle.UnpicklingError(f"BoxMode({value!r}) is not a detectron2 box mode")
-    return int(value)
-
-
-# dtypes an array in a proposal file may have: numbers, strings and Python objects (an object
-# array's items are unpickled one by one, through this unpickler)
-_PLAIN_KINDS = "biufcSUO"
-
-
-class _Refused(Exception):
-    """Raised while unpickling; its message says what was refused ("global os.system", ...)."""
-
-
-class _NdarrayToken:
-    """What the global ``numpy.ndarray`` resolves to: a marker for :func:`_reconstruct`, not callable.
-
-    Calling ``numpy.ndarray(shape, dtype, buffer)`` directly would build an array of any
-    dtype over raw bytes from the file, including an object array whose items are raw
-    pointers; numpy's own unpickling paths refuse that, so only they are admitted.
-    """
-
-    def __call__(self, *args, **kwargs):
-        raise _Refused("a direct call of numpy.ndarray (arrays are admitted only through numpy's unpickling)")
-
-
-_NDARRAY = _NdarrayToken()
-
-
-def _is_plain_dtype(d) -> bool:
-    """Return True if ``d`` is a dtype of one number, string or object: no fields, no subarray, honest flags."""
-    return (isinstance(d, np.dtype) and d.fields is None and d.subdtype is None and d.kind in _PLAIN_KINDS
-            and d.flags == np.dtype(d.str).flags)
-
-
-def _plain_dtype(spec, align=False, copy=False):
-    # numpy pickles a dtype as dtype(<type code>, align, copy) followed by its state
-    if not isinstance(spec, str):
-        raise _Refused(f"a dtype built from {type(spec).__name__} {spec!r:.40}")
-    d = np.dtype(spec, bool(align), bool(copy))
-    if not _is_plain_dtype(d):
-        raise _Refused(f"dtype {spec!r} (only plain number, string and object dtypes are admitted)")
-    return d
-
-
-def _check_dtype_state(d: np.dtype, state) -> None:
-    # dtype.__setstate__ trusts the flags it is given: a structured dtype whose object field
-    # is not flagged would let an array's raw bytes be read as object pointers. Apply the
-    # state to a copy first and admit it only if the result is a plain dtype of the same size.
-    probe = np.dtype(d, copy=True)
-    probe.__setstate__(state)
-    if not (_is_plain_dtype(probe) and probe.kind == d.kind and probe.itemsize == d.itemsize):
-        raise _Refused(f"a dtype state that turns {d} into {probe!r:.60} (only plain dtypes are admitted)")
-
-
-def _allowed_globals() -> Dict[tuple, object]:
-    """Return {(module, name): object} of every global a proposal file may name."""
-    reconstruct = _numpy_global("multiarray._reconstruct")
-    scalar = _numpy_global("multiarray.scalar")
-    frombuffer = _numpy_global("numeric._frombuffer")
-
-    def safe_reconstruct(subtype, shape, typecode):
-        # numpy pickles an array as _reconstruct(ndarray, (0,), b"b") followed by its state
-        if subtype is not _NDARRAY:
-            raise _Refused(f"_reconstruct of {type(subtype).__name__} (only numpy.ndarray is admitted)")
-        return reconstruct(np.ndarray, shape, typecode)
-
-    def safe_frombuffer(buf, dtype, shape, order):
-        # protocol-5 pickles of contiguous arrays; numpy refuses object dtypes here itself
-        if not _is_plain_dtype(dtype):
-            raise _Refused(f"_frombuffer with dtype {dtype!r:.60}")
-        return frombuffer(buf, dtype, shape, order)
-
-    def safe_scalar(dtype, obj=None):
-        # numpy scalars (an np.int64 image id, say)
-        if not _is_plain_dtype(dtype):
-            raise _Refused(f"a numpy scalar of dtype {dtype!r:.60}")
-        return scalar(dtype) if obj is None else scalar(dtype, obj)
-
-    allowed = {
-        ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _plain_dtype,
-        ("_codecs", "encode"): _latin1_encode,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "bytearray"): bytearray,
-        ("builtins", "bytes"): bytes,
-        ("builtins", "complex"): complex,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("detectron2.structures.boxes", "BoxMode"): _box_mode,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = safe_reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = safe_scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = safe_frombuffer
-    return allowed
-
-
-class RestrictedUnpickler(pickle._Unpickler):
-    """An Unpickler that resolves only numpy-array and plain-container globals.
-
-    Strings, numbers, bytes, lists, tuples, dicts and sets need no global and load as
-    usual; numpy arrays, dtypes and numpy scalars are rebuilt through numpy's own
-    reconstruction functions, for plain dtypes only. Any other global (``os.system``,
-    ``builtins.eval``, a class with a malicious ``__reduce__`` ...) raises before anything
-    is called, and so does setting the state of anything but an array or a plain dtype.
-
-    It extends Python's pure-Python unpickler (``pickle._Unpickler``): the C one offers no
-    hook on the BUILD opcode, which is where a dtype's state would have to be checked.
-    """
-
-    _ALLOWED: Optional[Dict[tuple, object]] = None
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def find_class(self, module: str, name: str):
-        """Return the admitted object for ``module.name``; anything else raises before it is imported."""
-        if RestrictedUnpickler._ALLOWED is None:
-            RestrictedUnpickler._ALLOWED = _allowed_globals()
-        # Python 2 names (__builtin__, copy_reg ...), mapped as pickle.Unpickler.find_class maps
-        # them; no Python 3 module has these names, so the mapping is safe at any protocol
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        obj = RestrictedUnpickler._ALLOWED.get((module, name))
-        if obj is None:
-            raise _Refused(f"global {module}.{name}")
-        return obj
-
-    def persistent_load(self, pid):
-        """Refuse persistent ids (they would need an application-defined loader)."""
-        raise _Refused(f"persistent id {pid!r:.40}")
-
-    def load_build(self):
-        """Set the state of the object under the top of the stack: an array, or a dtype whose new state is plain."""
-        state, inst = self.stack[-1], self.stack[-2]
-        if isinstance(inst, np.dtype):
-            _check_dtype_state(inst, state)
-        elif type(inst) is not np.ndarray:
-            raise _Refused(f"setting the state of a {type(inst).__name__} object")
-        super().load_build()
-
-    dispatch[pickle.BUILD[0]] = load_build
-
-
-def safe_load_pickle(path: str, what: str = "proposal file"):
-    """Return the object pickled in ``path``, read through :class:`RestrictedUnpickler`.
-
-    Python 2 pickles are read with ``encoding="latin1"``, as detectron2 does. Raises
-    :class:`WrnDetError` (one line naming ``path``) if the file is missing, is not a
-    pickle, or names a global other than numpy's array reconstruction.
-    """
-    if not os.path.isfile(path):
-        raise WrnDetError(f"{what} {path} not found")
-    try:
-        with open(path, "rb") as f:  # read from the file: a COCO proposal file can be gigabytes
-            return RestrictedUnpickler(f, encoding="latin1").load()
-    except _Refused as e:
-        raise WrnDetError(f"{what} {path}: refused to load {e} (a proposal file may hold only numpy "
-                          "arrays, lists, dicts, strings and numbers); nothing from it was run") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            UnicodeDecodeError, MemoryError) as e:
-        raise WrnDetError(f"{what} {path}: not a readable pickle ({type(e).__name__}: {e})") from None
-    except OSError as e:
-        raise WrnDetError(f"{what} {path} cannot be read: {e.strerror or e}") from None
 
 
 def _as_array(path: str, key: str, i: int, value, ndim: int) -> np.ndarray:
@@ -251,7 +56,7 @@ def load_proposal_file(path: str) -> dict:
     for a refused global, a missing key, lists of different lengths or arrays of the
     wrong shape.
     """
-    obj = safe_load_pickle(path)
+    obj = safe_load_pickle(path, "proposal file")
     if not isinstance(obj, dict):
         raise WrnDetError(f"proposal file {path} holds a {type(obj).__name__}; expected a dict with keys "
                           "ids, boxes, objectness_logits (and bbox_mode)")

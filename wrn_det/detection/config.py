@@ -165,7 +165,16 @@ def get_det_cfg() -> CN:
     _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
     _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # mixed precision on the run's device: float16 (with a gradient scaler; CUDA) or bfloat16 (CUDA or CPU)
     _C.SOLVER.AMP = CN({"ENABLED": False})
+    _C.SOLVER.AMP.DTYPE = "float16"
+
+    # exponential moving average of the weights (d2go's keys): evaluated beside the model,
+    # saved in the checkpoints, and chosen for --eval-only with USE_EMA_WEIGHTS_FOR_EVAL_ONLY
+    _C.MODEL_EMA = CN()
+    _C.MODEL_EMA.ENABLED = False
+    _C.MODEL_EMA.DECAY = 0.999
+    _C.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False
 
     _C.TEST = CN()
     _C.TEST.EVAL_PERIOD = 0

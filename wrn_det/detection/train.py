@@ -22,140 +22,30 @@ from torch import nn
 from wrn_det.data.catalog import get_detection_dataset_dicts
 from wrn_det.data.det_loader import build_detection_test_loader, build_detection_train_loader
 from wrn_det.engine import comm
-from wrn_det.engine.checkpoint import (atomic_save, get_rng_states, load_checkpoint, read_last_checkpoint,
-                                       set_rng_states, write_last_checkpoint)
-from wrn_det.engine.config import load_config, save_config
+from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
+from wrn_det.engine.config import load_config
+from wrn_det.engine.ema import ModelEMA
 from wrn_det.engine.errors import ConfigError, WrnDetError
-from wrn_det.engine.events import MetricsWriter, setup_logger
-from wrn_det.engine.schedules import LRMultiplier, build_lr_multiplier
-from wrn_det.engine.seed import seed_all
+from wrn_det.engine.events import MetricsWriter
+from wrn_det.engine.launch import create_ddp_model
+from wrn_det.engine.optim import OptimizerStep, amp_dtype, gradient_clipper, non_finite_error
+from wrn_det.engine.run import open_output_dir, setup_run
+from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
 from .config import get_det_cfg
 from .evaluation import COCOEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
+from .proposal_eval import ProposalEvaluator
+from .weights import load_detector_weights, unwrap
 
-__all__ = ["setup", "main", "Trainer", "Checkpointer", "build_optimizer", "build_evaluator", "test", "LOG_PERIOD"]
+__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test",
+           "LOG_PERIOD"]
 
 logger = logging.getLogger("wrn_det")
 
 LOG_PERIOD = 20
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
                nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Return the module inside DistributedDataParallel (or ``model`` itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-class Checkpointer:
-    """Save and load detector checkpoints in ``output_dir``.
-
-    A checkpoint is ``{"model", "optimizer", "scheduler", "grad_scaler", "iteration",
-    "rng_states" (one per process), "data_seed"}``, written atomically by rank 0.
-    """
-
-    def __init__(self, model: nn.Module, output_dir: str = "", optimizer=None, scheduler=None, grad_scaler=None):
-        self.model = unwrap(model)
-        self.output_dir = output_dir
-        self.optimizer, self.scheduler, self.grad_scaler = optimizer, scheduler, grad_scaler
-
-    def save(self, name: str, iteration: int, data_seed: int) -> Optional[str]:
-        """Write ``<output_dir>/<name>.pth`` and point ``last_checkpoint`` at it; returns the path on rank 0."""
-        rng = comm.all_gather(get_rng_states())  # every process takes part; only rank 0 writes
-        if not comm.is_main_process():
-            return None
-        state = {"model": self.model.state_dict(), "iteration": iteration, "rng_states": rng, "data_seed": data_seed}
-        for key, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("grad_scaler", self.grad_scaler)):
-            if obj is not None:
-                state[key] = obj.state_dict()
-        path = atomic_save(state, os.path.join(self.output_dir, f"{name}.pth"))
-        write_last_checkpoint(self.output_dir, path)
-        logger.info("saved checkpoint %s", path)
-        return path
-
-    def load_weights(self, path: str, key: str = "MODEL.WEIGHTS", strict: bool = True) -> dict:
-        """Load model weights from ``path``: a detector checkpoint, or a backbone / classification state dict.
-
-        For a backbone file, every tensor of the network's stem and stages must be in the
-        file with its shape, and the file must hold no stage tensor the network lacks; the
-        classifier is ignored. With ``strict`` (``MODEL.WRN.STRICT_WEIGHTS``) a gap is a
-        :class:`WrnDetError`, else a warning. Other tensors whose name or shape does not fit
-        are skipped with a warning. Returns the whole checkpoint dict. Raises
-        :class:`WrnDetError` if the file is missing or unreadable or if none of its tensors
-        fits the model.
-        """
-        try:
-            ckpt = load_checkpoint(path)
-        except WrnDetError as e:
-            raise WrnDetError(f"{key}: {e}") from None
-        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-            raise WrnDetError(f"{key}: {path} holds no state dict of tensors")
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        own = self.model.state_dict()
-        backbone_file = not any(k in own for k in state)
-        if backbone_file:
-            # a backbone (classification network) state dict: its keys live under the network's prefix
-            prefix = next((p for p in ("backbone.net.", "backbone.bottom_up.net.") if any(k.startswith(p) for k in own)), "")
-            self._check_backbone_file(state, prefix, path, key, strict)
-            state = {prefix + k: v for k, v in state.items()}
-        loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-        unexpected = [k for k in state if k not in own]
-        if not loadable:
-            raise WrnDetError(f"{key}: none of the {len(state)} tensors in {path} matches this model "
-                              f"(e.g. {next(iter(state))!r})")
-        self.model.load_state_dict(loadable, strict=False)
-        # tensors shared with a loaded one (the C4 head's res5 is the network's last stage) are loaded too
-        loaded_ptrs = {own[k].data_ptr() for k in loadable}
-        missing = [k for k in own if k not in loadable and own[k].data_ptr() not in loaded_ptrs]
-        logger.info("loaded %d of %d tensors of the model from %s", len(loadable), len(own), path)
-        if mismatched:
-            logger.warning("skipped %d tensors of a different shape: %s", len(mismatched), _short(mismatched))
-        if unexpected:
-            logger.warning("ignored %d tensors the model does not have: %s", len(unexpected), _short(unexpected))
-        if missing and "iteration" not in ckpt:
-            logger.info("%d model tensors not in the file keep their initialisation: %s", len(missing), _short(missing))
-        return ckpt
-
-    def _check_backbone_file(self, state: dict, prefix: str, path: str, key: str, strict: bool) -> None:
-        """Raise (``strict``) or warn unless ``state`` holds exactly the stem and stage tensors of the network."""
-        net = unwrap(self.model)
-        for part in prefix.strip(".").split("."):
-            net = getattr(net, part, None) if part else net
-        if net is None or not hasattr(net, "stage_names"):
-            return
-        parts = [net.stem] + [net.get_stage(n) for n in net.stage_names]
-        ids = {id(t) for m in parts for t in list(m.parameters()) + list(m.buffers())}
-        tensors = net.state_dict(keep_vars=True)
-        stage_keys = {k for k, t in tensors.items() if id(t) in ids and not k.endswith("num_batches_tracked")}
-        head_keys = set(tensors) - stage_keys  # the classifier: free to differ or be absent
-        missing = sorted(k for k in stage_keys if k not in state)
-        wrong = sorted(k for k, v in state.items() if k in stage_keys and tuple(v.shape) != tuple(tensors[k].shape))
-        unknown = sorted(k for k in state if k not in stage_keys and k not in head_keys
-                         and not k.endswith("num_batches_tracked"))
-        if not (missing or wrong or unknown):
-            return
-        problems = "; ".join(f"{what} {len(keys)}: {_short(keys, 3)}" for what, keys in (
-            ("missing", missing), ("of another shape", wrong), ("unknown to the network", unknown)) if keys)
-        msg = (f"{key}: {path} does not fit the backbone {type(net).__name__} ({len(stage_keys)} stem/stage tensors): "
-               f"{problems}")
-        if strict:
-            raise WrnDetError(msg + "; set MODEL.WRN.STRICT_WEIGHTS False to load what fits")
-        logger.warning(msg)
-
-    def resume(self, path: str) -> dict:
-        """Load the model, optimizer, scheduler and grad scaler states of checkpoint ``path``; returns it."""
-        ckpt = self.load_weights(path, key="--resume")
-        for key, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("grad_scaler", self.grad_scaler)):
-            if obj is not None and key in ckpt:
-                obj.load_state_dict(ckpt[key])
-        return ckpt
-
-
-def _short(keys: List[str], n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -185,29 +75,13 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                            lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)
 
 
-def build_scheduler(cfg, optimizer) -> LRMultiplier:
-    """Return the per-iteration learning-rate scheduler of ``SOLVER.LR_SCHEDULER_NAME`` with warm-up."""
+def build_lr_schedule(cfg, optimizer) -> LRSchedule:
+    """Return the per-iteration learning rates of ``SOLVER.LR_SCHEDULER_NAME`` with warm-up."""
     s = cfg.SOLVER
     mult = build_lr_multiplier(s.LR_SCHEDULER_NAME, s.MAX_ITER, s.STEPS, s.GAMMA, warmup_iters=s.WARMUP_ITERS,
                                warmup_factor=s.WARMUP_FACTOR, warmup_method=s.WARMUP_METHOD,
                                cosine_end=s.BASE_LR_END / s.BASE_LR if s.BASE_LR else 0.0)
-    return LRMultiplier(optimizer, mult, s.MAX_ITER)
-
-
-def _clip_gradients(cfg, params: List[torch.nn.Parameter]) -> None:
-    c = cfg.SOLVER.CLIP_GRADIENTS
-    if not c.ENABLED:
-        return
-    grads = [p for p in params if p.grad is not None]
-    if c.CLIP_TYPE == "value":
-        torch.nn.utils.clip_grad_value_(grads, c.CLIP_VALUE)
-    elif c.CLIP_TYPE == "norm":  # as detectron2: each parameter on its own
-        for p in grads:
-            torch.nn.utils.clip_grad_norm_([p], c.CLIP_VALUE, c.NORM_TYPE)
-    elif c.CLIP_TYPE == "full_model":
-        torch.nn.utils.clip_grad_norm_(grads, c.CLIP_VALUE, c.NORM_TYPE)
-    else:
-        raise ConfigError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be value, norm or full_model, got {c.CLIP_TYPE!r}")
+    return LRSchedule(optimizer, mult, s.MAX_ITER)
 
 
 def _proposal_files(cfg, split: str) -> Optional[List[str]]:
@@ -233,19 +107,17 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str):
     :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP).
     """
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
-        from .proposal_eval import ProposalEvaluator
-
         return ProposalEvaluator(dataset_name, output_dir)
     return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
 
 
-def test(cfg, model: nn.Module, iteration: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+def test(cfg, model: nn.Module, inference_dir: str = "inference") -> Dict[str, Dict[str, float]]:
     """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
 
     Returns ``{"bbox": {...}}`` for one dataset, ``{dataset: {"bbox": {...}}}`` for several
     (on rank 0; empty dicts elsewhere); a ProposalNetwork gives ``"box_proposals"`` in place
     of ``"bbox"``. Results files (``coco_instances_results.json``, or the proposal file
-    ``box_proposals.pkl``) go to ``OUTPUT_DIR/inference``, ``OUTPUT_DIR/inference/<dataset>``
+    ``box_proposals.pkl``) go to ``OUTPUT_DIR/<inference_dir>``, ``OUTPUT_DIR/<inference_dir>/<dataset>``
     with several datasets.
     """
     results = OrderedDict()
@@ -255,8 +127,8 @@ def test(cfg, model: nn.Module, iteration: Optional[int] = None) -> Dict[str, Di
         dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
                                             proposal_key="DATASETS.PROPOSAL_FILES_TEST")
         loader = build_detection_test_loader(cfg, dicts)
-        out_dir = os.path.join(cfg.OUTPUT_DIR, "inference") if len(cfg.DATASETS.TEST) == 1 else \
-            os.path.join(cfg.OUTPUT_DIR, "inference", name)
+        out_dir = os.path.join(cfg.OUTPUT_DIR, inference_dir) if len(cfg.DATASETS.TEST) == 1 else \
+            os.path.join(cfg.OUTPUT_DIR, inference_dir, name)
         results[name] = inference_on_dataset(unwrap(model), loader, build_evaluator(cfg, name, out_dir))
     if len(results) == 1:
         return next(iter(results.values()))
@@ -270,8 +142,10 @@ def _fmt_eta(seconds: float) -> str:
 class Trainer:
     """Iteration-based training of a detector built from ``cfg``; ``train(resume)`` runs it.
 
-    Everything is built in ``__init__`` (model, datasets, optimizer, scheduler), so a
-    bad config or a missing dataset fails before the first iteration.
+    Everything is built in ``__init__`` (model, datasets, optimizer, schedule, mixed
+    precision, EMA), so a bad config or a missing dataset fails before the first iteration.
+    Checkpoints hold the model, optimizer, gradient scaler, EMA, iteration, data seed and
+    every process's random-number states (:class:`~wrn_det.engine.checkpoint.TrainingCheckpointer`).
     """
 
     def __init__(self, cfg):
@@ -291,59 +165,91 @@ class Trainer:
             if not os.path.isfile(f):
                 raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
         logger.info("training on %d images of %s", len(self.train_dicts), ", ".join(cfg.DATASETS.TRAIN))
-        self.amp = bool(cfg.SOLVER.AMP.ENABLED)
-        if self.amp and self.device.type != "cuda":
-            logger.warning("SOLVER.AMP.ENABLED works on CUDA only; training in float32 on %s", self.device)
-            self.amp = False
         self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp else None
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.checkpointer = Checkpointer(self.model, cfg.OUTPUT_DIR, self.optimizer, self.scheduler, self.grad_scaler)
+        self.schedule = build_lr_schedule(cfg, self.optimizer)
+        dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
+        if dtype is not None:
+            logger.info("mixed precision: autocast to %s on %s", dtype, self.device)
+        self.step = OptimizerStep(self.optimizer, self.device, dtype, gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS))
+        self.ema = ModelEMA(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        self.checkpointer = TrainingCheckpointer(cfg.OUTPUT_DIR, prefix="model_")
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.last_checkpoint: Optional[str] = None
 
+    def _state(self, iteration: int) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "grad_scaler": self.step.state_dict(), "iteration": iteration, "data_seed": self.data_seed}
+        if self.ema is not None:
+            state.update(ema=self.ema.state_dict(), ema_updates=self.ema.num_updates)
+        return state
+
+    def _save(self, name: str, iteration: int) -> None:
+        self.last_checkpoint = self.checkpointer.save(name, self._state(iteration)) or self.last_checkpoint
+        if self.last_checkpoint and comm.is_main_process():
+            logger.info("saved checkpoint %s", self.last_checkpoint)
+
     def resume_or_load(self, resume: bool) -> int:
         """Return the first iteration to run: after ``last_checkpoint`` with ``resume``, else 0 (loading MODEL.WEIGHTS)."""
-        path = read_last_checkpoint(self.cfg.OUTPUT_DIR) if resume else None
+        path = self.checkpointer.latest() if resume else None
+        self._rng_state = None
         if path is None:
             if resume:
                 logger.info("--resume: no checkpoint in %s; starting from the beginning", self.cfg.OUTPUT_DIR)
             if self.cfg.MODEL.WEIGHTS:
-                self.checkpointer.load_weights(self.cfg.MODEL.WEIGHTS, strict=self.cfg.MODEL.WRN.STRICT_WEIGHTS)
+                load_detector_weights(self.model, self.cfg.MODEL.WEIGHTS, strict=self.cfg.MODEL.WRN.STRICT_WEIGHTS)
+                if self.ema is not None:  # the average starts from the loaded weights
+                    self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
             self.data_seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
-            self._rng = None
             return 0
-        ckpt = self.checkpointer.resume(path)
+        ckpt = load_checkpoint_for_resume(path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step.load_state_dict(ckpt.get("grad_scaler") or {})
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 1))
+            else:
+                logger.warning("the checkpoint has no EMA weights; the EMA restarts from the current weights")
+                self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
         self.last_checkpoint = path
         self.data_seed = int(ckpt.get("data_seed", max(self.cfg.SEED, 0)))
-        states = ckpt.get("rng_states") or []
-        self._rng = states[self.rank] if len(states) == self.world else None
+        self._rng_state = ckpt
         logger.info("resuming from %s at iteration %d", path, ckpt["iteration"] + 1)
         return int(ckpt["iteration"]) + 1
 
     def train(self, resume: bool = False) -> Dict:
-        """Run training to ``SOLVER.MAX_ITER`` and the final evaluation; returns the evaluation results."""
+        """Run training to ``SOLVER.MAX_ITER`` and the final evaluation; returns the evaluation results.
+
+        With ``MODEL_EMA.ENABLED`` the EMA weights are evaluated too, under ``"ema"`` (their
+        result files in ``inference/ema``).
+        """
         cfg = self.cfg
         start_iter = self.resume_or_load(resume)
-        model = self.model
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        model = create_ddp_model(self.model, self.device)
         loader = build_detection_train_loader(cfg, self.train_dicts, self.data_seed, start_iter)
-        if self._rng is not None:
+        if self._rng_state is not None and not TrainingCheckpointer.restore_rng(self._rng_state):
             # last, so that nothing built above draws from the restored generators
-            set_rng_states(self._rng)
+            logger.warning("the checkpoint was written by %s processes, this run has %d: random streams restart",
+                           self._rng_state.get("world_size"), self.world)
         writer = MetricsWriter(cfg.OUTPUT_DIR)
         results = {}
         try:
             if start_iter < self.max_iter:
                 self._loop(model, iter(loader), start_iter, writer)
-            results = test(cfg, model) if cfg.DATASETS.TEST else {}
+            results = self.evaluate() if cfg.DATASETS.TEST else {}
             if results and comm.is_main_process():
                 writer.write(flatten_results(results), step=self.max_iter - 1)
         finally:
             writer.close()
+        return results
+
+    def evaluate(self) -> Dict:
+        """Evaluate the model (and the EMA weights, under ``"ema"``) on ``DATASETS.TEST``; returns the results."""
+        results = test(self.cfg, self.model)
+        if self.ema is not None:
+            ema = test(self.cfg, self.ema.module, inference_dir=os.path.join("inference", "ema"))
+            if comm.is_main_process():
+                results = {**results, "ema": ema}
         return results
 
     def _loop(self, model: nn.Module, data: iter, start_iter: int, writer: MetricsWriter) -> None:
@@ -358,29 +264,18 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(data)
             data_time = time.perf_counter() - t0
-            with torch.autocast("cuda", enabled=self.amp):
+            lr = self.schedule.apply(it)
+            with self.step.autocast():
                 loss_dict = model(batch)
             losses = sum(loss_dict.values())
             reduced = comm.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
             total = float(sum(reduced.values()))
             if not math.isfinite(total):
                 values = ", ".join(f"{k}={float(v):.4g}" for k, v in reduced.items())
-                where = self.last_checkpoint or "none (no checkpoint was written before it)"
-                raise WrnDetError(f"loss became non-finite at iteration {it} ({values}); training stopped, "
-                                  f"the last good checkpoint is {where}")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.grad_scaler is not None:
-                self.grad_scaler.scale(losses).backward()
-                self.grad_scaler.unscale_(self.optimizer)
-                _clip_gradients(cfg, self.params)
-                self.grad_scaler.step(self.optimizer)
-                self.grad_scaler.update()
-            else:
-                losses.backward()
-                _clip_gradients(cfg, self.params)
-                self.optimizer.step()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
+                raise non_finite_error("non-finite", f"at iteration {it}", values, self.last_checkpoint)
+            self.step.step(losses)
+            if self.ema is not None:
+                self.ema.update(self.model)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             step_time = time.perf_counter() - t0
@@ -390,13 +285,13 @@ class Trainer:
             if nxt % LOG_PERIOD == 0 or nxt == self.max_iter or it == start_iter:
                 self._log(it, lr, window, writer, time.perf_counter() - t_start, nxt - start_iter)
             if period > 0 and nxt % period == 0 and nxt != self.max_iter:
-                self.last_checkpoint = self.checkpointer.save(f"model_{it:07d}", it, self.data_seed) or self.last_checkpoint
+                self._save(f"model_{it:07d}", it)
             if eval_period > 0 and nxt % eval_period == 0 and nxt != self.max_iter and cfg.DATASETS.TEST:
-                res = test(cfg, model)
+                res = self.evaluate()
                 if comm.is_main_process():
                     writer.write(flatten_results(res), step=it)
                 model.train()
-        self.last_checkpoint = self.checkpointer.save("model_final", self.max_iter - 1, self.data_seed) or self.last_checkpoint
+        self._save("model_final", self.max_iter - 1)
 
     def _log(self, it: int, lr: float, window: Dict[str, deque], writer: MetricsWriter, elapsed: float, done: int):
         med = {k: sorted(v)[len(v) // 2] for k, v in window.items()}
@@ -412,22 +307,21 @@ class Trainer:
         writer.write({**{k: v for k, v in med.items()}, "lr": lr, "eta_seconds": eta}, step=it)
 
 
+def load_checkpoint_for_resume(path: str) -> dict:
+    """Return the training checkpoint at ``path`` for ``--resume`` (one line naming the file if it is unusable)."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "iteration") if k not in ckpt]
+    if missing:
+        raise WrnDetError(f"--resume: {path} is not a training checkpoint of this engine (it lacks {', '.join(missing)})")
+    return ckpt
+
+
 def setup(args):
-    """Return the frozen config of ``args`` (file + overrides); creates OUTPUT_DIR, its config.yaml and the logger."""
+    """Return the frozen config of ``args`` (file + overrides) after setting up logging, seeds and OUTPUT_DIR."""
     cfg = load_config(get_det_cfg(), args.config_file, args.opts)
-    rank = comm.get_rank()
-    if comm.is_main_process() and cfg.OUTPUT_DIR:
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    comm.synchronize()
-    setup_logger(cfg.OUTPUT_DIR, rank)
-    logger.info("rank %d of %d; command-line overrides: %s", rank, comm.get_world_size(), " ".join(args.opts or []))
-    if comm.is_main_process():
-        path = save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
-        logger.info("full config saved to %s", path)
-    seed = seed_all(cfg.SEED + rank if cfg.SEED >= 0 else -1)
-    logger.info("using seed %d for this process", seed)
-    if cfg.CUDNN_BENCHMARK:
-        torch.backends.cudnn.benchmark = True
+    setup_run(cfg)
+    logger.info("command-line overrides: %s", " ".join(args.opts or []))
+    open_output_dir(cfg)
     return cfg
 
 
@@ -440,6 +334,7 @@ def main(args) -> Dict:
         if not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only needs DATASETS.TEST")
         model = build_detector(cfg)
-        Checkpointer(model).load_weights(cfg.MODEL.WEIGHTS, strict=cfg.MODEL.WRN.STRICT_WEIGHTS)
+        load_detector_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.MODEL.WRN.STRICT_WEIGHTS,
+                              use_ema=cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY)
         return test(cfg, model)
     return Trainer(cfg).train(resume=args.resume)

@@ -1,76 +1,74 @@
-"""Checkpoint files: atomic writes, ``weights_only`` loads, ``last_checkpoint`` and RNG states."""
+"""Training-state checkpoints, shared by both trainers.
+
+:class:`TrainingCheckpointer` writes a run's checkpoints: every process's random-number
+states gathered to rank 0, one atomic file per checkpoint, ``last_checkpoint`` naming
+the newest, the oldest pruned beyond ``keep``. :func:`load_checkpoint` reads any torch
+file the project is given with ``torch.load(weights_only=True)`` and turns every way
+that can fail into one line naming the file.
+"""
 import os
 import pickle
 import random
-import tempfile
+import re
+import warnings
 import zipfile
 from typing import Optional
 
 import numpy as np
 import torch
 
+from . import comm
 from .errors import WrnDetError
+from .fileio import atomic_save, write_text
+
+__all__ = ["LAST_CHECKPOINT", "TrainingCheckpointer", "load_checkpoint", "read_last_checkpoint",
+           "write_last_checkpoint", "get_rng_states", "set_rng_states"]
 
 LAST_CHECKPOINT = "last_checkpoint"
 
 
-def _umask_mode() -> int:
-    # mkstemp creates files readable by the owner only; give the result the mode a plain open() would
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write(path: str, write, suffix: str = "") -> str:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    A reader never sees a half-written file, a failure leaves the previous file intact and
-    no temporary file behind, and the file gets the mode a plain ``open`` would give it.
-    Returns ``path``.
-    """
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_save(obj, path: str) -> str:
-    """Save ``obj`` with ``torch.save`` atomically (see :func:`atomic_write`); returns ``path``."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
+def _torch_load_error(path: str, e: BaseException) -> WrnDetError:
+    """Return the one-line error for a file ``torch.load(weights_only=True)`` refused or could not parse."""
+    text = " ".join(str(e).split())
+    glob = re.search(r"unsupported GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    where = f"checkpoint file {path} cannot be read as a torch checkpoint"
+    if glob:
+        return WrnDetError(f"{where}: refused to load global {glob.group(1)} (a checkpoint may hold only tensors, "
+                           "numbers, strings and plain containers); nothing from it was run")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" and not zipfile.is_zipfile(path):
+        return WrnDetError(f"{where}: it is a plain pickle, not a file written by torch.save (detectron2 .pkl "
+                           "weights are read by --engine detectron2)")
+    if not zipfile.is_zipfile(path):
+        return WrnDetError(f"{where}: not a file written by torch.save")
+    return WrnDetError(f"{where} of tensors ({type(e).__name__}: {text[:200]}); it may be truncated or corrupt")
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Return the object stored at ``path``, read with ``torch.load(weights_only=True)``.
 
-    Raises :class:`WrnDetError` with one line if the file is missing, truncated or holds
-    anything but tensors and plain containers.
+    Raises :class:`WrnDetError` with one line if the file is missing, truncated, not a
+    torch file, or holds anything but tensors and plain containers (then naming the
+    refused global; nothing from the file runs).
     """
     if not path or not os.path.isfile(path):
         raise WrnDetError(f"checkpoint file {path!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
-        msg = " ".join(str(e).split())[:300]
-        raise WrnDetError(f"checkpoint file {path!r} cannot be read as a torch checkpoint of tensors: {msg}") from None
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it then refuses; the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, TypeError,
+            AttributeError, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise _torch_load_error(path, e) from None
+    except OSError as e:
+        raise WrnDetError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
 
 
 def write_last_checkpoint(output_dir: str, filename: str) -> None:
     """Record ``filename`` (relative to ``output_dir``) in ``output_dir/last_checkpoint``, atomically."""
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(os.path.basename(filename))
-
-    atomic_write(os.path.join(output_dir, LAST_CHECKPOINT), write)
+    write_text(os.path.join(output_dir, LAST_CHECKPOINT), os.path.basename(filename))
 
 
 def read_last_checkpoint(output_dir: str) -> Optional[str]:
@@ -118,3 +116,47 @@ def set_rng_states(states: dict) -> None:
         cuda_states = states["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+class TrainingCheckpointer:
+    """The checkpoints of one run folder: what ``--resume`` continues from.
+
+    ``save(name, state)`` is called by every process: their random-number states are
+    gathered into ``state["rng_states"]`` (one per rank, with ``"world_size"``), rank 0
+    writes ``<output_dir>/<name>.pth`` atomically, points ``last_checkpoint`` at it, and
+    removes the oldest periodic checkpoints (``<prefix><number>.pth``) beyond the newest
+    ``keep`` (0 keeps all). Every file loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, output_dir: str, prefix: str = "model_", keep: int = 0):
+        self.output_dir = output_dir
+        self.prefix = prefix
+        self.keep = int(keep)
+
+    def save(self, name: str, state: dict) -> Optional[str]:
+        """Write the checkpoint ``name``; returns its path on rank 0 and None elsewhere."""
+        rng = comm.all_gather(get_rng_states())  # every process takes part; only rank 0 writes
+        if not comm.is_main_process():
+            return None
+        state = dict(state, rng_states=rng, world_size=comm.get_world_size())
+        path = atomic_save(state, os.path.join(self.output_dir, f"{name}.pth"))
+        write_last_checkpoint(self.output_dir, path)
+        if self.keep > 0:
+            pattern = re.compile(re.escape(self.prefix) + r"\d+\.pth")
+            periodic = sorted(f for f in os.listdir(self.output_dir) if pattern.fullmatch(f))
+            for f in periodic[:-self.keep]:
+                os.remove(os.path.join(self.output_dir, f))
+        return path
+
+    def latest(self) -> Optional[str]:
+        """Return the checkpoint ``last_checkpoint`` names, or None when the run has none."""
+        return read_last_checkpoint(self.output_dir)
+
+    @staticmethod
+    def restore_rng(state: dict) -> bool:
+        """Restore this process's random-number states from ``state``; returns False when the world size changed."""
+        states = state.get("rng_states") or []
+        if len(states) != comm.get_world_size():
+            return False
+        set_rng_states(states[comm.get_rank()])
+        return True

@@ -10,7 +10,7 @@ from typing import List, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from .checkpoint import atomic_write
+from .fileio import write_text
 from .errors import ConfigError
 
 __all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs"]
@@ -111,8 +111,4 @@ def load_config(defaults: CfgNode, config_file: Optional[str], opts: Optional[Li
 def save_config(cfg: CfgNode, path: str) -> str:
     """Write ``cfg`` as YAML to ``path`` atomically; returns the path."""
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(cfg.dump())
-
-    return atomic_write(path, write, suffix=".yaml")
+    return write_text(path, cfg.dump())

@@ -30,3 +30,7 @@ def cli_main(fn, *args, **kwargs) -> int:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     return ret if isinstance(ret, int) else 0
+
+
+class NonFiniteLossError(WrnDetError):
+    """The training loss became NaN or infinite; the run stopped without saving the bad weights."""

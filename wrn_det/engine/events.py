@@ -4,34 +4,72 @@ import logging
 import math
 import os
 import sys
+from collections import deque
 from typing import Optional
 
 from . import comm
 
 
+class _Buffer(logging.Handler):
+    """Holds the records logged before the run folder exists, to be replayed into its log.txt."""
+
+    def __init__(self, capacity: int = 10000):
+        super().__init__()
+        self.records = deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _formatter() -> logging.Formatter:
+    return logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+
+
 def setup_logger(output_dir: Optional[str] = None, distributed_rank: int = 0, name: str = "wrn_det") -> logging.Logger:
     """Return the logger ``name``, printing to stdout on rank 0 and writing to ``output_dir/log.txt``.
 
-    Ranks other than 0 write ``log.txt.rankN``. Calling it twice does not duplicate handlers.
+    Ranks other than 0 write ``log.txt.rankN``. Without ``output_dir`` the records are kept
+    and written to the file when :func:`attach_log_file` names the folder. Calling it twice
+    does not duplicate handlers.
     """
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
     if distributed_rank == 0:
         sh = logging.StreamHandler(sys.stdout)
-        sh.setFormatter(fmt)
+        sh.setFormatter(_formatter())
         logger.addHandler(sh)
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        fname = "log.txt" if distributed_rank == 0 else f"log.txt.rank{distributed_rank}"
-        fh = logging.FileHandler(os.path.join(output_dir, fname))
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
+        attach_log_file(output_dir, distributed_rank, name)
+    else:
+        logger.addHandler(_Buffer())
     return logger
+
+
+def attach_log_file(output_dir: str, distributed_rank: int = 0, name: str = "wrn_det") -> str:
+    """Start writing the logger ``name`` to ``output_dir/log.txt`` (``log.txt.rankN``), first the records kept so far.
+
+    Returns the log file's path.
+    """
+    logger = logging.getLogger(name)
+    os.makedirs(output_dir, exist_ok=True)
+    fname = "log.txt" if distributed_rank == 0 else f"log.txt.rank{distributed_rank}"
+    path = os.path.join(output_dir, fname)
+    fh = logging.FileHandler(path)
+    fh.setFormatter(_formatter())
+    for h in list(logger.handlers):
+        if isinstance(h, _Buffer):
+            for record in h.records:
+                fh.handle(record)
+            logger.removeHandler(h)
+        elif isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) == os.path.abspath(path):
+            logger.removeHandler(h)
+            h.close()
+    logger.addHandler(fh)
+    return path
 
 
 def _jsonable(v):

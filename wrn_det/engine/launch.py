@@ -115,3 +115,17 @@ def _worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_ran
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def create_ddp_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Return ``model`` wrapped in DistributedDataParallel when several processes run, else ``model``.
+
+    Both trainers wrap this way: one device per process (none on the CPU), buffers not
+    broadcast (BatchNorm statistics stay each process's, or synchronised by the norm layer).
+    """
+    if comm.get_world_size() <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)

@@ -41,14 +41,15 @@ class WarmupParamScheduler(ParamScheduler):
 
 def build_lr_multiplier(name: str, max_iter: int, steps: Sequence[int] = (), gamma: float = 0.1,
                         warmup_iters: int = 0, warmup_factor: float = 0.001, warmup_method: str = "linear",
-                        cosine_end: float = 0.0) -> ParamScheduler:
+                        cosine_end: float = 0.0, length_key: str = "SOLVER.MAX_ITER") -> ParamScheduler:
     """Return a ParamScheduler mapping training progress in [0, 1] to the learning-rate multiplier.
 
     ``WarmupMultiStepLR`` multiplies by ``gamma`` at each of ``steps`` (iterations, or epochs
     when ``max_iter`` counts epochs); ``WarmupCosineLR`` decays from 1 to ``cosine_end``.
+    ``length_key`` names the config key that sets ``max_iter`` in errors.
     """
     if max_iter <= 0:
-        raise ConfigError(f"the schedule length must be positive, got {max_iter}")
+        raise ConfigError(f"{length_key} must be positive (the schedule length), got {max_iter}")
     if name == "WarmupMultiStepLR":
         steps = [int(s) for s in steps]
         if steps != sorted(steps) or any(s <= 0 for s in steps):
@@ -71,35 +72,33 @@ def build_lr_multiplier(name: str, max_iter: int, steps: Sequence[int] = (), gam
     return sched
 
 
-class LRMultiplier(torch.optim.lr_scheduler.LRScheduler):
-    """Set each group's lr to its initial lr times ``multiplier(step / max_iter)``.
+class LRSchedule:
+    """The learning rate of every iteration, applied to an optimizer: the one way both trainers set it.
 
-    ``step()`` is called once per iteration (or epoch); the state dict holds only the
-    step count, so a resumed run recomputes the same rates.
+    Each parameter group's rate is its initial rate (``initial_lr``, recorded at
+    construction) times ``multiplier(iteration / max_iter)``. The rate is a function of the
+    iteration alone, so a resumed run recomputes exactly the rates of the run it continues
+    and there is no scheduler state to save.
     """
 
-    def __init__(self, optimizer, multiplier: ParamScheduler, max_iter: int, last_iter: int = -1):
-        self._multiplier = multiplier
-        self._max_iter = max_iter
-        super().__init__(optimizer, last_epoch=last_iter)
+    def __init__(self, optimizer: torch.optim.Optimizer, multiplier: ParamScheduler, max_iter: int):
+        self.optimizer = optimizer
+        self.multiplier = multiplier
+        self.max_iter = int(max_iter)
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
 
-    def state_dict(self):
-        """Return the step count and base rates."""
-        return {"base_lrs": self.base_lrs, "last_epoch": self.last_epoch}
+    def factor(self, iteration: int) -> float:
+        """Return the multiplier at ``iteration`` (0-based; clipped to the end of the schedule)."""
+        where = min(iteration / self.max_iter, 1.0 - 1e-12) if self.max_iter else 0.0
+        return self.multiplier(max(where, 0.0))
 
-    def get_lr(self):
-        """Return the learning rate of every parameter group at the current step."""
-        where = min(self.last_epoch / self._max_iter, 1.0 - 1e-12) if self._max_iter else 0.0
-        m = self._multiplier(max(where, 0.0))
-        return [base * m for base in self.base_lrs]
-
-    def _get_closed_form_lr(self):
-        return self.get_lr()
-
-
-def lr_at(base_lr: float, multiplier: ParamScheduler, step: int, max_iter: int) -> float:
-    """Return the learning rate at ``step`` for a schedule of ``max_iter`` steps."""
-    return base_lr * multiplier(min(step / max_iter, 1.0 - 1e-12))
+    def apply(self, iteration: int) -> float:
+        """Set every group's rate for ``iteration``; returns the rate of the first group."""
+        m = self.factor(iteration)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * m
+        return self.optimizer.param_groups[0]["lr"]
 
 
-__all__ = ["build_lr_multiplier", "LRMultiplier", "WarmupParamScheduler", "lr_at", "SCHEDULERS"]
+__all__ = ["build_lr_multiplier", "LRSchedule", "WarmupParamScheduler", "SCHEDULERS"]

@@ -29,11 +29,8 @@ Nothing here imports detectron2.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import re
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -43,20 +40,21 @@ from torch import nn
 
 from wrn_det.engine.checkpoint import load_checkpoint
 from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.fileio import atomic_write, atomic_write_all
+from wrn_det.engine.safe_pickle import safe_load_pickle
 
 from .registry import build_model
-from .wide_resnet import IMAGENET_DEPTHS
+from .weights import guess_network, is_counter, match_state_dict, strip_wrappers
 
 __all__ = [
     "ConversionError", "BACKBONE_FORMAT", "D2_AUTHOR",
-    "protocol_stem", "protocol_modules", "backbone_key_map", "read_classifier_state", "infer_model_name",
+    "protocol_stem", "protocol_modules", "backbone_key_map", "read_classifier_state",
     "extract_backbone", "builtin_checkpoint", "d2_checkpoint", "to_protocol_keys",
     "save_d2_checkpoint", "read_d2_pickle", "convert_weights", "is_builtin_backbone_checkpoint",
 ]
 
 BACKBONE_FORMAT = "backbone"   # value of ``ckpt["wrn_det"]["format"]`` in a builtin backbone checkpoint
 D2_AUTHOR = "wrn_det"          # ``__author__`` of the detectron2 pickles written here
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 class ConversionError(WrnDetError):
@@ -118,18 +116,6 @@ def backbone_key_map(net: nn.Module) -> "OrderedDict[str, str]":
 # reading classification checkpoints
 
 
-def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    # a prefix is removed only when every key has it, so a network with a real "module" child keeps its keys
-    changed = True
-    while changed and state:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in state):
-                state = OrderedDict((k[len(p):], v) for k, v in state.items())
-                changed = True
-    return state
-
-
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
 
@@ -183,52 +169,7 @@ def read_classifier_state(path: str, use_ema: bool = False) -> Tuple["OrderedDic
         if info["kind"] == "wrn_det" and os.path.isfile(cfg_file):
             with open(cfg_file) as f:
                 info["model_name"] = _name_from_config_text(f.read())
-    return _strip_prefixes(OrderedDict(main)), info
-
-
-def infer_model_name(state: Dict[str, torch.Tensor]) -> Optional[str]:
-    """Return the ``wrn_det.models`` name that the key layout and shapes of ``state`` describe, or None.
-
-    Recognises the ImageNet family (torchvision/timm keys: ``wide_resnet{depth}_{k}``) and
-    the CIFAR-style WRNs (``wrn_{depth}_{k}``); other networks need an explicit name.
-    """
-    blocks: Dict[int, set] = {}
-    for k in state:
-        m = re.match(r"layer([1-4])\.(\d+)\.", k)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if sorted(blocks) == [1, 2, 3, 4] and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
-        counts = tuple(len(blocks[i]) for i in range(1, 5))
-        kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
-        for depth, (d_kind, d_counts) in IMAGENET_DEPTHS.items():
-            if d_kind == kind and d_counts == counts:
-                width = state["layer1.0.conv1.weight"].shape[0]
-                if width % 64 == 0:
-                    return f"wide_resnet{depth}_{width // 64}"
-        return None
-    stage_blocks: Dict[int, set] = {}
-    for k in state:
-        m = re.match(r"stage([1-3])\.(\d+)\.", k)
-        if m:
-            stage_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if sorted(stage_blocks) == [1, 2, 3] and "stem.weight" in state and "stage1.0.conv1.weight" in state:
-        n = len(stage_blocks[1])
-        if len(stage_blocks[2]) == n == len(stage_blocks[3]):
-            width = state["stage1.0.conv1.weight"].shape[0]
-            if width % 16 == 0:
-                return f"wrn_{6 * n + 4}_{width // 16}"
-    return None
-
-
-def _examples(keys: List[str], n: int = 3) -> str:
-    more = f" and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _is_counter(key: str) -> bool:
-    # BatchNorm's num_batches_tracked: no weight, absent from older published checkpoints
-    # (torchvision's first ResNet files) and from detectron2's frozen BN
-    return key.endswith("num_batches_tracked")
+    return strip_wrappers(main), info
 
 
 def extract_backbone(state: Dict[str, torch.Tensor], model_name: str, source: str = "the checkpoint"
@@ -246,26 +187,17 @@ def extract_backbone(state: Dict[str, torch.Tensor], model_name: str, source: st
         net = build_model(model_name)
     except (ValueError, TypeError) as e:
         raise ConversionError(f"model {model_name!r}: {e}") from None
-    own = net.state_dict()
     keymap = backbone_key_map(net)
-    required = [k for k in keymap if not _is_counter(k)]
-    guess = infer_model_name(state)
-    hint = f" (its layout looks like {guess!r}; pass --model {guess})" if guess and guess != model_name else ""
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise ConversionError(f"{source} lacks {len(missing)} of the {len(required)} backbone tensors of "
-                              f"{model_name}: {_examples(missing)}{hint}")
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise ConversionError(f"{source} has {len(unknown)} keys that {model_name} does not have: "
-                              f"{_examples(unknown)}{hint}")
-    for k in required:
-        if tuple(state[k].shape) != tuple(own[k].shape):
-            raise ConversionError(f"{source}: {k} has shape {tuple(state[k].shape)}, {model_name} expects "
-                                  f"{tuple(own[k].shape)}{hint}")
+    required = [k for k in keymap if not is_counter(k)]
+    loadable, report = match_state_dict(state, net.state_dict(), required=required, source=source)
+    if not report.ok:
+        guess = report.looks_like
+        hint = f" (its layout looks like {guess!r}; pass --model {guess})" if guess and guess != model_name else ""
+        raise ConversionError(f"{source} does not fit the {len(required)} backbone tensors of {model_name}: "
+                              f"{report.problems()}{hint}")
     backbone = OrderedDict()
     for k in required:
-        v = state[k].detach()
+        v = loadable[k].detach()
         backbone[k] = (v.float() if v.is_floating_point() else v).contiguous()
     dropped = [k for k in state if k not in keymap]
     return backbone, net, dropped
@@ -302,7 +234,7 @@ def to_protocol_keys(backbone: Dict[str, torch.Tensor], net: nn.Module) -> "Orde
     for k, v in backbone.items():
         if k not in keymap:
             raise ConversionError(f"{k} is not a backbone tensor of {type(net).__name__}")
-        if _is_counter(k):
+        if is_counter(k):
             continue
         out[keymap[k]] = v
     return out
@@ -320,40 +252,6 @@ def d2_checkpoint(backbone: Dict[str, torch.Tensor], net: nn.Module, model_name:
             "wrn_det": {"format": "detectron2", "version": 1, "model_name": model_name, **meta}}
 
 
-def _temp_beside(path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    # mkstemp creates the file private (0600); give it the permissions a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
-
-
-def _write_all(writers) -> List[str]:
-    """Run ``write(tmp_path)`` for each ``(write, path)`` into temporary files, then rename them all.
-
-    Returns the paths written. If any write fails, every temporary file is removed and no
-    output appears, so a failure leaves nothing half-written.
-    """
-    temps = []
-    try:
-        for write, path in writers:
-            tmp = _temp_beside(path)
-            temps.append((tmp, path))
-            write(tmp)
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    return [path for _, path in temps]
-
-
 def _pickle_to(obj, path: str) -> None:
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=4)
@@ -361,44 +259,22 @@ def _pickle_to(obj, path: str) -> None:
 
 def save_d2_checkpoint(ckpt: dict, path: str) -> str:
     """Pickle ``ckpt`` (from :func:`d2_checkpoint`) to ``path`` atomically; returns ``path``."""
-    return _write_all([(lambda tmp: _pickle_to(ckpt, tmp), path)])[0]
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that builds only numpy arrays and plain containers (detectron2 model pickles)."""
-
-    _ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "numpy" and name.endswith("DType"):  # numpy 2 pickles dtypes by their class
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays and plain containers "
-                                     "are allowed in a weights pickle")
+    return atomic_write(path, lambda tmp: _pickle_to(ckpt, tmp))
 
 
 def read_d2_pickle(path: str) -> dict:
-    """Return the dict stored in a detectron2 weights pickle, read with a restricted unpickler.
+    """Return the dict stored in a detectron2 weights pickle, read through the project's restricted unpickler.
 
-    Only numpy arrays, numbers, strings and plain containers are built; anything else
-    (arbitrary code) raises :class:`ConversionError`, as does a missing or corrupt file.
+    Only numpy arrays of plain dtypes, numbers, strings and plain containers are built
+    (:func:`wrn_det.engine.safe_pickle.safe_load_pickle`); anything else, a missing or a
+    corrupt file raises :class:`WrnDetError` with one line naming the file.
     """
-    if not os.path.isfile(path):
-        raise ConversionError(f"weights file {path!r} does not exist")
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ConversionError(f"{path}: cannot be read as a detectron2 weights pickle: {e}") from None
+        obj = safe_load_pickle(path, "detectron2 weights file")
+    except WrnDetError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: expected a dict in the pickle, got {type(obj).__name__}")
+        raise ConversionError(f"{path}: expected a dict in the detectron2 weights pickle, got {type(obj).__name__}")
     return obj
 
 
@@ -417,7 +293,7 @@ def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Opt
     if not builtin_out and not d2_out:
         raise ConversionError("nothing to write: give a builtin (.pth) and/or a detectron2 (.pkl) output path")
     state, info = read_classifier_state(src, use_ema=use_ema)
-    name = model_name or info["model_name"] or infer_model_name(state)
+    name = model_name or info["model_name"] or guess_network(state)
     if not name:
         raise ConversionError(f"{src}: cannot tell which network these weights are for; pass --model NAME "
                               "(a wrn_det.models name such as wide_resnet50_2 or wrn_28_10)")
@@ -427,10 +303,10 @@ def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Opt
     meta = {"source": os.path.abspath(src), "source_kind": info["kind"], "ema": info["ema"]}
     writers = []
     if builtin_out:
-        writers.append((lambda tmp: torch.save(builtin_checkpoint(backbone, name, **meta), tmp), builtin_out))
+        writers.append((builtin_out, lambda tmp: torch.save(builtin_checkpoint(backbone, name, **meta), tmp)))
     if d2_out:
-        writers.append((lambda tmp: _pickle_to(d2_checkpoint(backbone, net, name, **meta), tmp), d2_out))
-    written = _write_all(writers)
+        writers.append((d2_out, lambda tmp: _pickle_to(d2_checkpoint(backbone, net, name, **meta), tmp)))
+    written = atomic_write_all(writers)
     own = net.state_dict(keep_vars=True)
     n_params = sum(own[k].numel() for k in backbone if isinstance(own[k], nn.Parameter))
     return {"model_name": name, "kind": info["kind"], "ema": info["ema"], "num_tensors": len(backbone),

@@ -1,0 +1,64 @@
+"""Exponential moving average of a model's weights (``MODEL_EMA.ENABLED``, ``MODEL_EMA.DECAY``), both trainers.
+
+Built on ``torch.optim.swa_utils.AveragedModel`` with buffers averaged too (BatchNorm
+statistics). Its ready-made ``get_ema_multi_avg_fn`` would decay integer buffers as well
+(BatchNorm's ``num_batches_tracked``, which then stays frozen), so the averaging function
+here lerps floating-point tensors and copies the others.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from .errors import ConfigError
+
+__all__ = ["ModelEMA"]
+
+
+def _ema_avg_fn(decay: float):
+    @torch.no_grad()
+    def average(ema_tensors, model_tensors, num_averaged):
+        # AveragedModel groups tensors by device and dtype: a group is all floats or all integers
+        if torch.is_floating_point(ema_tensors[0]) or torch.is_complex(ema_tensors[0]):
+            torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - decay)
+        else:
+            for e, m in zip(ema_tensors, model_tensors):
+                e.copy_(m)
+
+    return average
+
+
+class ModelEMA:
+    """``ema = decay * ema + (1 - decay) * weights`` after every optimizer step (the first update copies).
+
+    ``module`` is an evaluation-mode copy of the model on the same device, used for
+    evaluation and saved as a state dict of the model's own keys.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        self.decay = float(decay)
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"MODEL_EMA.DECAY must be in [0, 1), got {decay}")
+        self.averaged = AveragedModel(model, multi_avg_fn=_ema_avg_fn(self.decay), use_buffers=True)
+        self.module = self.averaged.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards the current weights of ``model`` (same architecture)."""
+        self.averaged.update_parameters(model)
+
+    def state_dict(self) -> dict:
+        """Return the averaged weights as a state dict of the model's keys."""
+        return self.module.state_dict()
+
+    @property
+    def num_updates(self) -> int:
+        """Return how many updates the average has seen."""
+        return int(self.averaged.n_averaged)
+
+    def load_state_dict(self, state: dict, num_updates: int = 1) -> None:
+        """Load averaged weights saved by :meth:`state_dict`, with the number of updates they had seen."""
+        self.module.load_state_dict(state)
+        self.averaged.n_averaged.fill_(int(num_updates))

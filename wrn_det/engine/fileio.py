@@ -1,0 +1,131 @@
+"""The one way the project writes files: a temporary file beside the target, then a rename.
+
+A reader never sees a half-written file; a failure (an exception, a full disk) leaves the
+previous file as it was and no temporary file behind; files get the mode a plain
+``open()`` would give them. :func:`atomic_write_all` extends the promise to a group of
+files that must appear together or not at all (the two outputs of a weight conversion).
+Streams that grow line by line (``log.txt``, ``metrics.json``, TensorBoard events) are
+appended to instead.
+"""
+import errno
+import json
+import os
+import tempfile
+from typing import Callable, List, Sequence, Tuple
+
+from .errors import WrnDetError
+
+__all__ = ["atomic_write", "atomic_write_all", "atomic_save", "write_text", "write_json", "save_figure",
+           "check_output_dir"]
+
+Writer = Callable[[str], None]
+
+
+def _umask_mode() -> int:
+    # mkstemp creates files readable by the owner only; give the result the mode a plain open() would
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_beside(path: str, suffix: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WrnDetError(f"cannot write {path}: {d} is not a folder (a file of that name is in the way)") from None
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    return tmp
+
+
+def _os_error(path: str, e: OSError) -> WrnDetError:
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why += "; the previous file, if any, is unchanged"
+    return WrnDetError(f"cannot write {path}: {why}")
+
+
+def atomic_write_all(items: Sequence[Tuple[str, Writer]], suffix: str = "") -> List[str]:
+    """Call each ``write(tmp_path)`` on a temporary file beside its ``path``, then rename them all.
+
+    Returns the paths written. If any write fails, every temporary file is removed and no
+    target is touched, so the group appears whole or not at all. An ``OSError`` (a full
+    disk, a folder where a file should be) becomes a :class:`WrnDetError` naming the path.
+    """
+    temps: List[Tuple[str, str]] = []
+    try:
+        for path, write in items:
+            try:
+                tmp = _temp_beside(path, suffix or os.path.splitext(path)[1])
+            except OSError as e:
+                raise _os_error(path, e) from None
+            temps.append((tmp, path))
+            try:
+                write(tmp)
+                os.chmod(tmp, _umask_mode())
+            except OSError as e:
+                raise _os_error(path, e) from None
+        for tmp, path in temps:
+            if os.path.isdir(path):
+                raise WrnDetError(f"cannot write {path}: it is a folder")
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return [path for _, path in temps]
+
+
+def atomic_write(path: str, write: Writer, suffix: str = "") -> str:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``; returns ``path``.
+
+    See :func:`atomic_write_all` for what happens on failure.
+    """
+    return atomic_write_all([(path, write)], suffix)[0]
+
+
+def atomic_save(obj, path: str) -> str:
+    """Save ``obj`` with ``torch.save`` atomically; returns ``path``."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), suffix=".pth")
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` atomically; returns ``path``."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def write_json(path: str, obj, **kwargs) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically (``kwargs`` go to ``json.dump``); returns ``path``."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **kwargs)
+
+    return atomic_write(path, write, suffix=".json")
+
+
+def save_figure(fig, path: str, **kwargs) -> str:
+    """Save a matplotlib figure to ``path`` atomically (format from the extension); returns ``path``."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def check_output_dir(path: str, key: str = "OUTPUT_DIR") -> str:
+    """Return ``path`` if it is, or can become, a folder; raise :class:`WrnDetError` naming ``key`` otherwise.
+
+    Nothing is created: a regular file at ``path`` or at any of its parents is the error.
+    """
+    p = os.path.abspath(path)
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    if p and not os.path.isdir(p):
+        what = "is a file" if p == os.path.abspath(path) else f"is under the file {p}"
+        raise WrnDetError(f"{key} {path!r} {what}; expected a folder")
+    return path

@@ -1,0 +1,175 @@
+"""Whether a weights file fits a network: the one matcher every loader uses.
+
+:func:`match_state_dict` compares the tensors of a file with the tensors of a model:
+wrapper prefixes (``module.`` of DataParallel / DDP, ``_orig_mod.`` of ``torch.compile``)
+are removed, file keys are mapped to the model's keys (exactly, or by a unique dotted
+suffix, as detectron2 matches its pickles), and the result says which tensors load,
+which required ones are missing, which file keys match nothing, which have another shape,
+and which network the file's layout looks like. The builtin detection engine, the
+classification trainer, the weight converter and the detectron2 checkpointer all decide
+with it and only format its :class:`MatchReport`.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+from .wide_resnet import IMAGENET_DEPTHS
+
+__all__ = ["WRAPPER_PREFIXES", "MatchReport", "strip_wrappers", "match_state_dict", "guess_network", "is_counter",
+           "short_list"]
+
+#: Prefixes wrappers add to every key: DataParallel / DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def is_counter(key: str) -> bool:
+    """Return True for BatchNorm's ``num_batches_tracked`` counters: no weights, absent from many published files."""
+    return key.endswith("num_batches_tracked")
+
+
+def short_list(keys: Iterable[str], n: int = 3) -> str:
+    """Return up to ``n`` of ``keys`` joined by commas, and how many more there are."""
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def strip_wrappers(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Return ``state`` without the wrapper prefixes that every key carries (in any order and number).
+
+    A prefix is removed only when every key has it, so a network with a real ``module``
+    child keeps its keys.
+    """
+    state = OrderedDict(state)
+    changed = True
+    while changed and state:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in state):
+                state = OrderedDict((k[len(p):], v) for k, v in state.items())
+                changed = True
+    return state
+
+
+@dataclass
+class MatchReport:
+    """What :func:`match_state_dict` found; ``ok`` when nothing required is missing, unknown or misshapen."""
+
+    source: str
+    total: int                                     # required tensors of the model
+    matched: List[str] = field(default_factory=list)      # model keys that load from the file
+    missing: List[str] = field(default_factory=list)      # required model keys the file lacks
+    unexpected: List[str] = field(default_factory=list)   # file keys that match no model key
+    wrong_shape: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # (model key, file, model shape)
+    skipped: List[str] = field(default_factory=list)      # optional model keys of another shape in the file
+    looks_like: Optional[str] = None               # the network the file's key layout shows
+
+    @property
+    def ok(self) -> bool:
+        """Return True when every required tensor loads and the file has no unknown key."""
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+    def problems(self, n: int = 3) -> str:
+        """Return the report's problems as one phrase ("missing 2: a, b; of another shape 1: c ...")."""
+        parts = []
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} of {self.total}: {short_list(self.missing, n)}")
+        if self.wrong_shape:
+            shapes = [f"{k} {tuple(a)} (the model has {tuple(b)})" for k, a, b in self.wrong_shape]
+            parts.append(f"of another shape {len(shapes)}: {short_list(shapes, n)}")
+        if self.unexpected:
+            parts.append(f"unknown to the model {len(self.unexpected)}: {short_list(self.unexpected, n)}")
+        return "; ".join(parts)
+
+    def hint(self, name: Optional[str] = None) -> str:
+        """Return " (its layout looks like 'x')" when the file looks like another network than ``name``."""
+        if self.looks_like and self.looks_like != name:
+            return f" (its layout looks like {self.looks_like!r})"
+        return ""
+
+
+def match_state_dict(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                     required: Optional[Iterable[str]] = None, source: str = "the file",
+                     ignore: Optional[Callable[[str], bool]] = None, suffix: bool = False,
+                     ) -> Tuple["OrderedDict[str, torch.Tensor]", MatchReport]:
+    """Match the tensors of a file (``state``) to a model's (``target``: key -> tensor or shape holder).
+
+    ``required``: the model keys that must load (default: every key of ``target`` but the
+    BatchNorm counters); other keys of ``target`` are optional (a classifier, say): they load
+    when their shape fits and are listed in ``skipped`` otherwise. ``ignore(key)``: file keys
+    to leave out of the comparison (counters always are). ``suffix``: a file key may also
+    name the one model key that ends with ``"." + key`` (detectron2's matching of its
+    pickles). Returns ``(loadable, report)``: the tensors to load, keyed as the model, and
+    the :class:`MatchReport`.
+    """
+    state = strip_wrappers(state)
+    req = [k for k in target if not is_counter(k)] if required is None else list(required)
+    req_set = set(req)
+    by_suffix: Dict[str, List[str]] = {}
+    if suffix:
+        for t in target:
+            parts = t.split(".")
+            for i in range(1, len(parts)):
+                by_suffix.setdefault(".".join(parts[i:]), []).append(t)
+    loadable: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    report = MatchReport(source=source, total=len(req), looks_like=guess_network(state))
+    for key, value in state.items():
+        if is_counter(key) and key not in target or (ignore is not None and ignore(key)):
+            continue
+        name = key if key in target else None
+        if name is None and suffix:
+            cands = by_suffix.get(key, [])
+            name = cands[0] if len(cands) == 1 else None
+        if name is None:
+            report.unexpected.append(key)
+            continue
+        want = tuple(target[name].shape)
+        if not hasattr(value, "shape") or tuple(value.shape) != want:  # tensors, or numpy arrays of a pickle
+            got = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
+            if name in req_set:
+                report.wrong_shape.append((name, got, want))
+            else:
+                report.skipped.append(name)
+            continue
+        loadable[name] = value
+    report.matched = list(loadable)
+    report.missing = [k for k in req if k not in loadable and k not in {w[0] for w in report.wrong_shape}]
+    return loadable, report
+
+
+def guess_network(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Return the ``wrn_det.models`` name that the key layout and shapes of ``state`` describe, or None.
+
+    Recognises the ImageNet family (torchvision/timm keys: ``wide_resnet{depth}_{k}``) and
+    the CIFAR-style WRNs (``wrn_{depth}_{k}``); other networks need an explicit name.
+    """
+    blocks: Dict[int, set] = {}
+    for k in state:
+        m = re.match(r"layer([1-4])\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(blocks) == [1, 2, 3, 4] and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        counts = tuple(len(blocks[i]) for i in range(1, 5))
+        kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+        for depth, (d_kind, d_counts) in IMAGENET_DEPTHS.items():
+            if d_kind == kind and d_counts == counts:
+                width = state["layer1.0.conv1.weight"].shape[0]
+                if width % 64 == 0:
+                    return f"wide_resnet{depth}_{width // 64}"
+        return None
+    stage_blocks: Dict[int, set] = {}
+    for k in state:
+        m = re.match(r"stage([1-3])\.(\d+)\.", k)
+        if m:
+            stage_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(stage_blocks) == [1, 2, 3] and "stem.weight" in state and "stage1.0.conv1.weight" in state:
+        n = len(stage_blocks[1])
+        if len(stage_blocks[2]) == n == len(stage_blocks[3]):
+            width = state["stage1.0.conv1.weight"].shape[0]
+            if width % 16 == 0:
+                return f"wrn_{6 * n + 4}_{width // 16}"
+    return None
