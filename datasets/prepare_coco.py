@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wrn_det.data.builtin import BUILTIN_COCO  # noqa: E402
 from wrn_det.data.catalog import datasets_root  # noqa: E402
 from wrn_det.engine.errors import WrnDetError, cli_main  # noqa: E402
+from wrn_det.engine.fileio import atomic_write_all  # noqa: E402
 
 VAL2014 = "annotations/instances_val2014.json"
 VAL2017 = "annotations/instances_val2017.json"
@@ -107,36 +107,19 @@ def split_val2014(val2014: dict, val2017_ids) -> tuple:
     return tuple(parts)
 
 
-def _plain_file_mode() -> int:
-    # mkstemp makes owner-only files; the splits get the mode a plain open() would give them
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write_json_files_atomically(items) -> None:
-    """Write every ``(path, data)`` to a temporary file beside it, then rename them all; returns None.
+    """Write every ``(path, data)`` through the project's atomic writer, all or none; returns None.
 
-    On any error the temporary files are removed and no target is touched, so a
-    failed run never leaves a half-written split behind.
+    On any error no target is touched, so a failed run never leaves a half-written split behind.
     """
-    temps = []
-    try:
-        for path, data in items:
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                                       dir=os.path.dirname(path))
-            temps.append(tmp)
-            with os.fdopen(fd, "w") as f:
+    def writer(data):
+        def write(tmp):
+            with open(tmp, "w") as f:
                 json.dump(data, f, separators=(",", ":"))
-            os.chmod(tmp, _plain_file_mode())
-        for (path, _), tmp in zip(items, temps):
-            os.replace(tmp, path)
-    except OSError as e:
-        raise WrnDetError(f"cannot write {e.filename or os.path.dirname(items[0][0])}: {e.strerror}") from None
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        return write
+
+    atomic_write_all([(path, writer(data)) for path, data in items])
 
 
 def build_minival(root: str, force: bool = False, log=print) -> bool:

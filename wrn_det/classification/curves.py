@@ -6,6 +6,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.fileio import save_figure
 
 __all__ = ["read_run", "plot_curves", "CURVE_KEYS"]
 
@@ -115,9 +116,6 @@ def plot_curves(runs: Sequence[Tuple[str, List[dict]]], out_path: str, title: st
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, out_path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path

@@ -8,7 +8,6 @@ detectron2's names: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<
 """
 import contextlib
 import io
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ import torch
 from wrn_det.data.catalog import MetadataCatalog, resolve_json_file
 from wrn_det.engine import comm
 from wrn_det.engine.errors import ConfigError
+from wrn_det.engine.fileio import write_json
 
 __all__ = ["COCOEvaluator", "inference_on_dataset", "evaluate_coco_results", "format_table", "BACKENDS"]
 
@@ -137,12 +137,7 @@ class COCOEvaluator:
             return {}
         results = [r for p in parts for r in p]
         if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            path = os.path.join(self.output_dir, "coco_instances_results.json")
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f)
-            os.replace(tmp, path)
+            write_json(os.path.join(self.output_dir, "coco_instances_results.json"), results)
         metrics = evaluate_coco_results(self.json_file, results, self.backend, self.meta.get("thing_classes"))
         logger.info("%s (%s, %d detections)\n%s", self.dataset_name, self.backend, len(results), _summary_tables(metrics))
         return {"bbox": metrics}

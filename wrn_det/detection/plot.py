@@ -11,6 +11,7 @@ import sys
 from typing import Dict, List, Tuple
 
 from wrn_det.engine.errors import WrnDetError, cli_main
+from wrn_det.engine.fileio import save_figure
 
 __all__ = ["read_metrics", "eval_keys", "plot_run"]
 
@@ -86,8 +87,7 @@ def plot_run(path: str, output: str = "") -> str:
     if keys:
         axes[2].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=100)
+    save_figure(fig, output, dpi=100)
     plt.close(fig)
     return output
 
