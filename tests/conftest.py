@@ -1,6 +1,86 @@
-"""Fixtures shared by the test files."""
+"""Fixtures and helpers shared by the test files: the repository root, running the tools, fake COCO trees.
+
+Test files import the helpers (``from conftest import REPO, load_tool, ...``); pytest puts
+this folder on ``sys.path``.
+"""
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Shapes drawn natively at 64 pixels, like the demo's (which trains at 64 pixels).
+DRAW_64 = dict(sides=(64,), min_size=12.0, max_frac=0.6, max_objects=4)
+
+#: Overrides of the demo config for a narrow WRN-FPN on a fake COCO tree that runs a few
+#: iterations in well under a second.
+TINY_DET = ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+            "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"]
+
+
+def load_tool(name: str):
+    """Return the module of ``tools/<name>.py``, loaded from its file as the command line runs it."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tool_env(datasets_root: Optional[str] = None, **extra) -> Dict[str, str]:
+    """Return the environment of a tool run as a child: this checkout first, one thread, ``DETECTRON2_DATASETS``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    if datasets_root is not None:
+        env["DETECTRON2_DATASETS"] = str(datasets_root)
+    return env
+
+
+def run_tool(name: str, *args, datasets_root: Optional[str] = None, env: Optional[dict] = None, timeout: int = 300,
+             cwd=REPO, **kw) -> subprocess.CompletedProcess:
+    """Run ``tools/<name>.py ARGS`` in a child process; returns the completed process (text output captured)."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)],
+                          env=env or tool_env(datasets_root), cwd=str(cwd), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def run_tool_in_process(name: str, argv: List[str], capsys) -> Tuple[int, str]:
+    """Run ``tools/<name>.py``'s entry point in this process as the script does; returns (exit status, stderr).
+
+    The entry point is ``run(parse_args(argv))`` where the tool parses its own arguments
+    (train_net), else ``run(argv)`` or ``main(argv)``, all through ``cli_main``.
+    """
+    from wrn_det.engine.errors import cli_main
+
+    tool = load_tool(name)
+    capsys.readouterr()
+    if hasattr(tool, "parse_args") and hasattr(tool, "run"):
+        status = cli_main(tool.run, tool.parse_args(argv))
+    else:
+        status = cli_main(getattr(tool, "run", None) or tool.main, argv)
+    logging.getLogger("wrn_det").handlers.clear()  # the run's log file handlers
+    return status, capsys.readouterr().err
+
+
+def write_fake_coco(root, splits: Dict[str, Tuple[int, int]], **draw) -> str:
+    """Write a COCO tree of shapes images under ``root/coco`` (``split -> (images, seed)``); returns ``root``.
+
+    The layout is detectron2's (``coco/<split>``, ``coco/annotations/instances_<split>.json``),
+    so the catalog's COCO names (``coco_2017_train`` ...) read it with
+    ``DETECTRON2_DATASETS=root``. ``draw`` goes to :func:`wrn_det.data.shapes.generate_split`.
+    """
+    from wrn_det.data import shapes
+
+    for split, (n, seed) in splits.items():
+        shapes.generate_split(os.path.join(str(root), "coco"), split, n, seed=seed, **draw)
+    return str(root)
 
 
 @pytest.fixture
@@ -10,6 +90,15 @@ def one_thread():
     The test machines are small and shared: one thread avoids OpenMP threads spinning
     against other jobs, which made training steps several times slower.
     """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for every test of a module."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,5 +1,4 @@
 """Two CPU processes under torchrun (gloo) train like one process with the same global batch."""
-import os
 import re
 import subprocess
 import sys
@@ -7,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from conftest import REPO, tool_env
+
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 
-REPO = Path(__file__).resolve().parents[1]
 LOSS = re.compile(r"epoch (\d+)/\d+ iter (\d+)/\d+ loss (\S+)")
 
 
@@ -25,7 +25,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
             "DATASETS.ROOT", root, "DATASETS.VERIFY_CHECKSUMS", "False", "SEED", "3",
             "SOLVER.EPOCHS", "2", "SOLVER.STEPS", "(2,)", "SOLVER.IMS_PER_BATCH", "32", "SOLVER.BASE_LR", "0.05",
             "TEST.IMS_PER_BATCH", "64", "LOG_PERIOD", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = tool_env()
     script = str(REPO / "tools/train_cls.py")
     torchrun = str(Path(sys.executable).parent / "torchrun")
     one, two = tmp_path / "one", tmp_path / "two"

@@ -1,6 +1,4 @@
 """Bad datasets and configs give one clear line and a non-zero exit (tools/train_cls.py)."""
-import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,25 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO, load_tool, tool_env
+
 from wrn_det.data.classification import read_cifar, read_mnist, read_svhn
 from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_mnist, write_svhn, write_synthetic_cifar
 from wrn_det.engine.errors import WrnDetError, cli_main
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_CLS = REPO / "tools" / "train_cls.py"
-
-
-def _train_cls():
-    spec = importlib.util.spec_from_file_location("tool_train_cls", TRAIN_CLS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.run
 
 
 def _one_error_line(capsys, argv, tmp_path):
     """Run tools/train_cls.py's entry point as the script does; returns (exit status, stderr)."""
     capsys.readouterr()
-    status = cli_main(_train_cls(), ["MODEL.NAME", "wrn_10_1", "OUTPUT_DIR", str(tmp_path / "out"), *argv])
+    status = cli_main(load_tool("train_cls").run, ["MODEL.NAME", "wrn_10_1", "OUTPUT_DIR", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     return status, err
@@ -84,7 +76,7 @@ def test_unknown_config_key(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("SOLVER:\n  BASE_LR: 0.1\n  LR_STEPS: [60, 120]\n")
     capsys.readouterr()
-    status = cli_main(_train_cls(), ["--config-file", str(cfg)])
+    status = cli_main(load_tool("train_cls").run, ["--config-file", str(cfg)])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "LR_STEPS" in err and str(cfg) in err
     status, err = _one_error_line(capsys, ["SOLVER.BASE_RL", "0.1"], tmp_path)
@@ -92,6 +84,6 @@ def test_unknown_config_key(tmp_path, capsys):
 
     # the real script: exit status 2 and a single line on stderr, no traceback
     res = subprocess.run([sys.executable, str(TRAIN_CLS), "--config-file", str(cfg)], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=120, env=tool_env())
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "LR_STEPS" in res.stderr

@@ -1,23 +1,15 @@
 """A small WRN learns a synthetic 10-class set written as CIFAR-10 batches (the issue's learning test)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from conftest import load_tool
 
 from wrn_det.data.classification import read_cifar
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.errors import cli_main
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _colour_only_accuracy(train, test) -> float:
@@ -42,7 +34,7 @@ def test_wrn_learns_synthetic_cifar10_to_90_percent(tmp_path, one_thread):
     argv = ["MODEL.NAME", "wrn_10_1", "DATASETS.NAME", "cifar10", "DATASETS.ROOT", root,
             "DATASETS.VERIFY_CHECKSUMS", "False", "OUTPUT_DIR", str(out), "SEED", "0",
             "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(3,)", "SOLVER.IMS_PER_BATCH", "64", "TEST.IMS_PER_BATCH", "250"]
-    assert cli_main(_tool("train_cls").run, argv) == 0
+    assert cli_main(load_tool("train_cls").run, argv) == 0
 
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -1,17 +1,16 @@
 """tools/plot_logs.py draws curves from a finished run and from the original code's json_stats: logs."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from conftest import load_tool
 
 from wrn_det.classification import ClsTrainer, get_cls_cfg
 from wrn_det.classification.curves import read_run
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.errors import cli_main
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Lines as the original Torch code printed them (a trailing tab included) and as its PyTorch code wrote them.
 LUA_LOG = """==> online epoch # 1 [batchSize = 128]\t
@@ -23,13 +22,6 @@ json_stats: {"loss":0.701,"epoch":3,"test_acc":72.40,"lr":0.1,"train_time":292.1
 PYTORCH_LOG = "".join(
     "json_stats: " + json.dumps({"train_loss": 2.0 / e, "train_acc": 50 + 10 * e, "test_loss": 2.2 / e,
                                  "test_acc": 45 + 10 * e, "epoch": e, "depth": 16}) + "\n" for e in range(1, 5))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _assert_png(path):
@@ -49,7 +41,7 @@ def test_json_stats_logs_are_parsed_and_plotted(tmp_path):
     assert abs(rows[3]["train_err"] - 10.0) < 1e-9 and abs(rows[3]["test_loss"] - 0.55) < 1e-9
 
     out = tmp_path / "orig.png"
-    assert cli_main(_tool("plot_logs").run, [str(tmp_path / "wrn40_4.log"), str(tmp_path / "pytorch_log.txt"), "-o", str(out)]) == 0
+    assert cli_main(load_tool("plot_logs").run, [str(tmp_path / "wrn40_4.log"), str(tmp_path / "pytorch_log.txt"), "-o", str(out)]) == 0
     _assert_png(out)
 
 
@@ -65,7 +57,7 @@ def test_plot_of_a_finished_run_and_bad_input(tmp_path, capsys, one_thread):
     assert label == "tiny_run" and [r["epoch"] for r in rows] == [1, 2]
     assert all(r["test_err"] is not None and r["train_loss"] is not None for r in rows)
 
-    plot = _tool("plot_logs").run
+    plot = load_tool("plot_logs").run
     assert cli_main(plot, [str(run), "-o", str(tmp_path / "curves.png")]) == 0
     _assert_png(tmp_path / "curves.png")
 

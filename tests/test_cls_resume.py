@@ -1,6 +1,5 @@
 """SIGKILL partway through epoch 3, then --resume: the run ends bit-identical to an uninterrupted one."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from conftest import REPO, tool_env
+
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cmd(root, out, resume=False):
@@ -33,7 +33,7 @@ def _epoch3_started(out: Path) -> bool:
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     root = write_synthetic_cifar(str(tmp_path / "data"), n_train=320, n_test=100, seed=5)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = tool_env()
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     # both runs at once: results do not depend on timing, and the test takes half the time
     p_straight = subprocess.Popen(_cmd(root, straight), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,16 +1,15 @@
 """Trainer behaviour: a diverging run stops cleanly, learning-rate steps reset momentum, --eval-only."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import load_tool
 
 from wrn_det.classification import ClsTrainer, NonFiniteLossError, get_cls_cfg
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.errors import cli_main
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +68,7 @@ def test_learning_rate_step_resets_momentum(tmp_path, data_root, one_thread):
 
 
 def test_eval_only_reproduces_the_final_test_error(tmp_path, data_root, one_thread, capsys):
-    spec = importlib.util.spec_from_file_location("tool_train_cls", REPO / "tools/train_cls.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("train_cls")
     run = tmp_path / "run"
     assert cli_main(tool.run, _opts(data_root, run, "SOLVER.EPOCHS", "1")) == 0
     last = json.loads((run / "metrics.json").read_text().splitlines()[-1])

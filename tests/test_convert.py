@@ -4,16 +4,14 @@ The end-to-end test pretrains a small WRN with tools/train_cls.py on CIFAR-forma
 writes, converts the checkpoint (plain and EMA weights) and starts builtin-engine
 detectors from it through the engine's MODEL.WEIGHTS loader.
 """
-import importlib.util
 import os
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+
+from conftest import load_tool, run_tool
 
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.detection.config import get_det_cfg
@@ -30,30 +28,15 @@ from wrn_det.models.convert import (
     read_d2_pickle,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CONVERT = REPO / "tools" / "convert_weights.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machines these run on are small and shared: one intra-op thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _convert_main():
-    spec = importlib.util.spec_from_file_location("convert_weights_cli", CONVERT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_tool("convert_weights").main
 
 
 def _run_convert(*args):
-    return subprocess.run([sys.executable, str(CONVERT), *map(str, args)], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    return run_tool("convert_weights", *args, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +45,10 @@ def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrain")
     root = write_synthetic_cifar(str(tmp / "data"), n_train=128, n_test=64, seed=3)
     out = tmp / "run"
-    cmd = [sys.executable, str(REPO / "tools" / "train_cls.py"),
-           "MODEL.NAME", "wrn_10_1", "DATASETS.NAME", "cifar10", "DATASETS.ROOT", root,
-           "DATASETS.VERIFY_CHECKSUMS", "False", "OUTPUT_DIR", str(out), "SEED", "0",
-           "SOLVER.EPOCHS", "1", "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", "64", "TEST.IMS_PER_BATCH", "64",
-           "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5", "DATALOADER.NUM_WORKERS", "0"]
-    res = subprocess.run(cmd, cwd=str(tmp), env=ENV, capture_output=True, text=True, timeout=300)
+    res = run_tool("train_cls", "MODEL.NAME", "wrn_10_1", "DATASETS.NAME", "cifar10", "DATASETS.ROOT", root,
+                   "DATASETS.VERIFY_CHECKSUMS", "False", "OUTPUT_DIR", str(out), "SEED", "0",
+                   "SOLVER.EPOCHS", "1", "SOLVER.STEPS", "()", "SOLVER.IMS_PER_BATCH", "64", "TEST.IMS_PER_BATCH", "64",
+                   "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5", "DATALOADER.NUM_WORKERS", "0", cwd=tmp)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 

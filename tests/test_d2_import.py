@@ -1,15 +1,13 @@
 """detectron2 stays optional: ``import wrn_det`` and the builtin engine never import it (runs everywhere)."""
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from conftest import REPO, tool_env
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = tool_env()
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -5,7 +5,6 @@ Skipped when detectron2 is not installed (it has no wheel; see the README to bui
 import glob
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,10 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone import Backbone  # noqa: E402
 
 import wrn_det.d2  # noqa: E402,F401  (registers the WRN pieces)
+from conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 from wrn_det.d2 import WRNDetectionCheckpointer, WRNFPNBackbone, WRNRes5ROIHeads, WRNTrunk, add_wrn_config  # noqa: E402
 from wrn_det.d2.train import build_config  # noqa: E402
 from wrn_det.detection.config import get_det_cfg  # noqa: E402
@@ -28,16 +31,7 @@ from wrn_det.engine.errors import ConfigError, WrnDetError  # noqa: E402
 from wrn_det.models import build_model as build_net  # noqa: E402
 from wrn_det.models.convert import convert_weights, read_d2_pickle, save_d2_checkpoint  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machines these run on are small and shared: one intra-op thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 C4 = ["MODEL.BACKBONE.NAME", "build_wrn_backbone", "MODEL.ROI_HEADS.NAME", "WRNRes5ROIHeads"]
 FPN_ROI = ["MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",

@@ -6,28 +6,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tool_env
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (build it from source, see the README); "
                                          "the detectron2 engine tests are skipped")
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = REPO / "tools" / "train_net.py"
 DEMO = "shapes_wrn_frcnn.yaml"
 SHORT = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
          "DATALOADER.NUM_WORKERS", "0", "SEED", "3"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machines these run on are small and shared: one intra-op thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def datasets_root(tmp_path_factory):
 
 
 def _env(root):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DETECTRON2_DATASETS": str(root), "PYTHONPATH": str(REPO)}
+    return tool_env(root)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ The data is a COCO tree written in detectron2's layout (``coco/train2017``,
 at 64 pixels, so the runs go through the real catalog names and the real loaders.
 """
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -17,56 +16,26 @@ import time
 
 import pytest
 import torch
+from conftest import DRAW_64, REPO, TINY_DET, run_tool, run_tool_in_process, tool_env, write_fake_coco
 
-from wrn_det.data import shapes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
-
-# small images and shapes like the demo's (which trains at 64 pixels), drawn natively at 64
-DRAW = dict(sides=(64,), min_size=12.0, max_frac=0.6, max_objects=4)
-
-# a narrow WRN-FPN that runs a few iterations in well under a second
-TINY = ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-        "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-        "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"]
+TRAIN_NET = str(REPO / "tools" / "train_net.py")
 
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     """A fake COCO tree (train2017: 800 images, val2017: 100) of 64-pixel shapes; returns the datasets root."""
-    root = tmp_path_factory.mktemp("d2root")
-    shapes.generate_split(str(root / "coco"), "train2017", 800, seed=11, **DRAW)
-    shapes.generate_split(str(root / "coco"), "val2017", 100, seed=12, **DRAW)
-    return str(root)
-
-
-def env_for(root):
-    env = dict(os.environ, DETECTRON2_DATASETS=root, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return env
+    return write_fake_coco(tmp_path_factory.mktemp("d2root"), {"train2017": (800, 11), "val2017": (100, 12)},
+                           **DRAW_64)
 
 
 def run_cli(args, root, timeout=300, **kw):
-    return subprocess.run([sys.executable, TRAIN_NET, *args], env=env_for(root), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, **kw)
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net_tool", TRAIN_NET)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return run_tool("train_net", *args, datasets_root=root, timeout=timeout, **kw)
 
 
 def cli_in_process(argv, root, monkeypatch, capsys):
     """Run tools/train_net.py's entry point in this process; returns (exit status, stderr)."""
-    from wrn_det.engine.errors import cli_main
-
     monkeypatch.setenv("DETECTRON2_DATASETS", root)
-    tool = load_train_net()
-    status = cli_main(tool.run, tool.parse_args(argv))
-    return status, capsys.readouterr().err
+    return run_tool_in_process("train_net", argv, capsys)
 
 
 def build_cfg(opts):
@@ -101,7 +70,7 @@ def test_learns_shapes_to_ap50(coco_root, tmp_path, monkeypatch, one_thread):
 
 
 def test_c4_trains_and_evaluates(coco_root, tmp_path, monkeypatch, capsys):
-    c4 = ["--config-file", "Base-WRN-RCNN-C4.yaml", *TINY, "MODEL.WRN.NAME", "wrn_10_1",
+    c4 = ["--config-file", "Base-WRN-RCNN-C4.yaml", *TINY_DET, "MODEL.WRN.NAME", "wrn_10_1",
           "MODEL.WRN.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0",
           "MODEL.WRN.OUT_FEATURES", "['stage2']", "MODEL.RPN.IN_FEATURES", "['stage2']",
           "MODEL.ROI_HEADS.IN_FEATURES", "['stage2']", "MODEL.ANCHOR_GENERATOR.SIZES", "[[16, 32, 64]]",
@@ -127,13 +96,13 @@ def _final_weights(path):
 
 
 def test_sigkill_and_resume_give_identical_weights(coco_root, tmp_path):
-    common = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY, "DATASETS.TEST", "()", "SEED", "3",
+    common = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "DATASETS.TEST", "()", "SEED", "3",
               "SOLVER.MAX_ITER", "14", "SOLVER.STEPS", "(9,)", "SOLVER.WARMUP_ITERS", "3",
               "SOLVER.CHECKPOINT_PERIOD", "4", "DATALOADER.NUM_WORKERS", "1"]
     ref = run_cli(common + ["OUTPUT_DIR", str(tmp_path / "ref")], coco_root)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, TRAIN_NET, *common, "OUTPUT_DIR", str(out)], env=env_for(coco_root),
+    proc = subprocess.Popen([sys.executable, TRAIN_NET, *common, "OUTPUT_DIR", str(out)], env=tool_env(coco_root),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     # last_checkpoint is written after the checkpoint file: wait for it, then kill at once
@@ -165,9 +134,9 @@ def _free_port():
 def test_torchrun_two_processes_train_and_evaluate(coco_root, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           TRAIN_NET, "--config-file", "shapes_wrn_frcnn.yaml", *TINY, "SOLVER.IMS_PER_BATCH", "4",
+           TRAIN_NET, "--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "SOLVER.IMS_PER_BATCH", "4",
            "SOLVER.MAX_ITER", "6", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out)]
-    r = subprocess.run(cmd, env=env_for(coco_root), cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=tool_env(coco_root), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0 of 2" in r.stdout
     assert os.path.isfile(out / "log.txt.rank1")
@@ -184,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(coco_root, tmp_path, mo
     from wrn_det.engine.errors import WrnDetError
 
     monkeypatch.setenv("DETECTRON2_DATASETS", coco_root)
-    cfg = build_cfg([*TINY[:-4], "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "()",
+    cfg = build_cfg([*TINY_DET[:-4], "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "()",
                      "SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "3", "OUTPUT_DIR", str(tmp_path)])
     trainer = Trainer(cfg)
     forward = trainer.model.forward
@@ -248,7 +217,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, monkeypatch, capsys, case, 
         _fake_coco(root, [dict(IMG)], [good])
         extra = ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")]
     out = tmp_path / "out"
-    argv = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
+    argv = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",
             "INPUT.MIN_SIZE_TRAIN", "(32,)", "OUTPUT_DIR", str(out), *extra]
     status, err = cli_in_process(argv, root, monkeypatch, capsys)
     assert status != 0
@@ -275,7 +244,7 @@ def test_detectron2_engine_without_detectron2_is_one_line(tmp_path):
     fake = tmp_path / "no_d2"
     (fake / "detectron2").mkdir(parents=True)
     (fake / "detectron2" / "__init__.py").write_text("raise ImportError(\"No module named 'detectron2'\")\n")
-    env = env_for(str(tmp_path))
+    env = tool_env(str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join([str(fake), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, TRAIN_NET, "--engine", "detectron2", "--config", "wrn34_2_frcnn.yaml"],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

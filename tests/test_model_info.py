@@ -1,22 +1,13 @@
 """Tests of tools/model_info.py: parameter and MAC figures, JSON output, errors."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO, load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tools" / "model_info.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("model_info_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = REPO / "tools" / "model_info.py"
 
 
 def _run(*args, cwd):
@@ -53,14 +44,14 @@ def test_cli_bad_name_is_one_line_and_exit_2(tmp_path):
     (["wide_resnet34_2", "--num-classes", "1000", "--input-size", "32"], 86_036_008),
 ])
 def test_json_parameter_counts(args, params, capsys):
-    tool = _load_tool()
+    tool = load_tool("model_info")
     assert tool.main([*args, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == params
 
 
 def test_json_wide_resnet50_2_at_224(capsys):
-    tool = _load_tool()
+    tool = load_tool("model_info")
     assert tool.main(["wide_resnet50_2", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == 68_883_240
@@ -70,7 +61,7 @@ def test_json_wide_resnet50_2_at_224(capsys):
 
 
 def test_text_output_and_bad_input_size(capsys):
-    tool = _load_tool()
+    tool = load_tool("model_info")
     assert tool.main(["nin", "--input-size", "16"]) == 0
     out = capsys.readouterr().out
     assert "params: 969,822" in out and "stage2" in out
@@ -80,14 +71,8 @@ def test_text_output_and_bad_input_size(capsys):
 
 
 def test_main_leaves_grad_mode_as_it_was():
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "model_info.py"
-    spec = importlib.util.spec_from_file_location("model_info_tool", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("model_info")
     assert mod.main(["wrn_10_1", "--json"]) == 0
     assert torch.is_grad_enabled()

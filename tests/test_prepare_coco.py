@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, tool_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "datasets", "prepare_coco.py")
 CATS = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
 
@@ -39,9 +39,7 @@ def make_tree(root, with_val2017=True, with_val2014_images=True):
 
 
 def run(*args, env_root=None):
-    env = dict(os.environ)
-    if env_root is not None:
-        env["DETECTRON2_DATASETS"] = str(env_root)
+    env = tool_env(env_root)
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -70,7 +68,7 @@ def test_builds_disjoint_minival_and_valminusminival(tmp_path):
     os.umask(mask)
     assert (coco / "annotations" / "instances_minival2014.json").stat().st_mode & 0o777 == 0o666 & ~mask
     # the catalog reads them under detectron2's names
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
+    env = tool_env(tmp_path)
     code = ("from wrn_det.data.catalog import DatasetCatalog as D; "
             "print(len(D.get('coco_2014_minival')), len(D.get('coco_2014_valminusminival')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)

@@ -3,42 +3,29 @@ its proposals are written in detectron2's format, and a Fast R-CNN trained on th
 held-out shapes. Runs the two shipped demo configs (narrowed and shortened).
 """
 import json
-import os
 import time
 
 import pytest
 import torch
 
-from wrn_det.data import shapes
+from conftest import DRAW_64, write_fake_coco
+
 from wrn_det.data.proposals import load_proposal_file
 
-# small images and shapes, drawn natively at 64 pixels (as the detection tests)
-DRAW = dict(sides=(64,), min_size=12.0, max_frac=0.6, max_objects=4)
 # the demo's detector, narrowed to WRN-10-1; 800 RPN iterations of 2 images, then 1000 Fast R-CNN
 # iterations from the RPN's backbone: about 3 minutes on the 2-core development machine.
 # Measured: AR@100 59.1, AR@1000 63.2 on the held-out images, then box AP 67.5 (600 Fast R-CNN
 # iterations gave only 45, and a 400-iteration RPN 52 after 1000)
-COMMON = ["MODEL.WRN.NAME", "wrn_10_1", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
-          "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.02", "SOLVER.CHECKPOINT_PERIOD", "100000",
-          "TEST.EVAL_PERIOD", "0", "SEED", "1"]
-
-
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     """A fake COCO tree (train2017: 300 images, val2017: 60) of 64-pixel shapes; returns the datasets root."""
-    root = tmp_path_factory.mktemp("d2root")
-    shapes.generate_split(str(root / "coco"), "train2017", 300, seed=11, **DRAW)
-    shapes.generate_split(str(root / "coco"), "val2017", 60, seed=12, **DRAW)
-    return str(root)
+    return write_fake_coco(tmp_path_factory.mktemp("d2root"), {"train2017": (300, 11), "val2017": (60, 12)},
+                           **DRAW_64)
 
 
-@pytest.fixture
-def one_thread():
-    # the test machine is shared: one intra-op thread avoids OpenMP spinning against other jobs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+COMMON = ["MODEL.WRN.NAME", "wrn_10_1", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
+          "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.02", "SOLVER.CHECKPOINT_PERIOD", "100000",
+          "TEST.EVAL_PERIOD", "0", "SEED", "1"]
 
 
 def build_cfg(config, opts):

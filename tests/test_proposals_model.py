@@ -1,8 +1,6 @@
 """RPN-only detector, proposal recall, proposals through the mapper, Fast R-CNN on given
 proposals, and the one-line errors of proposal configs (tools/train_net.py)."""
-import importlib.util
 import json
-import logging
 import os
 import pickle
 
@@ -10,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import DRAW_64, run_tool_in_process, write_fake_coco
 
-from wrn_det.data import shapes
 from wrn_det.data.det_loader import DetectionMapper
 from wrn_det.data.proposals import load_proposal_file, save_proposal_file
 from wrn_det.detection.config import get_det_cfg
@@ -20,7 +18,6 @@ from wrn_det.detection.proposal_eval import ProposalEvaluator, average_recall, l
 from wrn_det.detection.rpn import select_top_proposals
 from wrn_det.engine.config import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64"]
@@ -228,24 +225,14 @@ def test_fast_rcnn_detects_at_the_given_proposals():
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("d2root")
-    draw = dict(sides=(64,), min_size=12.0, max_frac=0.6, max_objects=3)
-    shapes.generate_split(str(root / "coco"), "train2017", 6, seed=1, **draw)
-    shapes.generate_split(str(root / "coco"), "val2017", 4, seed=2, **draw)
-    return root
+    return write_fake_coco(tmp_path_factory.mktemp("d2root"), {"train2017": (6, 1), "val2017": (4, 2)},
+                           **dict(DRAW_64, max_objects=3))
 
 
 def run_cli(argv, root, monkeypatch, capsys):
     """Run tools/train_net.py's entry point in this process; returns (exit status, stderr)."""
-    from wrn_det.engine.errors import cli_main
-
     monkeypatch.setenv("DETECTRON2_DATASETS", str(root))
-    spec = importlib.util.spec_from_file_location("train_net_tool", os.path.join(REPO, "tools", "train_net.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    status = cli_main(tool.run, tool.parse_args(argv))
-    logging.getLogger("wrn_det").handlers.clear()
-    return status, capsys.readouterr().err
+    return run_tool_in_process("train_net", argv, capsys)
 
 
 def _proposals_for(root, split, path, skip=()):
