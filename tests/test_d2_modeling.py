@@ -31,8 +31,6 @@ from wrn_det.engine.errors import ConfigError, WrnDetError  # noqa: E402
 from wrn_det.models import build_model as build_net  # noqa: E402
 from wrn_det.models.convert import convert_weights, read_d2_pickle, save_d2_checkpoint  # noqa: E402
 
-
-
 C4 = ["MODEL.BACKBONE.NAME", "build_wrn_backbone", "MODEL.ROI_HEADS.NAME", "WRNRes5ROIHeads"]
 FPN_ROI = ["MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
            "MODEL.ROI_BOX_HEAD.NUM_FC", "2", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7"]
@@ -67,6 +65,20 @@ def _builtin_cfg(opts):
 def _shipped_detection_configs():
     return sorted(p for p in glob.glob(str(REPO / "configs" / "**" / "*.yaml"), recursive=True)
                   if os.sep + "classification" + os.sep not in p)
+
+
+def test_c4_builds_the_network_once_and_the_head_runs_its_next_stage(monkeypatch):
+    from wrn_det.detection import backbone as builtin
+
+    built = []
+    real = builtin.build_wrn_net
+    monkeypatch.setattr(builtin, "build_wrn_net", lambda cfg: built.append(1) or real(cfg))
+    model = build_model(_d2_cfg(IMAGENET_C4))
+    assert len(built) == 1
+    head = model.roi_heads.res5.res5
+    assert head[0].conv1.in_channels == 256 and head[0].conv1.stride == (2, 2)  # res5 of wide_resnet18_1
+    assert all(p.requires_grad for p in head.parameters())
+    assert "res5" not in dict(model.backbone.named_children())  # the trunk stops at res4
 
 
 def test_every_shipped_detection_config_builds_on_detectron2():

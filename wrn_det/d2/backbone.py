@@ -24,7 +24,18 @@ from wrn_det.detection import backbone as builtin
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models.convert import protocol_stem
 
-__all__ = ["WRNTrunk", "WRNFPNBackbone", "build_wrn_backbone", "build_wrn_fpn_backbone"]
+__all__ = ["WRNTrunk", "WRNFPNBackbone", "TrunkShapes", "build_wrn_backbone", "build_wrn_fpn_backbone"]
+
+
+class TrunkShapes(dict):
+    """``output_shape()`` of a :class:`WRNTrunk`: feature name -> ShapeSpec, plus ``claim_next_stage``.
+
+    detectron2 builds the RoI heads from the backbone's output shapes alone; carrying the
+    trunk's ``claim_next_stage`` here lets ``WRNRes5ROIHeads`` take the network's own next
+    stage, so the network is built once.
+    """
+
+    claim_next_stage = None
 
 
 class WRNTrunk(Backbone):
@@ -51,16 +62,23 @@ class WRNTrunk(Backbone):
         self._out_feature_channels = {f: shapes[f].channels for f in self._out_features}
         self._out_feature_strides = {f: shapes[f].stride for f in self._out_features}
         self._size_divisibility = int(size_divisibility)
+        self._claim_next_stage = wrn.claim_next_stage
 
     @property
     def size_divisibility(self) -> int:
         """Return the padding multiple the inputs need (0: none, as detectron2's C4 ResNet)."""
         return self._size_divisibility
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        """Return ``name -> detectron2 ShapeSpec(channels, stride)`` of every returned feature."""
-        return {f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-                for f in self._out_features}
+    def output_shape(self) -> "TrunkShapes":
+        """Return ``name -> detectron2 ShapeSpec(channels, stride)`` of every returned feature.
+
+        The mapping also carries ``claim_next_stage`` (the network's stage after the trunk,
+        for the C4 box head).
+        """
+        shapes = TrunkShapes((f, ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f]))
+                             for f in self._out_features)
+        shapes.claim_next_stage = self._claim_next_stage
+        return shapes
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Return ``stage name -> feature map`` for the stages in ``out_features``."""

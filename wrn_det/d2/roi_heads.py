@@ -2,21 +2,24 @@
 
 detectron2's ``Res5ROIHeads`` builds a ResNet res5 block from ``MODEL.RESNETS``; this
 subclass (registered as ``WRNRes5ROIHeads`` in ``ROI_HEADS_REGISTRY``) takes the
-stage after the last of ``MODEL.WRN.OUT_FEATURES`` from a network built by the builtin
-engine's builder (same BatchNorm handling), and keeps everything else of
+stage after the last of ``MODEL.WRN.OUT_FEATURES`` from the network the backbone was
+built on (the builtin engine's builder: same BatchNorm handling), and keeps everything else of
 ``Res5ROIHeads``: pooling (``ROI_BOX_HEAD.POOLER_*``), the mean over space, the
 ``FastRCNNOutputLayers`` predictor, losses and inference.
 """
 from collections import OrderedDict
+from contextvars import ContextVar
 
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from torch import nn
 
-from wrn_det.detection import backbone as builtin
 from wrn_det.engine.errors import ConfigError
 
 __all__ = ["WRNHeadStage", "WRNRes5ROIHeads"]
+
+# the stage claimed from the backbone while detectron2's from_config builds the head
+_NEXT_STAGE: ContextVar = ContextVar("wrn_next_stage")
 
 
 class WRNHeadStage(nn.Sequential):
@@ -34,13 +37,28 @@ class WRNHeadStage(nn.Sequential):
 
 @ROI_HEADS_REGISTRY.register()
 class WRNRes5ROIHeads(Res5ROIHeads):
-    """detectron2's ``Res5ROIHeads`` with the WRN's own next stage as the per-region network."""
+    """detectron2's ``Res5ROIHeads`` with the WRN's own next stage as the per-region network.
+
+    The stage comes from the backbone that detectron2 built just before (its
+    ``output_shape()`` carries ``claim_next_stage``), so the network is built once and the
+    backbone and the head share one set of weights layout-wise as in the builtin engine.
+    """
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        """Return detectron2's ``Res5ROIHeads`` arguments with the backbone's next stage as ``res5``."""
+        claim = getattr(input_shape, "claim_next_stage", None)
+        if claim is None:
+            raise ConfigError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME} needs the WRN C4 backbone "
+                              "(MODEL.BACKBONE.NAME build_wrn_backbone), whose trunk offers the next stage")
+        token = _NEXT_STAGE.set(claim())
+        try:
+            return super().from_config(cfg, input_shape)
+        finally:
+            _NEXT_STAGE.reset(token)
 
     @classmethod
     def _build_res5_block(cls, cfg):
         """Return ``(WRNHeadStage, its output channels)`` for the stage after the C4 trunk."""
-        wrn = builtin.build_wrn_backbone(cfg)
-        if wrn.head_stage is None:  # pragma: no cover - build_wrn_backbone sets it for this head name
-            raise ConfigError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME}: no stage after the trunk")
-        channels = wrn.net.output_shape()[wrn.head_stage].channels
-        return WRNHeadStage(wrn.head_stage, wrn.get_head_stage()), channels
+        name, stage, channels = _NEXT_STAGE.get()
+        return WRNHeadStage(name, stage), channels

@@ -9,7 +9,7 @@ pretrained checkpoint loads by prefix.
 """
 import math
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,14 +98,13 @@ class WRNBackbone(nn.Module):
     ``freeze_at``: 0 trains everything, 1 freezes the stem, k > 1 the stem and the first
     k - 1 stages (their BatchNorm becomes FrozenBatchNorm), as detectron2's FREEZE_AT.
     ``norm``: ``FrozenBN``, ``BN`` or ``SyncBN`` for the stages that are not frozen.
-    ``head_stage``: a stage after the trunk that another module (the C4 box head) runs;
-    it stays trainable. Parameters no part of the detector runs (stages past the trunk,
-    the classifier) are set to ``requires_grad=False`` so that neither the optimizer nor
-    DistributedDataParallel waits for their gradients.
+    Parameters no part of the detector runs (stages past the trunk, the classifier) are set
+    to ``requires_grad=False`` so that neither the optimizer nor DistributedDataParallel
+    waits for their gradients; a head that runs the stage after the trunk (the C4 box head)
+    takes it with :meth:`claim_next_stage`.
     """
 
-    def __init__(self, net: nn.Module, out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN",
-                 head_stage: Optional[str] = None):
+    def __init__(self, net: nn.Module, out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN"):
         super().__init__()
         names = list(net.stage_names)
         for f in out_features:
@@ -123,15 +122,10 @@ class WRNBackbone(nn.Module):
         self._stages = names[: last + 1]
         specs = net.output_shape()
         self._out_shapes = OrderedDict((f, ShapeSpec(specs[f].channels, specs[f].stride)) for f in self.out_features)
-        self.head_stage = head_stage
-        if head_stage is not None and (head_stage not in names or names.index(head_stage) <= last):
-            raise ConfigError(f"the box head stage {head_stage!r} must come after the trunk's last stage {names[last]!r}")
 
         # which parts are frozen, which run at all
         frozen_parts = ([net.stem] if freeze_at >= 1 else []) + [net.get_stage(n) for n in names[: max(freeze_at - 1, 0)]]
         running = [net.stem] + [net.get_stage(n) for n in self._stages]
-        if head_stage is not None:
-            running.append(net.get_stage(head_stage))
         frozen_bn = set().union(*[_bn_ids(m) for m in frozen_parts]) if frozen_parts else set()
         frozen_params = {id(p) for m in frozen_parts for p in m.parameters()}
         running_params = {id(p) for m in running for p in m.parameters()}
@@ -152,9 +146,23 @@ class WRNBackbone(nn.Module):
         """Return ``name -> ShapeSpec(channels, stride)`` of every returned feature."""
         return OrderedDict(self._out_shapes)
 
-    def get_head_stage(self) -> nn.Module:
-        """Return the stage used as the C4 box head (shares parameters with ``self.net``)."""
-        return self.net.get_stage(self.head_stage)
+    def claim_next_stage(self) -> Tuple[str, nn.Module, int]:
+        """Return ``(name, stage, output channels)`` of the network's stage after the trunk, for a head to run.
+
+        The stage is the network's own module (its parameters are shared, so one set of
+        weights loads both) and is made trainable. Raises :class:`ConfigError` when the trunk
+        ends at the network's last stage.
+        """
+        names = list(self.net.stage_names)
+        i = names.index(self._stages[-1]) + 1
+        if i >= len(names):
+            raise ConfigError(f"MODEL.WRN.OUT_FEATURES {self.out_features} ends at the last stage of the network "
+                              f"({names[-1]}); a C4 box head (WRNRes5ROIHeads) runs the stage after the trunk, so the "
+                              "trunk must stop earlier")
+        stage = self.net.get_stage(names[i])
+        for p in stage.parameters():
+            p.requires_grad_(True)
+        return names[i], stage, self.net.output_shape()[names[i]].channels
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Return ``stage name -> feature`` for the stages in ``out_features``."""
@@ -241,19 +249,9 @@ def _norm_and_freeze(cfg):
 def build_wrn_backbone(cfg) -> WRNBackbone:
     """Return a C4-style backbone: the trunk up to the last of ``MODEL.WRN.OUT_FEATURES``.
 
-    When ``MODEL.ROI_HEADS.NAME`` is a res5 head, the stage after the trunk is kept
-    trainable for it (see :meth:`WRNBackbone.get_head_stage`).
+    The stage after the trunk is the C4 box head's to claim (:meth:`WRNBackbone.claim_next_stage`).
     """
-    net = build_wrn_net(cfg)
-    out = list(cfg.MODEL.WRN.OUT_FEATURES)
-    head = None
-    if cfg.MODEL.ROI_HEADS.NAME in RES5_HEAD_NAMES:
-        names = list(net.stage_names)
-        last = max(names.index(f) for f in out if f in names) if any(f in names for f in out) else -1
-        if last + 1 >= len(names):
-            raise ConfigError(f"MODEL.WRN.OUT_FEATURES {out} ends at the last stage; a res5 box head needs a stage after it")
-        head = names[last + 1] if last >= 0 else None
-    return WRNBackbone(net, out, head_stage=head, **_norm_and_freeze(cfg))
+    return WRNBackbone(build_wrn_net(cfg), list(cfg.MODEL.WRN.OUT_FEATURES), **_norm_and_freeze(cfg))
 
 
 @BACKBONE_REGISTRY.register()
@@ -267,11 +265,6 @@ def build_wrn_fpn_backbone(cfg) -> WRNFPN:
         raise ConfigError("MODEL.FPN.IN_FEATURES is empty; name the stages to build the pyramid on, e.g. [res2, res3, res4, res5]")
     bottom_up = WRNBackbone(net, in_features, **_norm_and_freeze(cfg))
     return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS), cfg.MODEL.FPN.NORM)
-
-
-# ROI_HEADS.NAME values that run the backbone's next stage on pooled features (detectron2
-# builds ResNet bottlenecks for its own Res5ROIHeads; the WRN variant reuses the network's stage)
-RES5_HEAD_NAMES = ("WRNRes5ROIHeads", "Res5ROIHeads")
 
 
 def build_backbone(cfg) -> nn.Module:

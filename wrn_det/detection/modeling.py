@@ -23,7 +23,7 @@ from torchvision.ops.poolers import LevelMapper
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
 
-from .backbone import RES5_HEAD_NAMES, build_backbone
+from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported
 from .registry import META_ARCH_REGISTRY
 from .rpn import build_rpn
@@ -62,6 +62,11 @@ class ROIPooler(MultiScaleRoIAlign):
                 out[idx] = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio,
                                      self.aligned).to(out.dtype)
         return out
+
+
+# ROI_HEADS.NAME values that run the backbone's next stage on pooled features (detectron2
+# builds ResNet bottlenecks for its own Res5ROIHeads; the WRN variant reuses the network's stage)
+RES5_HEAD_NAMES = ("WRNRes5ROIHeads", "Res5ROIHeads")
 
 
 class Res5BoxHead(nn.Module):
@@ -122,11 +127,10 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
         box_head = FastRCNNConvFCHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm)
         out_dim = bh.FC_DIM if bh.NUM_FC else (bh.CONV_DIM if bh.NUM_CONV else c) * res * res
     elif rh.NAME in RES5_HEAD_NAMES:
-        if getattr(backbone, "head_stage", None) is None:
+        if not hasattr(backbone, "claim_next_stage"):
             raise ConfigError(f"MODEL.ROI_HEADS.NAME {rh.NAME} needs the C4 backbone build_wrn_backbone")
-        stage = backbone.get_head_stage()
+        _, stage, out_dim = backbone.claim_next_stage()
         box_head = Res5BoxHead(stage)
-        out_dim = backbone.net.output_shape()[backbone.head_stage].channels
     else:
         raise ConfigError(f"MODEL.ROI_HEADS.NAME {rh.NAME!r} is not supported; use StandardROIHeads (FPN) "
                           f"or WRNRes5ROIHeads (C4)")
