@@ -1,40 +1,69 @@
-"""Detection training time per iteration and inference time per image.
+"""Detection training time per iteration and inference time per image: builtin engine, torchvision, detectron2.
 
-Same synthetic images (random pixels, a few random boxes each) and sizes for every
-row; each training iteration is forward, backward and an SGD step; inference is one
-image at a time in eval mode. Rows:
+Same synthetic images (random pixels, six random boxes each, 4:3) and the same weights in
+every row of one architecture; each training iteration is forward, backward and an SGD
+step on ``--batch`` images; inference is one image at a time in eval mode.
 
-* builtin engine, WRN-34-2-FPN (``configs/COCO-Detection/wrn34_2_frcnn.yaml``);
-* builtin engine, ResNet-50-FPN (the same config with ``MODEL.WRN.NAME wide_resnet50_1``,
-  which is torchvision's ResNet-50 layout);
-* torchvision's own ``fasterrcnn_resnet50_fpn`` (FrozenBN, res2..res5 trained, as above);
-* detectron2's engine, WRN-34-2-FPN, the same config through ``wrn_det.d2`` (when
-  detectron2 is installed).
+Randomly initialised heads on random pixels do not load the engines as a trained
+detector does (the RPN's random box deltas shrink most proposals to nothing, and no
+class passes the score threshold), so the heads start as :func:`trained_like` sets
+them: RPN box deltas zero (the proposals are the anchors, ranked by random objectness;
+1000 per image survive NMS, as with trained weights) and a few classes favoured by the
+classifier's bias (post-processing then has thousands of candidates to threshold and
+suppress). Every row gets the same heads.
+Rows (``--rows``, default all that can run):
 
-Goal: the builtin engine no slower than detectron2's on the same backbone and images.
-Sizes default to a short side of 256 so that the CPU rows finish in a few minutes.
+* ``builtin``: the builtin engine, WRN-34-2-FPN (``configs/COCO-Detection/wrn34_2_frcnn.yaml``);
+* ``d2``: detectron2's engine, the same config through ``wrn_det.d2``, with the builtin
+  row's weights (so both see the same proposals);
+* ``builtin-r50``: the builtin engine, ResNet-50-FPN (the same config with
+  ``MODEL.WRN.NAME wide_resnet50_1``, torchvision's ResNet-50 layout);
+* ``torchvision``: torchvision's own ``fasterrcnn_resnet50_fpn`` (FrozenBN, res2..res5
+  trained, its own defaults) with the ``builtin-r50`` row's weights;
+* ``d2-r50``: detectron2's own R50-FPN (``COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml``
+  of its model zoo, with the stride in the 3x3 convolutions and the pixel statistics of
+  the builtin config, so that it is the same network) with the ``builtin-r50`` row's weights.
 
-    python benchmarks/det_step.py [--size 256] [--batch 2] [--iters 3] [--device cpu]
+The rows alternate (one training iteration of each, in turn, ``--iters`` times; then the
+same for inference) and the medians are reported, so that load from other processes
+falls on every row. Each ``--size`` gives one table: short side ``size``, long side
+``4/3 size`` (at most 1333: ``--size 800`` is COCO's training size).
+
+Goals (detectron2 time / builtin time, WRN-34-2-FPN, same config and precision): training
+>= 1.2x and inference >= 1.5x; builtin ResNet-50-FPN inference no slower than
+torchvision's model (torchvision time / builtin time >= 1).
+
+    python benchmarks/det_step.py [--size 256 800] [--batch 2] [--iters 3] [--device cpu]
+                                  [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16]
 """
 import argparse
 import logging
 import os
-import statistics
 import sys
-import time
+from contextlib import nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from bench_utils import alternate, median, result, timed  # noqa: E402
+
 CONFIG = "COCO-Detection/wrn34_2_frcnn.yaml"
+D2_R50_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
+ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50")
+LABELS = {"builtin": "builtin, WRN-34-2-FPN", "d2": "detectron2, WRN-34-2-FPN",
+          "builtin-r50": "builtin, ResNet-50-FPN", "torchvision": "torchvision fasterrcnn_resnet50_fpn",
+          "d2-r50": "detectron2, its own R50-FPN"}
+GOAL_TRAIN, GOAL_INFER, GOAL_TV = 1.2, 1.5, 1.0
 
 
 def make_inputs(n: int, size: int, seed: int = 0):
-    """Return ``n`` dicts with a uint8 image of short side ``size`` (4:3), XYXY ``boxes`` and ``classes``."""
+    """Return ``n`` dicts with a uint8 image of short side ``size`` (4:3, long side at most 1333),
+    XYXY ``boxes`` and ``classes``."""
     g = torch.Generator().manual_seed(seed)
-    h, w = size, size * 4 // 3
+    h, w = size, min(size * 4 // 3, 1333)
     out = []
     for _ in range(n):
         k = 6
@@ -46,35 +75,19 @@ def make_inputs(n: int, size: int, seed: int = 0):
     return out
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Row:
+    """One engine: ``train(batch)`` runs a training iteration, ``infer(x)`` detects on one image."""
+
+    def __init__(self, model, train, infer):
+        self.model, self.train, self.infer = model, train, infer
 
 
-def time_model(train_step, infer_one, inputs, iters: int, batch: int, device) -> tuple:
-    """Return (median seconds per training iteration, median seconds per image in inference)."""
-    train_step(inputs[:batch])  # warm-up: allocator, kernels, lazy initialisation
-    times = []
-    for i in range(iters):
-        b = inputs[(i * batch) % len(inputs):][:batch]
-        _sync(device)
-        t = time.perf_counter()
-        train_step(b)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    infer_one(inputs[0])
-    inf = []
-    for x in inputs[:max(iters, 2)]:
-        _sync(device)
-        t = time.perf_counter()
-        infer_one(x)
-        _sync(device)
-        inf.append(time.perf_counter() - t)
-    return statistics.median(times), statistics.median(inf)
+def _sgd(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
 
-def builtin_row(opts, inputs, a, device):
-    """Time the builtin engine's Faster R-CNN built from CONFIG with ``opts``."""
+def builtin_row(opts, device, autocast) -> Row:
+    """The builtin engine's Faster R-CNN built from CONFIG with ``opts``."""
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.modeling import build_detector
     from wrn_det.engine.config import load_config
@@ -82,131 +95,306 @@ def builtin_row(opts, inputs, a, device):
     torch.manual_seed(0)
     cfg = load_config(get_det_cfg(), CONFIG, ["MODEL.DEVICE", str(device)] + opts)
     model = build_detector(cfg)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    trained_like(model)
+    opt = _sgd(model)
 
-    def train_step(batch):
+    def train(batch):
         model.train()
-        loss = sum(model(batch).values())
+        with autocast():
+            loss = sum(model(batch).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     @torch.no_grad()
-    def infer_one(x):
+    def infer(x):
         model.eval()
-        model([x])
+        with autocast():
+            return model([x])[0]
 
-    return time_model(train_step, infer_one, inputs, a.iters, a.batch, device)
+    return Row(model, train, infer)
 
 
-def torchvision_row(inputs, a, device):
-    """Time torchvision's fasterrcnn_resnet50_fpn (FrozenBN, res2..res5 trained) on the same inputs."""
+@torch.no_grad()
+def trained_like(model, favoured: int = 8) -> None:
+    """Set a builtin detector's heads as described in the module docstring (in place).
+
+    RPN: box-delta layer zero; objectness layer as initialised. Box predictor: class
+    scores from the bias alone, ``favoured`` classes raised so that their scores pass the
+    test threshold for every proposal.
+    """
+    model.rpn.head.bbox_pred.weight.zero_()
+    model.rpn.head.bbox_pred.bias.zero_()
+    model.roi_heads.box_predictor.cls_score.weight.zero_()
+    bias = model.roi_heads.box_predictor.cls_score.bias
+    bias.zero_()
+    bias[1:1 + favoured] = 3.0  # torchvision's class 0 is the background
+
+
+def torchvision_row(builtin_r50: Row, size: int, device, autocast) -> Row:
+    """torchvision's fasterrcnn_resnet50_fpn (its defaults), with the builtin ResNet-50-FPN row's weights."""
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import FrozenBatchNorm2d
 
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=4)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=4)
     # min_size = the images' short side: torchvision's transform then leaves them at that size
-    model = FasterRCNN(backbone, num_classes=81, min_size=a.size, max_size=a.size * 2).to(device)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    model = FasterRCNN(backbone, num_classes=81, min_size=size, max_size=1333).to(device)
+    copy_builtin_to_torchvision(builtin_r50.model, model)
+    opt = _sgd(model)
 
     def to_tv(batch):
         imgs = [x["image"].to(device).float() / 255 for x in batch]
         tg = [{"boxes": x["boxes"].to(device), "labels": x["classes"].to(device) + 1} for x in batch]
         return imgs, tg
 
-    def train_step(batch):
+    def train(batch):
         model.train()
         imgs, tg = to_tv(batch)
-        loss = sum(model(imgs, tg).values())
+        with autocast():
+            loss = sum(model(imgs, tg).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     @torch.no_grad()
-    def infer_one(x):
+    def infer(x):
         model.eval()
-        model(to_tv([x])[0])
+        with autocast():
+            return model(to_tv([x])[0])[0]
 
-    return time_model(train_step, infer_one, inputs, a.iters, a.batch, device)
+    return Row(model, train, infer)
 
 
-def detectron2_row(inputs, a, device):
-    """Time detectron2's GeneralizedRCNN with the WRN-34-2-FPN backbone of ``wrn_det.d2``; None without detectron2."""
-    try:
-        from detectron2.modeling import build_model
-        from detectron2.structures import Boxes, Instances
-        from detectron2.utils.events import EventStorage
+def copy_builtin_to_torchvision(builtin, tv) -> None:
+    """Load the builtin ResNet-50-FPN detector's weights into torchvision's FasterRCNN (every tensor)."""
+    sd = {}
+    for k, v in builtin.state_dict().items():
+        k = k.replace("backbone.bottom_up.net.", "backbone.body.")
+        k = k.replace("roi_heads.box_head.1.", "roi_heads.box_head.fc6.").replace("roi_heads.box_head.3.",
+                                                                                    "roi_heads.box_head.fc7.")
+        sd[k] = v
+    target = tv.state_dict()
+    missing = [k for k in target if k not in sd]
+    if missing:
+        raise RuntimeError(f"torchvision keys without a builtin tensor: {missing[:5]}")
+    tv.load_state_dict({k: sd[k] for k in target})
 
-        from wrn_det.d2.train import build_config
-    except ImportError:
+
+def _d2_resnet_key(key: str):
+    """Return detectron2's ResNet key of a torchvision ResNet key (None for the classifier)."""
+    parts = key.split(".")
+    if parts[0] in ("conv1", "bn1"):
+        return "stem.conv1." + ("weight" if parts[0] == "conv1" else "norm." + parts[1])
+    if not parts[0].startswith("layer"):
         return None
+    stage, block, name = f"res{int(parts[0][5:]) + 1}", parts[1], parts[2]
+    if name == "downsample":
+        return f"{stage}.{block}.shortcut." + ("weight" if parts[3] == "0" else "norm." + parts[4])
+    if name.startswith("conv"):
+        return f"{stage}.{block}.{name}.weight"
+    return f"{stage}.{block}.conv{name[2:]}.norm.{parts[3]}"
+
+
+def copy_builtin_to_d2(builtin, d2, resnet: bool = False) -> None:
+    """Load a builtin FPN detector's weights into detectron2's model of the same network (every tensor).
+
+    Backbone tensors by the protocol key map (``resnet``: by detectron2's own ResNet and
+    FPN names); RPN and box head by name; detectron2 puts the background class last where
+    torchvision puts it first.
+    """
+    from wrn_det.models.convert import backbone_key_map
+
+    kmap = backbone_key_map(builtin.backbone.bottom_up.net)
+    if resnet:
+        kmap = {k: _d2_resnet_key(k) for k in kmap}
+    names = {"rpn.head.conv.0.0.": "proposal_generator.rpn_head.conv.",
+             "rpn.head.cls_logits.": "proposal_generator.rpn_head.objectness_logits.",
+             "rpn.head.bbox_pred.": "proposal_generator.rpn_head.anchor_deltas.",
+             "roi_heads.box_head.1.": "roi_heads.box_head.fc1.", "roi_heads.box_head.3.": "roi_heads.box_head.fc2."}
+    sd = {}
+    for k, v in builtin.state_dict().items():
+        if k.startswith("backbone.bottom_up.net."):
+            key = kmap.get(k[len("backbone.bottom_up.net."):])
+            if key is not None:
+                sd["backbone.bottom_up." + key] = v
+            continue
+        for a, b in names.items():
+            if k.startswith(a):
+                k = b + k[len(a):]
+        if resnet and k.startswith("backbone.fpn."):
+            kind, i = k.split(".")[2:4]
+            k = f"backbone.fpn_{'lateral' if kind == 'inner_blocks' else 'output'}{int(i) + 2}.{k.split('.')[-1]}"
+        if k.startswith("roi_heads.box_predictor.cls_score."):
+            v = torch.cat([v[1:], v[:1]])
+        elif k.startswith("roi_heads.box_predictor.bbox_pred."):
+            v = v[4:]
+        sd[k] = v
+    target = d2.state_dict()
+    missing = [k for k in target if k not in sd]
+    if missing:
+        raise RuntimeError(f"detectron2 keys without a builtin tensor: {missing[:5]}")
+    d2.load_state_dict({k: sd[k] for k in target})
+
+
+def detectron2_row(config: str, opts, device, autocast, builtin: Row) -> Row:
+    """detectron2's GeneralizedRCNN from ``config`` (``wrn_det.d2`` for the project's configs), ``builtin``'s weights."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
     torch.manual_seed(0)
-    cfg = build_config(CONFIG, ["MODEL.DEVICE", str(device)])
+    if config == D2_R50_CONFIG:
+        from detectron2 import model_zoo
+        from detectron2.config import get_cfg
+
+        cfg = get_cfg()
+        cfg.merge_from_file(model_zoo.get_config_file(config))
+        mean, std = list(builtin.model.pixel_mean.flatten().tolist()), list(builtin.model.pixel_std.flatten().tolist())
+        cfg.merge_from_list(["MODEL.DEVICE", str(device), "MODEL.WEIGHTS", "", "MODEL.RESNETS.STRIDE_IN_1X1", False,
+                             "MODEL.PIXEL_MEAN", mean, "MODEL.PIXEL_STD", std, "INPUT.FORMAT", "RGB"] + opts)
+    else:
+        from wrn_det.d2.train import build_config
+
+        cfg = build_config(config, ["MODEL.DEVICE", str(device)] + opts)
     model = build_model(cfg)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    copy_builtin_to_d2(builtin.model, model, resnet=config == D2_R50_CONFIG)
+    opt = _sgd(model)
 
     def to_d2(x):
         h, w = x["image"].shape[-2:]
         inst = Instances((h, w), gt_boxes=Boxes(x["boxes"]), gt_classes=x["classes"])
         return {"image": x["image"], "instances": inst, "height": h, "width": w}
 
-    def train_step(batch):
+    def train(batch):
         model.train()
-        with EventStorage(0):  # detectron2's heads log their statistics into it
+        with EventStorage(0), autocast():  # detectron2's heads log their statistics into the storage
             loss = sum(model([to_d2(x) for x in batch]).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     @torch.no_grad()
-    def infer_one(x):
+    def infer(x):
         model.eval()
-        model([{"image": x["image"], "height": x["height"], "width": x["width"]}])
+        with autocast():
+            return model([{"image": x["image"], "height": x["height"], "width": x["width"]}])[0]
 
-    return time_model(train_step, infer_one, inputs, a.iters, a.batch, device)
+    return Row(model, train, infer)
+
+
+def have_detectron2() -> bool:
+    """Return True when detectron2 imports."""
+    try:
+        import detectron2.modeling  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def build_rows(names, size: int, device, autocast):
+    """Return ``name -> Row`` for the requested rows that can run here (detectron2 rows need detectron2)."""
+    rows = {}
+    d2 = have_detectron2()
+    if "builtin" in names or "d2" in names:
+        rows["builtin"] = builtin_row([], device, autocast)
+    if "d2" in names and d2:
+        rows["d2"] = detectron2_row(CONFIG, [], device, autocast, builtin=rows["builtin"])
+    if "builtin-r50" in names or "torchvision" in names or ("d2-r50" in names and d2):
+        rows["builtin-r50"] = builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], device, autocast)
+    if "torchvision" in names:
+        rows["torchvision"] = torchvision_row(rows["builtin-r50"], size, device, autocast)
+    if "d2-r50" in names and d2:
+        rows["d2-r50"] = detectron2_row(D2_R50_CONFIG, [], device, autocast, builtin=rows["builtin-r50"])
+    return {k: v for k, v in rows.items() if k in names}
+
+
+def run_size(size: int, a, device, autocast) -> dict:
+    """Time every row at one size; print the table; return ``name -> (s/iter, s/image, detections/image)``."""
+    inputs = make_inputs(a.batch * max(a.iters, 1), size)
+    rows = build_rows(a.rows, size, device, autocast)
+    h, w = inputs[0]["image"].shape[-2:]
+    print(f"\n{device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'bf16 autocast' if a.amp == 'bf16' else 'fp32'}; images {h}x{w}, batch {a.batch}, "
+          f"median of {a.iters} alternating rounds", flush=True)
+
+    def train_side(row):
+        def run(r):
+            b = inputs[(max(r, 0) * a.batch) % len(inputs):][:a.batch]
+            return timed(lambda: row.train(b), device)
+        return run
+
+    dets = {}
+
+    def infer_side(name, row):
+        def run(r):
+            b = inputs[(max(r, 0) * a.batch) % len(inputs):][:a.batch]
+            outs = []
+            t = sum(timed(lambda: outs.append(row.infer(x)), device) for x in b)
+            dets.setdefault(name, []).extend(len(_boxes(o)) for o in outs)
+            return t / len(b)
+        return run
+
+    train = alternate({k: train_side(r) for k, r in rows.items()}, a.iters) if not a.no_train else {}
+    infer = alternate({k: infer_side(k, r) for k, r in rows.items()}, a.iters)
+    print(f"{'engine, backbone':<38}{'s/iter (train)':>15}{'s/image (test)':>16}{'detections/image':>18}")
+    out = {}
+    for k in rows:
+        tr, inf = median(train.get(k, [])), median(infer[k])
+        nd = sum(dets[k]) / max(len(dets[k]), 1)
+        out[k] = (tr, inf, nd)
+        print(f"{LABELS[k]:<38}{tr:>15.3f}{inf:>16.3f}{nd:>18.1f}", flush=True)
+    for k in ("d2", "d2-r50"):
+        if k in a.rows and k not in rows:
+            print(f"{LABELS[k]:<38}{'detectron2 not installed':>31}")
+    return out
+
+
+def _boxes(out):
+    if "instances" in out:
+        return out["instances"].pred_boxes.tensor
+    return out["boxes"]
 
 
 def main() -> int:
-    """Print the table and the goal line; returns 0."""
+    """Print one table per size and the RESULT lines; returns 0."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=256, help="short side of the images")
+    p.add_argument("--size", type=int, nargs="+", default=[256], help="short side(s) of the images (800: COCO)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3, help="alternating rounds (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", type=lambda s: [r for r in s.split(",") if r], default=list(ROWS),
+                   help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for every row")
+    p.add_argument("--no-train", action="store_true", help="inference rows only")
     a = p.parse_args()
+    bad = [r for r in a.rows if r not in ROWS]
+    if bad:
+        p.error(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
     logging.getLogger("wrn_det").setLevel(logging.WARNING)
+    logging.getLogger("detectron2").setLevel(logging.WARNING)
     device = torch.device(a.device)
-    inputs = make_inputs(max(a.batch * a.iters, 2), a.size)
-    print(f"{device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads; images {a.size}x{a.size * 4 // 3}, "
-          f"batch {a.batch}, median of {a.iters} iterations")
-    rows = [
-        ("builtin, WRN-34-2-FPN", lambda: builtin_row([], inputs, a, device)),
-        ("builtin, ResNet-50-FPN", lambda: builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], inputs, a, device)),
-        ("torchvision fasterrcnn_resnet50_fpn", lambda: torchvision_row(inputs, a, device)),
-        ("detectron2, WRN-34-2-FPN", lambda: detectron2_row(inputs, a, device)),
-    ]
-    print(f"{'engine, backbone':<38}{'s/iter (train)':>15}{'s/image (test)':>16}")
-    res = {}
-    for name, fn in rows:
-        r = fn()
-        res[name] = r
-        if r is None:
-            print(f"{name:<38}{'detectron2 not installed':>31}")
-        else:
-            print(f"{name:<38}{r[0]:>15.3f}{r[1]:>16.3f}", flush=True)
-    ours, d2 = res["builtin, WRN-34-2-FPN"], res["detectron2, WRN-34-2-FPN"]
-    wrn, r50 = ours, res["builtin, ResNet-50-FPN"]
-    print(f"WRN-34-2-FPN / ResNet-50-FPN on the builtin engine: training {wrn[0] / r50[0]:.2f}x, "
-          f"inference {wrn[1] / r50[1]:.2f}x the time")
-    if d2 is None:
-        print("goal: builtin no slower than detectron2: not measured (detectron2 is not installed)")
-    else:
-        tr, inf = d2[0] / ours[0], d2[1] / ours[1]
-        met = tr >= 1.0 and inf >= 1.0
-        print(f"goal: builtin no slower than detectron2 (detectron2 time / builtin time): measured training {tr:.2f}x, "
-              f"inference {inf:.2f}x, goal >= 1.00x, {'met' if met else 'not met'}")
+
+    def autocast():
+        if a.amp == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    tag = "" if a.amp == "none" else f"_{a.amp}"
+    for size in a.size:
+        res = run_size(size, a, device, autocast)
+        ours, d2 = res.get("builtin"), res.get("d2")
+        note = "" if d2 else "detectron2 not installed or row not run"
+        if not a.no_train:
+            result(f"det_train_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[0] / ours[0] if d2 and ours else None,
+                   GOAL_TRAIN, note=note)
+        result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
+               GOAL_INFER, note=note)
+        tv, r50 = res.get("torchvision"), res.get("builtin-r50")
+        result(f"det_infer_torchvision_over_builtin_r50_fpn_s{size}{tag}", tv[1] / r50[1] if tv and r50 else None,
+               GOAL_TV, note="" if tv and r50 else "rows not run")
     return 0
 
 

@@ -214,9 +214,9 @@ class WRNFPN(nn.Module):
             replace_batchnorm(self.fpn, _sync_bn_from)
         strides = strides + [strides[-1] * 2]
         self._out_shapes = OrderedDict((_level_name(s), ShapeSpec(out_channels, s)) for s in strides)
-        # pad to the coarsest level's stride so every level's grid divides the image exactly;
-        # torchvision's anchor generator derives each level's stride from that ratio
-        self.size_divisibility = strides[-1]
+        # pad to the bottom-up network's coarsest stride, as detectron2 does: the max-pooled top
+        # level takes any size, and the RPN's anchor generator is given every level's stride
+        self.size_divisibility = strides[-2]
 
     def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
         """Return ``p<level> -> ShapeSpec(out_channels, stride)``, finest first."""

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import LevelMapper
+from torchvision.ops import MultiScaleRoIAlign
 
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .fast_conv import use_winograd_convs, winograd_convs
+from .pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 from .registry import META_ARCH_REGISTRY
 from .rpn import build_rpn
 
@@ -36,8 +37,9 @@ class ROIPooler(MultiScaleRoIAlign):
 
     As torchvision's MultiScaleRoIAlign (same level assignment: canonical box 224 on
     level 4) but with the scales taken from the backbone's strides instead of guessed
-    from the first batch, and with ``aligned`` (detectron2's ``ROIAlignV2``: half-pixel
-    offset) selectable. Calling it returns pooled features (R, C, out, out).
+    from the first batch, ``aligned`` (detectron2's ``ROIAlignV2``: half-pixel offset)
+    selectable, and all levels pooled in one pass by :mod:`wrn_det.detection.pooling`
+    (its CPU kernel; torchvision's on CUDA). Calling it returns pooled features (R, C, out, out).
     """
 
     def __init__(self, featmap_names: List[str], strides: List[int], output_size: int, sampling_ratio: int,
@@ -45,23 +47,55 @@ class ROIPooler(MultiScaleRoIAlign):
         super().__init__(featmap_names, output_size, sampling_ratio)
         self.aligned = aligned
         self.scales = [1.0 / s for s in strides]
-        lvl_min, lvl_max = -math.log2(self.scales[0]), -math.log2(self.scales[-1])
-        self.map_levels = LevelMapper(int(lvl_min), int(lvl_max), canonical_scale=224, canonical_level=4)
+        self.min_level, self.max_level = int(round(math.log2(strides[0]))), int(round(math.log2(strides[-1])))
+        self.pooled_size = int(output_size)
+        # set when the box head reads channels-last features as they are (FCBoxHead): in
+        # inference the pooled features then skip a transposing copy
+        self.channels_last_inference = False
 
     def forward(self, x: Dict[str, torch.Tensor], boxes: List[torch.Tensor], image_shapes=None) -> torch.Tensor:
         """Return the pooled features of every box, in the order of the concatenated ``boxes``."""
         feats = [x[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
-        if len(feats) == 1:
-            return roi_align(feats[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
-        levels = self.map_levels(boxes)
-        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + tuple(self.output_size))
-        for level, (feat, scale) in enumerate(zip(feats, self.scales)):
-            idx = torch.where(levels == level)[0]
-            if idx.numel():
-                out[idx] = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio,
-                                     self.aligned).to(out.dtype)
-        return out
+        rois = boxes_to_rois(boxes)
+        levels = None
+        if len(feats) > 1:
+            levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level)
+        return multilevel_roi_align(feats, rois, levels, self.scales, self.pooled_size, self.sampling_ratio,
+                                    self.aligned, self.channels_last_inference and not torch.is_grad_enabled())
+
+
+class FCBoxHead(FastRCNNConvFCHead):
+    """torchvision's ``FastRCNNConvFCHead`` that also reads channels-last pooled features without a copy.
+
+    With no convolutions, the first layer is a fully connected one on the flattened (C, P, P)
+    features; for channels-last input (the CPU pooler's layout in inference) it runs on the
+    (P, P, C) flattening with its weight's columns permuted alike (kept until the weight
+    changes). Same parameters, state-dict keys and results as torchvision's module.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the box features (R, FC_DIM) of pooled features ``x`` (R, C, P, P), in either memory layout."""
+        fc = self[1] if len(self) > 1 and isinstance(self[0], nn.Flatten) else None
+        if (fc is None or not isinstance(fc, nn.Linear) or x.dim() != 4 or x.is_contiguous()
+                or not x.is_contiguous(memory_format=torch.channels_last) or torch.jit.is_tracing()):
+            return super().forward(x)
+        r, c, h, w = x.shape
+        y = nn.functional.linear(x.permute(0, 2, 3, 1).reshape(r, h * w * c), self._permuted_weight(fc, c, h * w),
+                                 fc.bias)
+        for layer in list(self)[2:]:
+            y = layer(y)
+        return y
+
+    def _permuted_weight(self, fc: nn.Linear, c: int, bins: int) -> torch.Tensor:
+        w = fc.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, c, bins)
+        cached = getattr(self, "_permuted", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                permuted = w.view(w.shape[0], c, bins).transpose(1, 2).reshape(w.shape[0], bins * c)
+            cached = (key, permuted)
+            self._permuted = cached
+        return cached[1]
 
 
 # ROI_HEADS.NAME values that run the backbone's next stage on pooled features (detectron2
@@ -124,8 +158,9 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
         norm = {"": None, "BN": nn.BatchNorm2d}.get(bh.NORM, "bad")
         if norm == "bad":
             raise ConfigError(f"MODEL.ROI_BOX_HEAD.NORM {bh.NORM!r} is not supported; use '' or 'BN'")
-        box_head = FastRCNNConvFCHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm)
+        box_head = FCBoxHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm)
         out_dim = bh.FC_DIM if bh.NUM_FC else (bh.CONV_DIM if bh.NUM_CONV else c) * res * res
+        pooler.channels_last_inference = bh.NUM_CONV == 0 and bh.NUM_FC > 0
     elif rh.NAME in RES5_HEAD_NAMES:
         if not hasattr(backbone, "claim_next_stage"):
             raise ConfigError(f"MODEL.ROI_HEADS.NAME {rh.NAME} needs the C4 backbone build_wrn_backbone")
@@ -169,9 +204,14 @@ class GeneralizedRCNN(DetectorBase):
             "loss_cls": 1.0,
             "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
         }
+        use_winograd_convs(self)
 
     def forward(self, batched_inputs: List[dict]):
         """Return the loss dict (training) or the detections of every image (inference)."""
+        with winograd_convs():
+            return self._forward(batched_inputs)
+
+    def _forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensors)
         targets = self.targets(batched_inputs) if self.training else None

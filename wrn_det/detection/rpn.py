@@ -20,9 +20,37 @@ from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .fast_conv import use_winograd_convs, winograd_convs
 from .registry import META_ARCH_REGISTRY
 
-__all__ = ["build_rpn", "ProposalNetwork", "select_top_proposals"]
+__all__ = ["build_rpn", "ProposalNetwork", "select_top_proposals", "StridedAnchorGenerator"]
+
+
+class StridedAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` (the same rounded cell anchors) with every level's stride known.
+
+    torchvision infers a level's stride as padded image size // feature size, which is
+    exact only when the image is padded to a multiple of the coarsest stride (64 for
+    p2..p6, where a max-pooled p6 would take any size). With the strides given, images
+    are padded to the bottom-up network's coarsest stride only (32), as detectron2 does,
+    and the anchors are the same wherever the old padding gave the same feature maps.
+    ``forward`` returns the anchors of all levels (levels concatenated, finest first) once
+    per image, as torchvision's does.
+    """
+
+    def __init__(self, sizes, aspect_ratios, strides: Sequence[int]):
+        super().__init__(sizes, aspect_ratios)
+        self.strides = [int(s) for s in strides]
+
+    def forward(self, image_list, feature_maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Return one (sum_l A * H_l * W_l, 4) XYXY anchor tensor per image of ``image_list``."""
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        # the same tensor for every image (the RPN only reads it)
+        return [anchors for _ in range(len(image_list.image_sizes))]
 
 
 def _per_level(values, n: int, key: str) -> List[List[float]]:
@@ -55,8 +83,9 @@ def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
     num_anchors = {len(s) * len(r) for s, r in zip(sizes, ratios)}
     if len(num_anchors) != 1:
         raise ConfigError("MODEL.ANCHOR_GENERATOR: every level needs the same number of anchors (the RPN head is shared)")
-    anchor_generator = AnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes),
-                                       tuple(tuple(float(v) for v in r) for r in ratios))
+    anchor_generator = StridedAnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes),
+                                              tuple(tuple(float(v) for v in r) for r in ratios),
+                                              [input_shapes[f].stride for f in in_features])
     (c,) = channels
     dims = list(rpn_cfg.CONV_DIMS)
     if any(d not in (-1, c) for d in dims):
@@ -138,9 +167,14 @@ class ProposalNetwork(DetectorBase):
         self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
         w = cfg.MODEL.RPN.LOSS_WEIGHT
         self.loss_weights = {"loss_rpn_cls": w, "loss_rpn_loc": w * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT}
+        use_winograd_convs(self)
 
     def forward(self, batched_inputs: List[dict]):
         """Return the RPN losses (training) or the proposals and objectness logits of every image (inference)."""
+        with winograd_convs():
+            return self._forward(batched_inputs)
+
+    def _forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensors)
         feats = OrderedDict((f, features[f]) for f in self.rpn.in_features)
