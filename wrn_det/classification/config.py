@@ -76,6 +76,9 @@ _C.INPUT.TEST_CROP_SIZE = 224
 _C.DATALOADER = CN()
 # DataLoader workers per process (ImageNet only; the 32x32 sets need none).
 _C.DATALOADER.NUM_WORKERS = 8
+# ImageNet JPEG decoding (wrn_det.data.decode): pil (PIL transforms), torchvision or cv2 (in
+# the workers), cuda (nvJPEG on the GPU, crops drawn in the workers)
+_C.DATALOADER.DECODE = "pil"
 
 _C.SOLVER = CN()
 _C.SOLVER.EPOCHS = 200

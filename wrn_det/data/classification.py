@@ -35,6 +35,7 @@ from torchvision import datasets as tvd
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.datasets.utils import calculate_md5
 
+from wrn_det.data import decode
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 __all__ = [
@@ -275,11 +276,12 @@ def read_mnist(root: str, train: bool = True, download: bool = False) -> ArraySe
 # --------------------------------------------------------------------------- ImageNet
 
 
-def read_imagenet(root: str, train: bool = True, transform=None):
+def read_imagenet(root: str, train: bool = True, transform=None, decoder: str = "pil"):
     """Return torchvision's ``ImageFolder`` over ``ROOT/train`` or ``ROOT/val`` (one folder per class).
 
-    Raises :class:`WrnDetError` naming the folder when it is missing or holds no class
-    folders with images.
+    ``decoder``: ``DATALOADER.DECODE``; the images reach ``transform`` as
+    :func:`wrn_det.data.decode.image_loader` gives them. Raises :class:`WrnDetError`
+    naming the folder when it is missing or holds no class folders with images.
     """
     folder = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(folder):
@@ -288,7 +290,7 @@ def read_imagenet(root: str, train: bool = True, transform=None):
             f"per class (the val images sorted into class folders)"
         )
     try:
-        return tvd.ImageFolder(folder, transform=transform)
+        return tvd.ImageFolder(folder, transform=transform, loader=decode.image_loader(decoder))
     except (FileNotFoundError, RuntimeError) as e:
         raise WrnDetError(f"ImageNet folder {folder} cannot be used: {_one_line(e)}") from None
 
@@ -326,4 +328,7 @@ def build_cls_datasets(cfg, train_transform=None, test_transform=None):
         return read_mnist(root, True, d.DOWNLOAD), read_mnist(root, False, False)
     if d.DOWNLOAD:
         logger.warning("DATASETS.DOWNLOAD is ignored for ImageNet: it cannot be downloaded automatically")
-    return read_imagenet(root, True, train_transform), read_imagenet(root, False, test_transform)
+    decoder = decode.check_decoder(cfg.DATALOADER.DECODE, ("pil", "torchvision", "cv2", "cuda"))
+    train_transform, test_transform = decode.imagenet_transforms_for(decoder, train_transform, test_transform, cfg.INPUT)
+    return (read_imagenet(root, True, train_transform, decoder),
+            read_imagenet(root, False, test_transform, decoder))

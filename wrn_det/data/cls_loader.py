@@ -25,6 +25,7 @@ from torchvision import transforms as T
 
 from wrn_det.engine.errors import ConfigError
 
+from . import decode
 from .classification import ArraySet
 
 __all__ = ["epoch_generator", "reflect_crop_flip", "InMemoryLoader", "ShardSampler", "EpochDataLoader",
@@ -189,13 +190,13 @@ class EpochDataLoader:
     """
 
     def __init__(self, dataset, sampler: ShardSampler, batch_size: int, num_workers: int, seed: int, rank: int,
-                 drop_last: bool, pin_memory: bool):
+                 drop_last: bool, pin_memory: bool, collate_fn=None):
         self.sampler = sampler
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-            pin_memory=pin_memory, generator=self.generator, persistent_workers=False,
+            pin_memory=pin_memory, generator=self.generator, persistent_workers=False, collate_fn=collate_fn,
         )
         self.set_epoch(0)
 
@@ -224,9 +225,13 @@ def imagenet_transforms(train_size: int = 224, test_resize: int = 256, test_size
 
 
 def build_imagenet_loader(dataset, global_batch: int, train: bool, num_workers: int, seed: int, rank: int,
-                          world_size: int, pin_memory: bool = False) -> EpochDataLoader:
+                          world_size: int, pin_memory: bool = False):
     """Return an :class:`EpochDataLoader` over ``dataset`` for this rank (shuffled and sharded when ``train``)."""
     key = "SOLVER.IMS_PER_BATCH" if train else "TEST.IMS_PER_BATCH"
     batch = local_batch_size(global_batch, world_size, key)
     sampler = ShardSampler(len(dataset), global_batch, train, seed, rank, world_size)
-    return EpochDataLoader(dataset, sampler, batch, num_workers, seed, rank, drop_last=train, pin_memory=pin_memory)
+    # DATALOADER.DECODE cuda: the workers hand over JPEG bytes and crop boxes, decoded batch-wise on the GPU
+    crops = isinstance(getattr(dataset, "transform", None), decode.CropTransform)
+    loader = EpochDataLoader(dataset, sampler, batch, num_workers, seed, rank, drop_last=train, pin_memory=pin_memory,
+                             collate_fn=decode.collate_crops if crops else None)
+    return decode.wrap_gpu_decode(dataset, loader)

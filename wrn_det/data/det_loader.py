@@ -18,6 +18,7 @@ import torch.utils.data as tud
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from wrn_det.data import decode
 from wrn_det.engine import comm
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
@@ -45,17 +46,12 @@ def raise_load_errors(batch: List[dict]) -> List[dict]:
     return batch
 
 
-def read_image(path: str, fmt: str = "BGR") -> torch.Tensor:
-    """Return the image at ``path`` as a uint8 tensor (3, H, W) in channel order ``fmt`` (BGR or RGB)."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        import os
+def read_image(path: str, fmt: str = "BGR", decoder: str = "torchvision") -> torch.Tensor:
+    """Return the image at ``path`` as a uint8 tensor (3, H, W) in channel order ``fmt`` (BGR or RGB).
 
-        why = "no such file" if not os.path.exists(path) else "not a readable image"
-        raise WrnDetError(f"image file {path} cannot be read: {why}")
-    if fmt == "RGB":
-        img = img[:, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+    ``decoder``: ``DATALOADER.DECODE`` (:mod:`wrn_det.data.decode`).
+    """
+    return decode.read_image(path, fmt, decoder)
 
 
 class DetectionMapper:
@@ -81,6 +77,7 @@ class DetectionMapper:
     def __init__(self, cfg, is_train: bool):
         self.is_train = is_train
         self.format = cfg.INPUT.FORMAT
+        self.decoder = decode.check_decoder(cfg.DATALOADER.DECODE, ("torchvision", "cv2", "pil"))
         if is_train:
             self.min_sizes = [int(s) for s in cfg.INPUT.MIN_SIZE_TRAIN]
             self.max_size = int(cfg.INPUT.MAX_SIZE_TRAIN)
@@ -111,7 +108,7 @@ class DetectionMapper:
 
     def _map(self, d: dict, seed: int) -> dict:
         g = torch.Generator().manual_seed(int(seed))
-        image = read_image(d["file_name"], self.format)
+        image = read_image(d["file_name"], self.format, self.decoder)
         h, w = image.shape[-2:]
         if (h, w) != (d["height"], d["width"]):
             raise WrnDetError(f"image file {d['file_name']} is {w}x{h} but its annotation says "
@@ -121,8 +118,9 @@ class DetectionMapper:
         else:
             size = int(torch.randint(self.min_sizes[0], self.min_sizes[1] + 1, (1,), generator=g))
         flip = self.flip != "none" and bool(torch.rand(1, generator=g) < 0.5)
-        steps = [] if size <= 0 else [v2.Resize([size], max_size=self.max_size if self.max_size > size else None,
-                                               antialias=True)]
+        max_size = self.max_size if self.max_size > size else None
+        steps = [] if size <= 0 else [v2.Resize([size], max_size=max_size,
+                                               antialias=decode.resize_antialias(h, w, size, max_size))]
         if flip:
             steps.append(v2.RandomHorizontalFlip(p=1.0) if self.flip == "horizontal" else v2.RandomVerticalFlip(p=1.0))
         out = {"height": d["height"], "width": d["width"], "image_id": d["image_id"], "file_name": d["file_name"]}

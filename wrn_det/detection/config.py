@@ -24,6 +24,8 @@ def add_wrn_config(cfg: CN) -> CN:
     stem and stage tensor of the network and no unknown one (else an error); False loads
     what fits and warns.
     ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
+    ``DATALOADER.DECODE``: the builtin engine's JPEG decoder, ``torchvision`` (default) or
+    ``cv2``/``pil`` (:mod:`wrn_det.data.decode`); detectron2's engine reads images with its own mapper.
     """
     # nodes of the caller's class: yacs merges a file only into nodes of the root's own class
     cfg.MODEL.WRN = type(cfg)()
@@ -33,6 +35,7 @@ def add_wrn_config(cfg: CN) -> CN:
     cfg.MODEL.WRN.DROPOUT = 0.0
     cfg.MODEL.WRN.STRICT_WEIGHTS = True
     cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
+    cfg.DATALOADER.DECODE = "torchvision"
     return cfg
 
 
