@@ -28,9 +28,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from bench_utils import result  # noqa: E402
 
 GOAL = 1.5
 
@@ -151,8 +154,7 @@ def main() -> int:
     print(f"data path alone ({a.data_images} images, batch 128, crop + flip + normalise, no model): "
           f"reference {ref_best:.0f} img/s, ours {our_best:.0f} img/s, ratio {data_ratio:.1f}")
     for (model, batch, _), ratio in zip(cases, ratios):
-        print(f"goal: {model} batch {batch} training, ours / reference: measured {ratio:.2f}x, goal >= {GOAL}x, "
-              f"{'met' if ratio >= GOAL else 'not met'}")
+        result(f"cls_train_ours_over_reference_{model}_b{batch}", ratio, GOAL)
     return 0
 
 

@@ -22,8 +22,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+
+from bench_utils import result  # noqa: E402
 
 GOAL = 5.0
 
@@ -122,8 +125,7 @@ def main() -> int:
     same = np.array_equal(np.round(ours_ap, 10), np.round(ref_ap, 10))
     print(f"AP numbers identical: {same} (largest difference {np.max(np.abs(ours_ap - ref_ap)):.2e})")
     speedup = t_ref / t_ours
-    print(f"goal: speed-up over pycocotools: measured {speedup:.1f}x, goal >= {GOAL:.0f}x, "
-          f"{'met' if speedup >= GOAL else 'not met'}")
+    result("coco_eval_speedup_over_pycocotools", speedup, GOAL, note="AP identical" if same else "AP DIFFERS")
     return 0 if same else 1
 
 

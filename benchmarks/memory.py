@@ -18,6 +18,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_utils import result  # noqa: E402
 
 
 def _rss_kib() -> int:
@@ -88,8 +91,7 @@ def main() -> int:
     ratio = res["efficient"]["step_mib"] / res["plain"]["step_mib"]
     total = res["efficient"]["peak_mib"] / res["plain"]["peak_mib"]
     print(f"ratio of whole-process peaks (efficient / plain): {total:.2f}")
-    print(f"goal: step memory of memory_efficient=True / plain: measured {ratio:.2f}, goal <= 0.50, "
-          f"{'met' if ratio <= 0.5 else 'not met'}")
+    result(f"memory_efficient_over_plain_step_{a.device}", ratio, 0.5, higher_is_better=False)
     return 0
 
 
