@@ -32,7 +32,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/cls_throughput.py
 	$(PY) benchmarks/coco_eval.py
-	$(PY) benchmarks/det_step.py
+	$(PY) benchmarks/det_step.py --size 256 800
+	$(PY) benchmarks/det_data.py
+	$(PY) benchmarks/imagenet_data.py
 	$(PY) benchmarks/memory.py
 
 clean:

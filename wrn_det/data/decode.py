@@ -5,7 +5,8 @@
 * ``torchvision`` (detection default): ``torchvision.io.decode_jpeg`` (libjpeg-turbo),
   which returns the (3, H, W) RGB tensor the model takes; other formats go through
   ``torchvision.io.decode_image`` and, failing that, OpenCV. As fast as OpenCV's decoder
-  and it skips the copy from OpenCV's (H, W, 3) BGR array to (3, H, W).
+  and it skips the copy from OpenCV's (H, W, 3) BGR array to (3, H, W). (torchvision 0.29
+  deprecates its image decoders in favour of TorchCodec; without them this reads with OpenCV.)
 * ``cv2``: ``cv2.imread`` (the builtin engine's reader before this option existed); same pixels.
 * ``pil``: Pillow (classification default: torchvision's ``ImageFolder`` loader, the PIL
   transforms of the ImageNet recipe).
@@ -56,21 +57,32 @@ def _read_cv2(path: str) -> np.ndarray:
     return img
 
 
-def _read_torchvision(path: str) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+def _cv2_as_rgb_tensor(path: str) -> torch.Tensor:
+    img = _read_cv2(path)
+    return torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).contiguous()
 
+
+def _read_torchvision(path: str) -> torch.Tensor:
+    try:
+        # deprecated in torchvision 0.29 in favour of TorchCodec; OpenCV gives the same pixels when it is gone
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+    except ImportError:
+        return _cv2_as_rgb_tensor(path)
+    if not os.path.isfile(path):
+        raise _unreadable(path)
+    if os.path.getsize(path) == 0:
+        raise _unreadable(path, "empty file")
     try:
         data = read_file(path)
-    except RuntimeError as e:
-        raise _unreadable(path, str(e).splitlines()[0] if str(e) else "") from None
+    except RuntimeError:
+        raise _unreadable(path) from None
     try:
         if bytes(data[:2].numpy()) == _JPEG_MAGIC:
             return decode_jpeg(data, mode=ImageReadMode.RGB)
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
-        # formats or JPEG flavours libjpeg/torchvision refuse (a truncated file stays an error below)
-        img = _read_cv2(path)
-        return torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).contiguous()
+        # formats or JPEG flavours torchvision refuses; OpenCV reads more (and reports what it cannot)
+        return _cv2_as_rgb_tensor(path)
 
 
 def read_image(path: str, fmt: str = "BGR", decoder: str = "torchvision") -> torch.Tensor:
@@ -82,9 +94,9 @@ def read_image(path: str, fmt: str = "BGR", decoder: str = "torchvision") -> tor
         img = _read_torchvision(path)
         return img.flip(0) if fmt == "BGR" else img
     if decoder == "pil":
-        arr = np.asarray(_open_pil(path))
-        arr = arr[:, :, ::-1] if fmt == "BGR" else arr
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+        arr = np.array(_open_pil(path))  # a writable copy
+        arr = np.ascontiguousarray(arr[:, :, ::-1]) if fmt == "BGR" else arr
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     if decoder != "cv2":
         check_decoder(decoder, ("torchvision", "cv2", "pil"))
     img = _read_cv2(path)
@@ -102,7 +114,9 @@ def _open_pil(path: str):
             return img.convert("RGB")
     except FileNotFoundError:
         raise _unreadable(path) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise _unreadable(path) from None
+    except (OSError, ValueError) as e:  # truncated or corrupt data
         raise _unreadable(path, str(e).splitlines()[0] if str(e) else "") from None
 
 

@@ -1,0 +1,292 @@
+"""The builtin engine's own fast pieces give the numbers of the pieces they replace.
+
+RoIAlign (CPU kernel) against torchvision's ``roi_align`` and detectron2's ``ROIPooler``;
+anchors against torchvision's ``AnchorGenerator``; Winograd convolutions against
+``nn.Conv2d``; whole detectors (losses, boxes, scores) against the same detector assembled
+from torchvision's pieces, as the engine was before them.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou, roi_align
+from torchvision.ops.poolers import LevelMapper
+
+from wrn_det.detection import fast_conv
+from wrn_det.detection.config import get_det_cfg
+from wrn_det.detection.fast_conv import WinogradConv2d, use_winograd_convs, winograd_convs
+from wrn_det.detection.modeling import ROIPooler, build_detector
+from wrn_det.detection.pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
+from wrn_det.detection.rpn import StridedAnchorGenerator
+from wrn_det.engine.config import load_config
+
+STRIDES = [4, 8, 16, 32]
+
+
+def _features(seed=0, n=2, c=16, h=48, w=64, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, c, math.ceil(h / (s / 4)), math.ceil(w / (s / 4)), generator=g, dtype=dtype)
+            for s in STRIDES]
+
+
+def _boxes(n_images=2, per_image=60, seed=1, w=256, h=192):
+    """Boxes of every kind: ordinary, tiny, empty, inverted, partly and wholly outside the image, huge."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_images):
+        xy = torch.rand(per_image, 2, generator=g) * torch.tensor([w, h])
+        wh = torch.rand(per_image, 2, generator=g) ** 2 * torch.tensor([w, h]) * 0.8
+        b = torch.cat([xy, xy + wh], 1)
+        b[:4, 2:] = b[:4, :2]                                   # empty
+        b[4:6, 2:] = b[4:6, :2] - 5                             # inverted
+        b[6:8] = torch.tensor([[-40.0, -30.0, 20.0, 10.0], [w - 10.0, h - 5.0, w + 60.0, h + 50.0]])
+        b[8] = torch.tensor([-300.0, -300.0, -200.0, -250.0])   # wholly outside
+        b[9] = torch.tensor([-50.0, -50.0, 3 * w, 3 * h])       # larger than the image
+        b[10] = b[10, :2].repeat(2) + torch.tensor([0.0, 0.0, 0.3, 0.2])  # tiny
+        out.append(b)
+    return out
+
+
+def _reference_pool(feats, boxes, aligned, sampling_ratio, size=7):
+    """The engine's pooling before its own kernel: torchvision's level rule and roi_align per level."""
+    rois = boxes_to_rois(boxes)
+    levels = LevelMapper(2, 5)(boxes)
+    out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+    for lvl, (f, s) in enumerate(zip(feats, STRIDES)):
+        idx = torch.where(levels == lvl)[0]
+        out[idx] = roi_align(f, rois[idx], size, 1.0 / s, sampling_ratio, aligned)
+    return out
+
+
+@pytest.mark.parametrize("aligned, sampling_ratio", [(True, 0), (False, 0), (True, 2), (False, 1)])
+def test_multilevel_roi_align_equals_torchvision_forward_and_backward(aligned, sampling_ratio):
+    feats, boxes = _features(), _boxes()
+    rois = boxes_to_rois(boxes)
+    levels = assign_boxes_to_levels(rois[:, 1:], 2, 5)
+    assert torch.equal(levels, LevelMapper(2, 5)(boxes))
+    ref_in = [f.clone().requires_grad_() for f in feats]
+    our_in = [f.clone().requires_grad_() for f in feats]
+    ref = _reference_pool(ref_in, boxes, aligned, sampling_ratio)
+    ours = multilevel_roi_align(our_in, rois, levels, [1.0 / s for s in STRIDES], 7, sampling_ratio, aligned)
+    assert ours.shape == ref.shape and ours.is_contiguous()
+    # same sampling points and weights; only the order of the float sums differs
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(ref) > ref.numel() // 2  # the test pools real values, not zeros
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    ours.backward(grad)
+    for a, b in zip(ref_in, our_in):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-4)
+    # without gradients the CPU kernel may hand out channels-last memory: the same values
+    with torch.no_grad():
+        cl = multilevel_roi_align(feats, rois, levels, [1.0 / s for s in STRIDES], 7, sampling_ratio, aligned,
+                                  channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_single_level_float64_and_empty_inputs():
+    f = _features(dtype=torch.float64)[2]
+    rois = boxes_to_rois(_boxes(per_image=20)).double()
+    ours = multilevel_roi_align([f], rois, None, [1 / 16], 14, 0, True)
+    torch.testing.assert_close(ours, roi_align(f, rois, 14, 1 / 16, 0, True), rtol=1e-10, atol=1e-10)
+    empty = multilevel_roi_align([f], rois[:0], None, [1 / 16], 14, 0, True)
+    assert empty.shape == (0, f.shape[1], 14, 14)
+
+
+def test_pooler_equals_detectron2_roi_pooler():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed")
+    from detectron2.modeling.poolers import ROIPooler as D2Pooler
+    from detectron2.structures import Boxes
+
+    feats, boxes = _features(c=8), _boxes()
+    for pooler_type in ("ROIAlignV2", "ROIAlign"):
+        theirs = D2Pooler(7, [1.0 / s for s in STRIDES], 0, pooler_type)(feats, [Boxes(b) for b in boxes])
+        ours = ROIPooler(["p2", "p3", "p4", "p5"], STRIDES, 7, 0, aligned=pooler_type == "ROIAlignV2")(
+            dict(zip(["p2", "p3", "p4", "p5"], feats)), boxes)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_anchors_equal_torchvision_and_know_each_stride():
+    sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
+    strides = [4, 8, 16, 32, 64]
+    ours, theirs = StridedAnchorGenerator(sizes, ratios, strides), AnchorGenerator(sizes, ratios)
+    # padded to 64, torchvision infers every stride right: the same anchors
+    image = ImageList(torch.zeros(2, 3, 128, 192), [(128, 180), (120, 192)])
+    maps = [torch.zeros(2, 1, 128 // s, 192 // s) for s in strides]
+    a, b = ours(image, maps), theirs(image, maps)
+    assert len(a) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+    # padded to 32 (as detectron2 pads): the max-pooled top level keeps its stride of 64
+    image = ImageList(torch.zeros(1, 3, 96, 160), [(96, 160)])
+    maps = [torch.zeros(1, 1, math.ceil(96 / s), math.ceil(160 / s)) for s in strides]
+    (anchors,) = ours(image, maps)
+    top = anchors[-3 * maps[-1].shape[-2] * maps[-1].shape[-1]:]
+    centres = (top[:, :2] + top[:, 2:]) / 2
+    assert sorted(set(centres[:, 0].tolist())) == [0.0, 64.0, 128.0]
+
+
+def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside():
+    if not fast_conv.winograd_available():
+        pytest.skip("this PyTorch has no NNPACK")
+    torch.manual_seed(0)
+    ref = nn.Conv2d(32, 48, 3, padding=1)
+    conv = copy.deepcopy(ref)
+    assert use_winograd_convs(nn.Sequential(conv, nn.Conv2d(32, 32, 3, stride=2), nn.Conv2d(32, 32, 1))) == 1
+    assert isinstance(conv, WinogradConv2d) and list(conv.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 32, 40, 48)
+    assert torch.equal(conv(x), ref(x))  # outside winograd_convs(): exactly nn.Conv2d
+    xr, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = ref(xr)
+    small = torch.randn(1, 32, 8, 8)
+    with winograd_convs():
+        y = conv(xw)
+        assert torch.equal(conv(small), ref(small))  # too small a map: the direct convolution
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(y, y_ref)  # it did take the Winograd path
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    # the gradient is the ordinary convolution's, for the whole batch
+    assert torch.equal(xw.grad, xr.grad) and torch.equal(conv.weight.grad, ref.weight.grad)
+    with winograd_convs():
+        traced = torch.jit.trace(conv, x, check_trace=False)
+    assert "nnpack" not in str(traced.graph)
+
+
+def _cfg(*opts, config="shapes_wrn_frcnn.yaml", net="wrn_10_1"):
+    return load_config(get_det_cfg(), config,
+                       ["MODEL.DEVICE", "cpu", "MODEL.WRN.NAME", net, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *opts])
+
+
+class _TorchvisionPooler(nn.Module):
+    """The engine's RoI pooler before its own kernel (torchvision's roi_align per level, LevelMapper)."""
+
+    def __init__(self, pooler: ROIPooler):
+        super().__init__()
+        self.p = pooler
+
+    def forward(self, x, boxes, image_shapes=None):
+        feats = [x[n] for n in self.p.featmap_names]
+        rois = boxes_to_rois(boxes)
+        if len(feats) == 1:
+            return roi_align(feats[0], rois, self.p.pooled_size, self.p.scales[0], self.p.sampling_ratio, self.p.aligned)
+        levels = LevelMapper(self.p.min_level, self.p.max_level)(boxes)
+        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], self.p.pooled_size, self.p.pooled_size))
+        for lvl, (f, s) in enumerate(zip(feats, self.p.scales)):
+            idx = torch.where(levels == lvl)[0]
+            out[idx] = roi_align(f, rois[idx], self.p.pooled_size, s, self.p.sampling_ratio, self.p.aligned)
+        return out
+
+
+def _reference_detector(model):
+    """The same detector (same weights) with torchvision's pooler, anchor generator and convolutions."""
+    ref = copy.deepcopy(model)
+    ref.roi_heads.box_roi_pool = _TorchvisionPooler(model.roi_heads.box_roi_pool)
+    ag = model.rpn.anchor_generator
+    ref.rpn.anchor_generator = AnchorGenerator(ag.sizes, ag.aspect_ratios)
+    for m in ref.modules():
+        if isinstance(m, WinogradConv2d):
+            m.__class__ = nn.Conv2d
+    return ref
+
+
+def _inputs(h, w, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        xy = torch.rand(3, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = 6 + torch.rand(3, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
+        out.append({"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+                    "boxes": torch.cat([xy, xy + wh], 1), "classes": torch.randint(0, 3, (3,), generator=g),
+                    "height": 2 * h, "width": 2 * w})
+    return out
+
+
+def _run(model, inputs):
+    model.train()
+    torch.manual_seed(7)  # the RPN's and RoI heads' samplers draw from the global generator
+    losses = model(inputs)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad():
+        dets = model(inputs)
+    return {k: v.item() for k, v in losses.items()}, grads, dets
+
+
+def _matched(a, b):
+    """Assert two detection sets are the same boxes, scores and classes (order may differ among equal scores)."""
+    assert len(a["boxes"]) == len(b["boxes"]) > 0
+    iou = box_iou(a["boxes"], b["boxes"])
+    best = iou.max(dim=1)
+    assert best.values.min() > 0.999
+    torch.testing.assert_close(a["scores"], b["scores"][best.indices], rtol=1e-3, atol=1e-5)
+    assert torch.equal(a["classes"], b["classes"][best.indices])
+
+
+@pytest.mark.parametrize("opts, size", [
+    ([], (64, 96)),
+    (["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlign", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO", "2"], (64, 96)),
+    (["config=Base-WRN-RCNN-FPN.yaml", "net=wide_resnet18_1", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+      "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
+      "MODEL.RPN.POST_NMS_TOPK_TRAIN", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "300"], (128, 192)),
+], ids=["shapes-v2", "shapes-legacy", "imagenet-style-p2-p6"])
+def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch):
+    # inputs a multiple of the coarsest stride (8 and 64 here), where the old and new padding agree
+    kw = dict(o.split("=") for o in opts if "=" in o)
+    torch.manual_seed(0)
+    model = build_detector(_cfg(*[o for o in opts if "=" not in o], **kw))
+    ref = _reference_detector(model)
+    winograd = copy.deepcopy(model)  # a training forward moves BatchNorm statistics: one copy per run
+    inputs = _inputs(*size)
+    monkeypatch.setattr(fast_conv, "ENABLED", False)  # exact pieces first
+    losses, grads, dets = _run(model, inputs)
+    ref_losses, ref_grads, ref_dets = _run(ref, inputs)
+    assert losses.keys() == ref_losses.keys()
+    for k in losses:
+        assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5, abs=1e-6), k
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5 * ref_grads[k].abs().max().item())
+    for a, b in zip(dets, ref_dets):
+        _matched(a, b)
+    # Winograd convolutions: float rounding of 1e-5 relative per convolution
+    monkeypatch.setattr(fast_conv, "ENABLED", True)
+    losses, _, dets = _run(winograd, inputs)
+    for k in losses:
+        assert losses[k] == pytest.approx(ref_losses[k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(dets, ref_dets):
+        _matched(a, b)
+
+
+def test_fc_box_head_reads_channels_last_features_as_contiguous_ones():
+    model = build_detector(_cfg()).eval()
+    head = model.roi_heads.box_head
+    x = torch.randn(5, 64, 7, 7)
+    with torch.no_grad():
+        a = head(x)
+        b = head(x.contiguous(memory_format=torch.channels_last))
+        head[1].weight.mul_(2)  # a changed weight is seen (the permuted copy follows it)
+        c = head(x.contiguous(memory_format=torch.channels_last))
+        d = head(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c, d, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(c, b)
+
+
+def test_fpn_input_is_padded_to_the_bottom_up_stride():
+    cfg = load_config(get_det_cfg(), "Base-WRN-RCNN-FPN.yaml", ["MODEL.DEVICE", "cpu", "MODEL.WRN.NAME", "wide_resnet18_1",
+                                                                "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    model = build_detector(cfg).eval()
+    assert model.size_divisibility == 32
+    image = torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8)
+    with torch.no_grad():
+        batch = model.preprocess_image([{"image": image}])
+        (out,) = model([{"image": image, "height": 100, "width": 150}])
+    assert tuple(batch.tensors.shape[-2:]) == (128, 160)
+    assert len(out["boxes"]) > 0 and torch.isfinite(out["boxes"]).all()
+    assert out["boxes"][:, 2].max() <= 150 and out["boxes"][:, 3].max() <= 100
