@@ -24,8 +24,9 @@ Rows (``--rows``, default all that can run):
   of its model zoo, with the stride in the 3x3 convolutions and the pixel statistics of
   the builtin config, so that it is the same network) with the ``builtin-r50`` row's weights.
 
-The rows alternate (one training iteration of each, in turn, ``--iters`` times; then the
-same for inference) and the medians are reported, so that load from other processes
+The rows alternate (inference of ``--batch`` images with each row, in turn, ``--iters``
+times, on the initial weights; then one training iteration of each, in turn) and the
+medians are reported, so that load from other processes
 falls on every row. Each ``--size`` gives one table: short side ``size``, long side
 ``4/3 size`` (at most 1333: ``--size 800`` is COCO's training size).
 
@@ -121,11 +122,12 @@ def trained_like(model, favoured: int = 8) -> None:
 
     RPN: box-delta layer zero; objectness layer as initialised. Box predictor: class
     scores from the bias alone, ``favoured`` classes raised so that their scores pass the
-    test threshold for every proposal.
+    test threshold for every proposal, box deltas from the bias alone (zero).
     """
     model.rpn.head.bbox_pred.weight.zero_()
     model.rpn.head.bbox_pred.bias.zero_()
     model.roi_heads.box_predictor.cls_score.weight.zero_()
+    model.roi_heads.box_predictor.bbox_pred.weight.zero_()  # detections at the proposals
     bias = model.roi_heads.box_predictor.cls_score.bias
     bias.zero_()
     bias[1:1 + favoured] = 3.0  # torchvision's class 0 is the background
@@ -337,8 +339,9 @@ def run_size(size: int, a, device, autocast) -> dict:
             return t / len(b)
         return run
 
-    train = alternate({k: train_side(r) for k, r in rows.items()}, a.iters) if not a.no_train else {}
+    # inference first, on the initial weights (training moves each engine's weights its own way)
     infer = alternate({k: infer_side(k, r) for k, r in rows.items()}, a.iters)
+    train = alternate({k: train_side(r) for k, r in rows.items()}, a.iters) if not a.no_train else {}
     print(f"{'engine, backbone':<38}{'s/iter (train)':>15}{'s/image (test)':>16}{'detections/image':>18}")
     out = {}
     for k in rows:

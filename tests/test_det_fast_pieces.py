@@ -136,7 +136,7 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside():
     torch.manual_seed(0)
     ref = nn.Conv2d(32, 48, 3, padding=1)
     conv = copy.deepcopy(ref)
-    assert use_winograd_convs(nn.Sequential(conv, nn.Conv2d(32, 32, 3, stride=2), nn.Conv2d(32, 32, 1))) == 1
+    assert use_winograd_convs(nn.Sequential(conv, nn.Conv2d(32, 32, 3, stride=2), nn.Conv2d(32, 32, 1))) == 2
     assert isinstance(conv, WinogradConv2d) and list(conv.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 32, 40, 48)
     assert torch.equal(conv(x), ref(x))  # outside winograd_convs(): exactly nn.Conv2d
@@ -156,6 +156,22 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside():
     with winograd_convs():
         traced = torch.jit.trace(conv, x, check_trace=False)
     assert "nnpack" not in str(traced.graph)
+    # a small map with many channels: im2col + GEMM, the direct convolution's rounding, and its gradient
+    wide = nn.Conv2d(256, 256, 3, stride=2, padding=1)
+    plain = copy.deepcopy(wide)
+    use_winograd_convs(wide)
+    xg = torch.randn(2, 256, 7, 8, requires_grad=True)  # 56 pixels: at most a quarter of the channels
+    xp = xg.detach().clone().requires_grad_()
+    with winograd_convs():
+        yg = wide(xg)
+    yp = plain(xp)
+    torch.testing.assert_close(yg, yp, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(yg, yp)  # it did take the GEMM path
+    g = torch.randn_like(yg)
+    yg.backward(g)
+    yp.backward(g)
+    torch.testing.assert_close(xg.grad, xp.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wide.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-4)
 
 
 def _cfg(*opts, config="shapes_wrn_frcnn.yaml", net="wrn_10_1"):

@@ -20,6 +20,7 @@ Every reader raises :class:`WrnDetError` with one line naming the file when it c
 import math
 import os
 import random
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -77,9 +78,11 @@ def _read_torchvision(path: str) -> torch.Tensor:
     except RuntimeError:
         raise _unreadable(path) from None
     try:
-        if bytes(data[:2].numpy()) == _JPEG_MAGIC:
-            return decode_jpeg(data, mode=ImageReadMode.RGB)
-        return decode_image(data, mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():  # the deprecation notice, once per image otherwise
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if bytes(data[:2].numpy()) == _JPEG_MAGIC:
+                return decode_jpeg(data, mode=ImageReadMode.RGB)
+            return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         # formats or JPEG flavours torchvision refuses; OpenCV reads more (and reports what it cannot)
         return _cv2_as_rgb_tensor(path)
