@@ -17,7 +17,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from wrn_det.detection import fast_conv
+from wrn_det.detection import fast_conv, pooling
 from wrn_det.detection.config import get_det_cfg
 from wrn_det.detection.fast_conv import WinogradConv2d, use_winograd_convs, winograd_convs
 from wrn_det.detection.modeling import ROIPooler, build_detector
@@ -90,13 +90,21 @@ def test_multilevel_roi_align_equals_torchvision_forward_and_backward(aligned, s
     torch.testing.assert_close(cl, ref.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_single_level_float64_and_empty_inputs():
+def test_single_level_float64_huge_and_empty_inputs():
     f = _features(dtype=torch.float64)[2]
     rois = boxes_to_rois(_boxes(per_image=20)).double()
-    ours = multilevel_roi_align([f], rois, None, [1 / 16], 14, 0, True)
+    ours = pooling.roi_align(f, rois, 14, 1 / 16, 0, True)
     torch.testing.assert_close(ours, roi_align(f, rois, 14, 1 / 16, 0, True), rtol=1e-10, atol=1e-10)
-    empty = multilevel_roi_align([f], rois[:0], None, [1 / 16], 14, 0, True)
+    empty = pooling.roi_align(f, rois[:0], 14, 1 / 16, 0, True)
     assert empty.shape == (0, f.shape[1], 14, 14)
+    # a RoI a hundred times its map (more than MAX_GRID samples a side) is torchvision's to pool, gradient too
+    rois[3, 1:] = torch.tensor([-9000.0, -100.0, 9000.0, 200.0], dtype=rois.dtype)
+    a, b = f.clone().requires_grad_(), f.clone().requires_grad_()
+    ours, ref = pooling.roi_align(a, rois, 14, 1 / 16, 0, True), roi_align(b, rois, 14, 1 / 16, 0, True)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_pooler_equals_detectron2_roi_pooler():

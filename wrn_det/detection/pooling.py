@@ -13,7 +13,6 @@ is 0; results agree to float rounding.
 
 On CUDA, and while tracing or scripting (export), torchvision's kernel runs instead.
 """
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
 
-__all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois"]
+__all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois", "MAX_GRID"]
+
+# samples per bin side above which a RoI goes to torchvision's kernel (a box inside the image
+# needs at most about 10 on the level the FPN rule gives it, or with a C4 trunk)
+MAX_GRID = 64
 
 
 def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size: float = 224.0,
@@ -84,7 +87,9 @@ class _Plan:
     The RoIs are taken in ``order`` (grouped by sampling grid); bags are in that order.
     """
 
-    def __init__(self, index: Tensor, weight: Tensor, bag_sizes: Tensor, order: Tensor, num_rows: int):
+    def __init__(self, index: Tensor, weight: Tensor, bag_sizes: Tensor, order: Tensor, num_rows: int,
+                 huge: Tensor):
+        self.huge = huge            # RoIs left to torchvision's kernel (their bins are 0 here)
         self.index = index          # (E,) rows of the stacked channels-last features
         self.weight = weight        # (E,) bilinear weight / samples per bin
         self.bag_sizes = bag_sizes  # (R * P * P,) entries of each bin (4 per sample; 0 for an empty RoI)
@@ -116,6 +121,12 @@ def _plan(rois: Tensor, levels: Tensor, shapes: List[Tuple[int, int, int]], scal
         # an adaptive grid of ceil(bin size) samples per side; 0 for an empty or inverted RoI (output 0)
         gh = torch.ceil(torch.nan_to_num(h, nan=0.0) / pooled).clamp(0, 1 << 15).to(torch.int64)
         gw = torch.ceil(torch.nan_to_num(w, nan=0.0) / pooled).clamp(0, 1 << 15).to(torch.int64)
+    # a RoI many times the size of its map (no box inside the image is) would need a huge plan:
+    # torchvision's kernel, which loops instead, takes it
+    huge = torch.nonzero((gh > MAX_GRID) | (gw > MAX_GRID)).flatten()
+    if huge.numel():
+        gh, gw = gh.clone(), gw.clone()
+        gh[huge], gw[huge] = 0, 0
     # RoIs with the same grid share one dense layout: a few vectorised ops per group, written
     # straight into the plan's arrays, group after group
     key_sorted, order = torch.sort(gh * (1 << 16) + gw, stable=True)
@@ -143,7 +154,7 @@ def _plan(rois: Tensor, levels: Tensor, shapes: List[Tuple[int, int, int]], scal
         torch.mul(wy[:, :, None, :, :, None, None], (wx / float(ny * nx))[:, None, :, None, None, :, :],
                   out=weight[end:end + size].view(shape))
         end += size
-    return _Plan(index, weight, bag.repeat_interleave(bins), order, sum(level_rows))
+    return _Plan(index, weight, bag.repeat_interleave(bins), order, sum(level_rows), huge)
 
 
 def _stack_channels_last(features: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -235,7 +246,12 @@ def multilevel_roi_align(features: List[Tensor], rois: Tensor, levels: Optional[
         out = _RoIAlignFunction.apply(plan, r, bins, *features)
     else:
         out = _pool(_stack_channels_last(features, _compute_dtype(out_dtype)), plan, r, bins, channels_last)
-    return out.reshape(r, c, output_size, output_size).to(out_dtype)
+    out = out.reshape(r, c, output_size, output_size).to(out_dtype)
+    if plan.huge.numel():
+        huge = plan.huge.to(rois.device)
+        out = out.index_put((huge,), _torchvision_multilevel(features, rois[huge], levels[huge], scales, output_size,
+                                                             sampling_ratio, aligned).to(out_dtype))
+    return out
 
 
 def _torchvision_multilevel(features: List[Tensor], rois: Tensor, levels: Tensor, scales: List[float],
@@ -256,8 +272,3 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: f
     ``rois``: (R, 5) ``(image index, x1, y1, x2, y2)`` in image pixels.
     """
     return multilevel_roi_align([features], rois, None, [spatial_scale], output_size, sampling_ratio, aligned)
-
-
-def level_range(strides: Sequence[int]) -> Tuple[int, int]:
-    """Return (min level, max level) of feature maps with power-of-two ``strides``."""
-    return int(math.log2(strides[0])), int(math.log2(strides[-1]))
