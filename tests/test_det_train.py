@@ -96,9 +96,11 @@ def _final_weights(path):
 
 
 def test_sigkill_and_resume_give_identical_weights(coco_root, tmp_path):
+    # with the weight EMA on: its average and update count are part of what must be restored
     common = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "DATASETS.TEST", "()", "SEED", "3",
               "SOLVER.MAX_ITER", "14", "SOLVER.STEPS", "(9,)", "SOLVER.WARMUP_ITERS", "3",
-              "SOLVER.CHECKPOINT_PERIOD", "4", "DATALOADER.NUM_WORKERS", "1"]
+              "SOLVER.CHECKPOINT_PERIOD", "4", "DATALOADER.NUM_WORKERS", "1",
+              "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.9"]
     ref = run_cli(common + ["OUTPUT_DIR", str(tmp_path / "ref")], coco_root)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
@@ -120,9 +122,50 @@ def test_sigkill_and_resume_give_identical_weights(coco_root, tmp_path):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+    ea = torch.load(tmp_path / "ref" / "model_final.pth", map_location="cpu", weights_only=True)
+    eb = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert ea["ema_updates"] == eb["ema_updates"] == 14
+    assert not [k for k in ea["ema"] if not torch.equal(ea["ema"][k], eb["ema"][k])]
+    assert any(not torch.equal(ea["ema"][k], a[k]) for k in a if a[k].is_floating_point())  # an average, not a copy
     # and the resumed part of training did change the weights, so equality above is not vacuous
     c = torch.load(out / "model_0000003.pth", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bfloat16_amp_and_ema_train_and_evaluate(coco_root, tmp_path, monkeypatch, one_thread):
+    """Mixed precision (CPU autocast to bfloat16) and the weight EMA: training runs, both weights are evaluated,
+    and --eval-only with MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY gives the EMA's numbers again."""
+    from wrn_det.detection.modeling import build_detector
+    from wrn_det.detection.train import Trainer, test
+    from wrn_det.detection.weights import load_detector_weights
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", coco_root)
+    opts = [*TINY_DET, "DATASETS.TEST", "('coco_2017_val',)", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "0",
+            "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16", "MODEL_EMA.ENABLED", "True",
+            "MODEL_EMA.DECAY", "0.5", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SEED", "2",
+            "OUTPUT_DIR", str(tmp_path)]
+    trainer = Trainer(build_cfg(opts))
+    assert trainer.step.dtype == torch.bfloat16
+    autocast_seen = []
+    forward = trainer.model.forward
+    model = trainer.model
+    model.forward = lambda batch: autocast_seen.append((model.training, torch.is_autocast_enabled("cpu"))) or \
+        forward(batch)
+    results = trainer.train()
+    # every training forward pass ran under CPU autocast; evaluation in float32
+    assert [a for t, a in autocast_seen if t] == [True] * 6 and not any(a for t, a in autocast_seen if not t)
+    assert "AP" in results["bbox"] and "AP" in results["ema"]["bbox"]
+    assert os.path.isfile(tmp_path / "inference" / "ema" / "coco_instances_results.json")
+    ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
+    assert ckpt["ema_updates"] == 6 and ckpt["ema"].keys() == ckpt["model"].keys()
+    cfg = build_cfg(opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                            "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY", "True", "OUTPUT_DIR", str(tmp_path / "ev")])
+    ema_model = build_detector(cfg)
+    load_detector_weights(ema_model, cfg.MODEL.WEIGHTS, use_ema=True)
+    again = test(cfg, ema_model)
+    assert again["bbox"]["AP"] == pytest.approx(results["ema"]["bbox"]["AP"], abs=1e-9, nan_ok=True)
+    assert json.load(open(tmp_path / "ev" / "inference" / "coco_instances_results.json")) == \
+        json.load(open(tmp_path / "inference" / "ema" / "coco_instances_results.json"))
 
 
 def _free_port():
