@@ -111,7 +111,7 @@ def zoo_export(tmp_path_factory):
             m.running_var = torch.rand(c, generator=g) * 0.2 + 0.02
     params = _functional_zoo_export(net)
     path = tmp_path_factory.mktemp("zoo") / "wide-resnet-50-2-export-5ae25d50.pth"
-    torch.save(params, path)
+    torch.save(params, path, _use_new_zipfile_serialization=False)  # the published file predates the zip format
     return path, params
 
 
@@ -290,6 +290,12 @@ def test_pytorch_port_checkpoint_converts_to_wrn_16_4(tmp_path, capsys):
     builtin = torch.load(tmp_path / "wrn_16_4.pth", weights_only=True)["model"]
     assert torch.equal(builtin["stage2.0.shortcut.weight"], params["group1.block0.convdim"])
     assert torch.equal(builtin["stage3.post_act.bn.running_var"], params["bn.running_var"])
+    # a CIFAR-100 run of the same code: the classifier has 100 rows, the backbone converts alike
+    params100, _ = _port_params(16, 4, 100, seed=3)
+    torch.save({"params": params100, "epoch": 200}, tmp_path / "cifar100.pt7")
+    state, info = read_classifier_state(str(tmp_path / "cifar100.pt7"))
+    assert info["model_name"] == "wrn_16_4" and state["fc.weight"].shape == (100, 256)
+    assert cli_main(_convert_main(), [str(tmp_path / "cifar100.pt7"), str(tmp_path / "wrn_16_4_c100.pth")]) == 0
 
 
 def test_pytorch_port_like_files_with_a_wrong_tensor_give_one_line(tmp_path, capsys):

@@ -105,9 +105,12 @@ def _out_channels(params: dict, key: str, source: str, layout: str) -> int:
     return int(w.shape[0])
 
 
-def _meta_net(name: str) -> nn.Module:
+def _meta_net(name: str, params: dict) -> nn.Module:
+    """Return ``build_model(name)`` on the meta device, with as many classes as ``params["fc.weight"]`` has."""
+    fc = params.get("fc.weight")
+    classes = int(fc.shape[0]) if torch.is_tensor(fc) and fc.dim() == 2 and fc.shape[0] > 0 else None
     with torch.device("meta"):  # shapes and BatchNorm eps only: nothing allocated
-        return build_model(name)
+        return build_model(name, num_classes=classes)
 
 
 def unfold_batchnorm(bias: torch.Tensor, eps: float) -> "OrderedDict[str, torch.Tensor]":
@@ -173,7 +176,7 @@ def read_functional_zoo(params: dict, source: str) -> Tuple["OrderedDict[str, to
     :class:`ConversionError` naming the layout for a missing, extra or misshaped tensor.
     """
     name = _zoo_name(params, source)
-    net = _meta_net(name)
+    net = _meta_net(name, params)
     modules = dict(net.named_modules())
     pairs = _zoo_pairs(net)
     expected = OrderedDict()
@@ -244,7 +247,7 @@ def read_pytorch_port(params: dict, source: str) -> Tuple["OrderedDict[str, torc
     missing, extra or misshaped tensor.
     """
     name = _port_name(params, source)
-    own = _meta_net(name).state_dict()
+    own = _meta_net(name, params).state_dict()
     names = OrderedDict((k, _port_key(k)) for k in own)
     expected = OrderedDict((p, tuple(own[k].shape)) for k, p in names.items() if p is not None)
     _check_tensors(params, expected, source, _PORT_NAME)
