@@ -72,6 +72,13 @@ _C.INPUT.ZCA_CACHE_DIR = ""
 _C.INPUT.TRAIN_CROP_SIZE = 224
 _C.INPUT.TEST_RESIZE = 256
 _C.INPUT.TEST_CROP_SIZE = 224
+# ImageNet training, after the crop: colour jitter strengths (brightness, contrast, saturation;
+# each factor drawn from [1 - s, 1 + s], the three in random order) and the std of the
+# AlexNet-style PCA lighting noise with ImageNet's eigenvalues/eigenvectors. fb.resnet.torch,
+# which trained the authors' WRN-50-2, uses [0.4, 0.4, 0.4] and 0.1 (the ImageNet configs do);
+# 0 switches either off (torchvision's reference recipe has neither).
+_C.INPUT.COLOR_JITTER = [0.0, 0.0, 0.0]
+_C.INPUT.LIGHTING_STD = 0.0
 
 _C.DATALOADER = CN()
 # DataLoader workers per process (ImageNet only; the 32x32 sets need none).

@@ -36,6 +36,7 @@ from wrn_det.engine.seed import seed_all
 from wrn_det.models import build_model, count_parameters
 from wrn_det.models.weights import match_state_dict
 
+from .curves import append_json_stats
 from .evaluation import accuracy_counts, evaluate
 from .sync_bn import convert_sync_batchnorm
 
@@ -123,7 +124,8 @@ class ClsTrainer:
         cfg = self.cfg
         self.test_batch = cfg.TEST.IMS_PER_BATCH
         if self.is_imagenet:
-            tr_tf, te_tf = imagenet_transforms(cfg.INPUT.TRAIN_CROP_SIZE, cfg.INPUT.TEST_RESIZE, cfg.INPUT.TEST_CROP_SIZE)
+            tr_tf, te_tf = imagenet_transforms(cfg.INPUT.TRAIN_CROP_SIZE, cfg.INPUT.TEST_RESIZE, cfg.INPUT.TEST_CROP_SIZE,
+                                               cfg.INPUT.COLOR_JITTER, cfg.INPUT.LIGHTING_STD)
             train_set, test_set = build_cls_datasets(cfg, tr_tf, te_tf)
             classes, channels = train_set.classes, 3
             pin = self.device.type == "cuda"
@@ -407,6 +409,7 @@ class ClsTrainer:
                 # the resumed run repeats the epoch and writes its row once
                 self._save(epoch)
                 writer.write(row, step=epoch)
+                append_json_stats(self.output_dir, row, cfg)  # log.txt: the original code's json_stats line
                 logger.info("epoch %d: %s", epoch, ", ".join(
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
             self._save_weights("model_final.pth", epoch=cfg.SOLVER.EPOCHS)

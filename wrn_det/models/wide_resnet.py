@@ -11,6 +11,9 @@ they are.
 * Basic-block depths (18, 34) widen every stage: widths 64k, 128k, 256k, 512k
   after the 64-channel stem; ``wide_resnet34_2`` is the WRN-34-2 used for COCO
   detection in the paper.
+
+Initialisation follows the authors' ``pretrained/wide-resnet.lua`` (conv weights
+normal(0, sqrt(2 / fan_in))); ``conv_init="fan_out"`` gives torchvision's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from .common import FeatureNet, ShapeSpec, Stage
+from .wrn_cifar import check_conv_init
 
 __all__ = ["WideResNet", "BasicBlock", "Bottleneck", "IMAGENET_DEPTHS"]
 
@@ -109,18 +113,27 @@ class WideResNet(FeatureNet):
         num_classes: classifier size.
         memory_efficient: recompute each block in the backward pass.
         zero_init_residual: start the last BN of each block at 0.
+        conv_init: ``"fan_in"`` (default) initialises as the authors'
+            ``pretrained/wide-resnet.lua`` (the fb.resnet.torch model file they trained
+            WRN-50-2 with, edited to n = kh * kw * nInputPlane): conv weights
+            normal(0, sqrt(2 / (kh * kw * in_channels))), BatchNorm weight 1 and bias 0,
+            ``fc`` bias 0. ``"fan_out"`` initialises as torchvision's ResNet (and
+            fb.resnet.torch's unedited ``models/resnet.lua``): normal(0, sqrt(2 / (kh * kw *
+            out_channels))), ``fc`` left at PyTorch's default.
     """
 
     family = "imagenet"
     default_input_size = 224
 
     def __init__(self, depth: int = 50, k: int = 2, num_classes: int = 1000,
-                 memory_efficient: bool = False, zero_init_residual: bool = False):
+                 memory_efficient: bool = False, zero_init_residual: bool = False,
+                 conv_init: str = "fan_in"):
         super().__init__()
         if depth not in IMAGENET_DEPTHS:
             raise ValueError(f"wide ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}, got {depth}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"wide ResNet widening factor k must be an integer >= 1, got {k}")
+        check_conv_init(conv_init)
         kind, counts = IMAGENET_DEPTHS[depth]
         self.depth, self.k, self.num_classes = depth, k, num_classes
 
@@ -152,10 +165,12 @@ class WideResNet(FeatureNet):
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode=conv_init, nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if conv_init == "fan_in":
+            nn.init.zeros_(self.fc.bias)  # the authors' file zeroes every Linear bias
         if zero_init_residual:
             # Each block then starts as the identity, which helps large-batch training.
             for m in self.modules():
