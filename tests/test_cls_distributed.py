@@ -20,7 +20,7 @@ def _losses(out: Path):
 def test_torchrun_two_processes_match_one_process(tmp_path):
     root = write_synthetic_cifar(str(tmp_path / "data"), n_train=128, n_test=64, seed=11)
     # BatchNorm: MODEL.SYNC_BN (the default) normalises with the statistics of the global batch,
-    # on the CPU through AllReduceBatchNorm2d; no dropout, so no per-process random stream matters
+    # on the CPU through wrn_det.models.norm.SyncBatchNorm; no dropout, so no per-process random stream matters
     opts = ["MODEL.NAME", "wrn_10_1", "MODEL.DROPOUT", "0.0", "MODEL.SYNC_BN", "True",
             "DATASETS.ROOT", root, "DATASETS.VERIFY_CHECKSUMS", "False", "SEED", "3",
             "SOLVER.EPOCHS", "2", "SOLVER.STEPS", "(2,)", "SOLVER.IMS_PER_BATCH", "32", "SOLVER.BASE_LR", "0.05",

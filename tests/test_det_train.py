@@ -190,6 +190,46 @@ def test_torchrun_two_processes_train_and_evaluate(coco_root, tmp_path):
     assert "bbox/AP" in rows[-1]
 
 
+def _losses(out):
+    return [{k: v for k, v in r.items() if k.startswith("loss")} for r in map(json.loads, open(out / "metrics.json"))
+            if "total_loss" in r]
+
+
+def test_syncbn_over_two_gloo_processes_gives_the_single_process_losses(tmp_path):
+    """SyncBN on CPUs with gloo: 2 processes of 2 images give the losses of 1 process of 4, per-process BN does not."""
+    # the losses are means over each process's sampled anchors and RoIs; they average to the single process's
+    # when every image contributes as many: one object per image, every anchor labelled (no IoU gap) and
+    # sampled, a fixed number of proposals, all of them sampled. Deterministic data too: no flip, one size,
+    # no aspect grouping (rank r takes images r, r+2 of the stream: the global batch is the single process's)
+    root = write_fake_coco(tmp_path / "root", {"train2017": (16, 4)}, **dict(DRAW_64, max_objects=1))
+    common = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "DATASETS.TEST", "()", "SEED", "5",
+              "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "4",
+              "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.02", "SOLVER.CHECKPOINT_PERIOD", "100",
+              "INPUT.RANDOM_FLIP", "none", "DATALOADER.ASPECT_RATIO_GROUPING", "False", "LOG_PERIOD", "1",
+              "MODEL.RPN.IOU_THRESHOLDS", "[0.5, 0.5]", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "100000",
+              "MODEL.RPN.POST_NMS_TOPK_TRAIN", "16", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "100000"]
+
+    def torchrun(norm, out):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), TRAIN_NET, *common, "MODEL.WRN.NORM", norm, "OUTPUT_DIR", str(out)]
+        r = subprocess.run(cmd, env=tool_env(root), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return _losses(out)
+
+    one = run_cli([*common, "MODEL.WRN.NORM", "SyncBN", "OUTPUT_DIR", str(tmp_path / "one")], root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = _losses(tmp_path / "one")
+    synced = torchrun("SyncBN", tmp_path / "sync")
+    assert len(single) == len(synced) == 4
+    for a, b in zip(single, synced):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    # the control: BatchNorm over each process's half of the batch gives other losses
+    local = torchrun("BN", tmp_path / "local")
+    assert max(abs(a[k] - b[k]) for a, b in zip(single, local) for k in a) > 1e-3
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(coco_root, tmp_path, monkeypatch, one_thread):
     from wrn_det.detection.train import Trainer
     from wrn_det.engine.checkpoint import load_checkpoint, read_last_checkpoint

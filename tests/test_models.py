@@ -360,8 +360,12 @@ def test_features_match_output_shape_and_stem_plus_stages_reproduce_them(name, k
 def test_imagenet_stem_keeps_torchvision_keys():
     model = build_model("wide_resnet18_1")
     stem_params = dict(model.stem.named_parameters())
-    assert stem_params["0.weight"] is model.conv1.weight
+    assert stem_params["conv1.weight"] is model.conv1.weight
     assert not any(k.startswith("stem") for k in model.state_dict())
+    # a real registered module: the same object at every access, converted in place
+    assert model.stem is model.stem and any(m is model.stem for m in model.children())
+    keys = list(model.state_dict())
+    assert keys[:2] == ["conv1.weight", "bn1.weight"] and keys[-1] == "fc.bias"  # torchvision's order too
 
 
 # ------------------------------------------------------ memory efficient ----

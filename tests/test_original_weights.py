@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from wrn_det.detection.backbone import frozen_bn_from, replace_batchnorm
+from wrn_det.models.norm import convert_norm
 from wrn_det.engine.errors import cli_main
 from wrn_det.models import build_model
 from wrn_det.models.convert import read_classifier_state, read_d2_pickle
@@ -150,7 +150,7 @@ def test_functional_zoo_export_converts_exactly(zoo_export, tmp_path, capsys):
     res = fresh.load_state_dict(builtin["model"], strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
     # the frozen BatchNorm of detection (torchvision's FrozenBatchNorm2d) gives the export's features too
-    replace_batchnorm(fresh, frozen_bn_from)
+    convert_norm(fresh, "FrozenBN")
     with torch.no_grad():
         frozen = fresh.eval().forward_features(x)
     for (name, f), ref in zip(frozen.items(), ref_feats):

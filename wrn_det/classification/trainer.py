@@ -34,11 +34,11 @@ from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
 from wrn_det.models import build_model, count_parameters
+from wrn_det.models.norm import get_norm
 from wrn_det.models.weights import match_state_dict
 
 from .curves import append_json_stats
 from .evaluation import accuracy_counts, evaluate
-from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["ClsTrainer", "NonFiniteLossError", "build_cls_model", "load_weights"]
 
@@ -48,8 +48,15 @@ CHECKPOINT_PREFIX = "model_epoch_"
 
 
 def build_cls_model(cfg, num_classes: int) -> nn.Module:
-    """Return ``wrn_det.models.build_model`` for ``cfg.MODEL``; bad names or options raise ConfigError."""
+    """Return ``wrn_det.models.build_model`` for ``cfg.MODEL``; bad names or options raise ConfigError.
+
+    With ``MODEL.SYNC_BN`` in a run of several processes the network is built with
+    :class:`~wrn_det.models.norm.SyncBatchNorm` (statistics of the global batch, on GPUs and
+    on CPUs with gloo), else with BatchNorm.
+    """
     kwargs = {"memory_efficient": cfg.MODEL.MEMORY_EFFICIENT}
+    if cfg.MODEL.SYNC_BN and comm.get_world_size() > 1:
+        kwargs["norm_layer"] = get_norm("SyncBN")
     if cfg.MODEL.DROPOUT > 0:
         kwargs["dropout"] = cfg.MODEL.DROPOUT
     try:
@@ -188,8 +195,6 @@ class ClsTrainer:
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.world_size > 1 and cfg.MODEL.SYNC_BN:
-            model = convert_sync_batchnorm(model)
         self.model = model  # the plain module: state dicts, evaluation
         self.n_parameters = count_parameters(model)
         self.ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None

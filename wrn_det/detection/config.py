@@ -181,6 +181,8 @@ def get_det_cfg() -> CN:
     _C.TEST.DETECTIONS_PER_IMAGE = 100
 
     _C.OUTPUT_DIR = "./output"
+    # log line, metrics.json row and TensorBoard point every LOG_PERIOD iterations (detectron2 writes every 20)
+    _C.LOG_PERIOD = 20
     _C.SEED = -1
     _C.CUDNN_BENCHMARK = False
 

@@ -38,12 +38,10 @@ from .modeling import build_detector
 from .proposal_eval import ProposalEvaluator
 from .weights import load_detector_weights, unwrap
 
-__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test",
-           "LOG_PERIOD"]
+__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test"]
 
 logger = logging.getLogger("wrn_det")
 
-LOG_PERIOD = 20
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
                nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -174,6 +172,8 @@ class Trainer:
         self.ema = ModelEMA(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
         self.checkpointer = TrainingCheckpointer(cfg.OUTPUT_DIR, prefix="model_")
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
+        if int(cfg.LOG_PERIOD) < 1:
+            raise ConfigError(f"LOG_PERIOD must be a positive number of iterations, got {cfg.LOG_PERIOD}")
         self.last_checkpoint: Optional[str] = None
 
     def _state(self, iteration: int) -> dict:
@@ -255,6 +255,7 @@ class Trainer:
     def _loop(self, model: nn.Module, data: iter, start_iter: int, writer: MetricsWriter) -> None:
         cfg = self.cfg
         window: Dict[str, deque] = {}
+        log_period = int(cfg.LOG_PERIOD)
         period = int(cfg.SOLVER.CHECKPOINT_PERIOD)
         eval_period = int(cfg.TEST.EVAL_PERIOD)
         logger.info("starting training from iteration %d", start_iter)
@@ -280,9 +281,9 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             step_time = time.perf_counter() - t0
             for k, v in list(reduced.items()) + [("total_loss", total), ("time", step_time), ("data_time", data_time)]:
-                window.setdefault(k, deque(maxlen=LOG_PERIOD)).append(float(v))
+                window.setdefault(k, deque(maxlen=log_period)).append(float(v))
             nxt = it + 1
-            if nxt % LOG_PERIOD == 0 or nxt == self.max_iter or it == start_iter:
+            if nxt % log_period == 0 or nxt == self.max_iter or it == start_iter:
                 self._log(it, lr, window, writer, time.perf_counter() - t_start, nxt - start_iter)
             if period > 0 and nxt % period == 0 and nxt != self.max_iter:
                 self._save(f"model_{it:07d}", it)

@@ -20,6 +20,7 @@ provided here: no figure of the WRN work was measured with them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,14 +41,15 @@ class PreActBottleneck(nn.Module):
     "common BN, ReLU" of those files). Calling it returns the block output.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         mid = out_channels // 4
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.bn1 = norm_layer(in_channels)
         self.conv1 = nn.Conv2d(in_channels, mid, 1, stride, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
+        self.bn2 = norm_layer(mid)
         self.conv2 = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
+        self.bn3 = norm_layer(mid)
         self.conv3 = nn.Conv2d(mid, out_channels, 1, bias=False)
         self.shortcut = None
         if in_channels != out_channels or stride != 1:
@@ -77,13 +79,14 @@ class PreActResNet(FeatureNet):
             whose figures the paper quotes: conv weights normal(0, sqrt(2 / (kh * kw *
             out_channels))), BatchNorm weight 1, bias 0. ``"fan_in"`` uses n = kh * kw *
             in_channels, as the ``MSRinit`` the authors' copy calls.
+        norm_layer: the normalisation layer class (default ``nn.BatchNorm2d``).
     """
 
     family = "cifar"
     default_input_size = 32
 
     def __init__(self, depth: int = 164, num_classes: int = 10, memory_efficient: bool = False,
-                 conv_init: str = "fan_out"):
+                 conv_init: str = "fan_out", norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9 != 0:
             raise ValueError(f"pre-activation ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 164, ..., 1001), "
@@ -98,10 +101,10 @@ class PreActResNet(FeatureNet):
         for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
             blocks = OrderedDict()
             for j in range(n):
-                blocks[str(j)] = PreActBottleneck(in_ch, width, stride if j == 0 else 1)
+                blocks[str(j)] = PreActBottleneck(in_ch, width, stride if j == 0 else 1, norm_layer)
                 in_ch = width
             if i == len(widths) - 1:
-                blocks["post_act"] = BNReLU(width)
+                blocks["post_act"] = BNReLU(width, norm_layer)
             name = f"stage{i + 1}"
             setattr(self, name, Stage(blocks))
             self._stage_attrs[name] = name
@@ -120,14 +123,15 @@ class ConvBNReLU(nn.Sequential):
     """Convolution (stride 1, 'same' padding), BatchNorm, ReLU: the ``Block`` of the authors' Lua files.
 
     Calling it returns the activated map. ``bias`` and ``eps`` are those of the file
-    the network follows (see :class:`NIN`, :class:`VGGCIFAR`).
+    the network follows (see :class:`NIN`, :class:`VGGCIFAR`); ``norm_layer`` defaults to
+    ``nn.BatchNorm2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, eps: float = 1e-5,
-                 bias: bool = False):
+                 bias: bool = False, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__(OrderedDict([
             ("conv", nn.Conv2d(in_channels, out_channels, kernel_size, 1, kernel_size // 2, bias=bias)),
-            ("bn", nn.BatchNorm2d(out_channels, eps=eps)),
+            ("bn", (norm_layer or nn.BatchNorm2d)(out_channels, eps=eps)),
             ("relu", nn.ReLU(inplace=True)),
         ]))
 
@@ -163,12 +167,13 @@ class NIN(FeatureNet):
     family = "cifar"
     default_input_size = 32
 
-    def __init__(self, num_classes: int = 10, conv_bias: bool = True, memory_efficient: bool = False):
+    def __init__(self, num_classes: int = 10, conv_bias: bool = True, memory_efficient: bool = False,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         self.num_classes = num_classes
 
         def block(cin, cout, k):
-            return ConvBNReLU(cin, cout, k, eps=1e-5, bias=conv_bias)
+            return ConvBNReLU(cin, cout, k, eps=1e-5, bias=conv_bias, norm_layer=norm_layer)
 
         self.stem = block(3, 192, 5)
         self.stage1 = Stage(block(192, 160, 1), block(160, 96, 1))
@@ -206,10 +211,10 @@ class VGGCIFAR(FeatureNet):
     family = "cifar"
     default_input_size = 32
 
-    def __init__(self, num_classes: int = 10, memory_efficient: bool = False):
+    def __init__(self, num_classes: int = 10, memory_efficient: bool = False, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         self.num_classes = num_classes
-        self.stem = ConvBNReLU(3, 64, 3, eps=1e-3)
+        self.stem = ConvBNReLU(3, 64, 3, eps=1e-3, norm_layer=norm_layer)
         self._stage_attrs = OrderedDict()
         self._out_specs = OrderedDict()
         plan = [(64, 2), (128, 2), (256, 4), (512, 4), (512, 4)]
@@ -221,7 +226,7 @@ class VGGCIFAR(FeatureNet):
             else:
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             for _ in range(convs):
-                layers.append(ConvBNReLU(in_ch, width, 3, eps=1e-3))
+                layers.append(ConvBNReLU(in_ch, width, 3, eps=1e-3, norm_layer=norm_layer))
                 in_ch = width
             name = f"stage{i + 1}"
             setattr(self, name, Stage(*layers))

@@ -178,6 +178,8 @@ def read_functional_zoo(params: dict, source: str) -> Tuple["OrderedDict[str, to
     name = _zoo_name(params, source)
     net = _meta_net(name, params)
     modules = dict(net.named_modules())
+    # the stem's layers are saved under torchvision's top-level keys (conv1, bn1): name them so here too
+    modules.update({k[len("stem."):]: m for k, m in list(modules.items()) if k.startswith("stem.")})
     pairs = _zoo_pairs(net)
     expected = OrderedDict()
     for base, conv, _ in pairs:

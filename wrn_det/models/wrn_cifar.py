@@ -23,21 +23,23 @@ Linear bias 0.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .common import FeatureNet, ShapeSpec, Stage
+from .norm import is_batch_norm
 
 __all__ = ["WideResNetCIFAR", "WideBasicBlock", "BNReLU", "init_original", "check_conv_init", "CONV_INITS"]
 
 
 class BNReLU(nn.Module):
-    """BatchNorm followed by ReLU; calling it returns the activated tensor."""
+    """BatchNorm (``norm_layer``, default ``nn.BatchNorm2d``) followed by ReLU; calling it returns the activated tensor."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
+        self.bn = (norm_layer or nn.BatchNorm2d)(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return relu(bn(x))."""
@@ -51,13 +53,16 @@ class WideBasicBlock(nn.Module):
         in_channels, out_channels: widths before and after the block.
         stride: stride of the first 3x3 convolution (and of the shortcut).
         dropout: dropout probability between the two convolutions (0 = none).
+        norm_layer: the normalisation layer class (default ``nn.BatchNorm2d``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.bn1 = norm_layer(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = norm_layer(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut = None
@@ -112,7 +117,7 @@ def init_original(model: nn.Module, bn_weight_init: str = "uniform", conv_init: 
             nn.init.kaiming_normal_(m.weight, mode=conv_init, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif is_batch_norm(m):  # trained, synchronised or frozen: the same draws
             if m.weight is not None:
                 if bn_weight_init == "uniform":
                     nn.init.uniform_(m.weight, 0.0, 1.0)
@@ -136,6 +141,8 @@ class WideResNetCIFAR(FeatureNet):
         bn_weight_init: ``"uniform"`` (U(0, 1), the original) or ``"ones"``.
         conv_init: ``"fan_in"`` (the authors' ``models/utils.lua`` since September 2016 and
             their PyTorch port) or ``"fan_out"`` (their code before that); see :func:`init_original`.
+        norm_layer: the normalisation layer class (``wrn_det.models.norm.get_norm``; default
+            ``nn.BatchNorm2d``).
 
     Stages ``stage1``, ``stage2``, ``stage3`` have strides 1, 2, 4 and widths
     16k, 32k, 64k; the final BN-ReLU belongs to ``stage3``, so its output is
@@ -147,7 +154,7 @@ class WideResNetCIFAR(FeatureNet):
 
     def __init__(self, depth: int = 28, k: int = 10, num_classes: int = 10, dropout: float = 0.0,
                  memory_efficient: bool = False, bn_weight_init: str = "uniform",
-                 conv_init: str = "fan_in"):
+                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...), got {depth}")
@@ -166,10 +173,10 @@ class WideResNetCIFAR(FeatureNet):
         for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
             blocks = OrderedDict()
             for j in range(n):
-                blocks[str(j)] = WideBasicBlock(in_ch, width, stride if j == 0 else 1, dropout)
+                blocks[str(j)] = WideBasicBlock(in_ch, width, stride if j == 0 else 1, dropout, norm_layer)
                 in_ch = width
             if i == len(widths) - 1:
-                blocks["post_act"] = BNReLU(width)
+                blocks["post_act"] = BNReLU(width, norm_layer)
             name = f"stage{i + 1}"
             setattr(self, name, Stage(blocks))
             self._stage_attrs[name] = name
