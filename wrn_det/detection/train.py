@@ -31,6 +31,7 @@ from wrn_det.engine.schedules import LRMultiplier, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
 
 from .config import get_det_cfg
+from .detector_weights import checkpoint_metadata
 from .evaluation import COCOEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 
@@ -66,6 +67,7 @@ class Checkpointer:
         if not comm.is_main_process():
             return None
         state = {"model": self.model.state_dict(), "iteration": iteration, "rng_states": rng, "data_seed": data_seed}
+        state.update(getattr(self, "extra_state", {}))
         for key, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("grad_scaler", self.grad_scaler)):
             if obj is not None:
                 state[key] = obj.state_dict()
@@ -300,6 +302,7 @@ class Trainer:
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.checkpointer = Checkpointer(self.model, cfg.OUTPUT_DIR, self.optimizer, self.scheduler, self.grad_scaler)
+        self.checkpointer.extra_state = {"metadata": checkpoint_metadata(cfg)}
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.last_checkpoint: Optional[str] = None
 
