@@ -30,7 +30,7 @@ from wrn_det.models.convert import (
 from .backbone import WRNTrunk
 from .roi_heads import WRNHeadStage
 
-__all__ = ["WRNDetectionCheckpointer", "backbone_keys"]
+__all__ = ["WRNDetectionCheckpointer", "backbone_keys", "checkpoint_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,27 @@ def backbone_keys(model) -> "dict[str, WRNTrunk | WRNHeadStage]":
     """
     return {prefix + k: module for prefix, module in _wrn_modules(model)
             for k in module.state_dict() if not k.endswith("num_batches_tracked")}
+
+
+def checkpoint_metadata(cfg) -> dict:
+    """Return the class metadata of the training set, as the builtin trainer stores it in its checkpoints.
+
+    ``{"thing_classes", "contiguous_id_to_thing_dataset_id", "datasets"}`` from detectron2's
+    metadata of the first dataset of ``DATASETS.TRAIN`` that has been loaded; ``{}`` when
+    none has. A predictor then needs no registered dataset to name the classes
+    (:mod:`wrn_det.detection.detector_weights`).
+    """
+    from detectron2.data import MetadataCatalog
+
+    for name in cfg.DATASETS.TRAIN:
+        meta = MetadataCatalog.get(name)
+        names = meta.get("thing_classes")
+        if names:
+            to_contiguous = meta.get("thing_dataset_id_to_contiguous_id") or {i + 1: i for i in range(len(names))}
+            return {"thing_classes": [str(n) for n in names],
+                    "contiguous_id_to_thing_dataset_id": {int(v): int(k) for k, v in to_contiguous.items()},
+                    "datasets": [str(n) for n in cfg.DATASETS.TRAIN]}
+    return {}
 
 
 def _unused_stage_key(key: str, stages: List[str]) -> bool:
@@ -76,6 +97,11 @@ class WRNDetectionCheckpointer(DetectionCheckpointer):
         self.strict = bool(strict)
         self.last_report = None
         self._source = ""
+        self.extra_state = {}  # saved with every checkpoint (the training set's classes: see checkpoint_metadata)
+
+    def save(self, name: str, **kwargs) -> None:
+        """Save ``<save_dir>/<name>.pth`` as detectron2 does, with ``extra_state`` added; returns None."""
+        super().save(name, **{**self.extra_state, **kwargs})
 
     def load(self, path, *args, **kwargs):
         """Load ``path`` as detectron2 does; returns the checkpoint's extra data."""

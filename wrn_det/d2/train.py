@@ -30,7 +30,7 @@ from wrn_det.engine.config import load_config, resolve_config_file
 from wrn_det.engine.errors import ConfigError, cli_main
 from wrn_det.engine.launch import default_argument_parser, launch
 
-from .checkpoint import WRNDetectionCheckpointer
+from .checkpoint import WRNDetectionCheckpointer, checkpoint_metadata
 from .config import add_wrn_config
 from .data import register_datasets
 
@@ -105,6 +105,8 @@ class Trainer(DefaultTrainer):
         for h in self._hooks:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.checkpointer = self.checkpointer
+        # the training set was loaded above: its classes go into every checkpoint, for wrn_det.Predictor
+        self.checkpointer.extra_state = {"metadata": checkpoint_metadata(cfg)}
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -103,7 +103,11 @@ def _alias_groups(model: torch.nn.Module) -> Dict[str, List[str]]:
 
 
 def _model_state(ckpt, path: str) -> "OrderedDict[str, torch.Tensor]":
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    state = None
+    if isinstance(ckpt, dict):
+        # a trainer's checkpoint holds the weights under "model"; a bare state dict holds only arrays
+        state = ckpt["model"] if "model" in ckpt else (ckpt if ckpt and all(
+            hasattr(v, "shape") for v in ckpt.values()) else None)
     if not isinstance(state, dict) or not state:
         raise WrnDetError(f"checkpoint {path} holds no model state dict (expected a dict with 'model')")
     out = OrderedDict()
@@ -244,6 +248,9 @@ def load_detector_weights(model: torch.nn.Module, path: str, cfg=None) -> Detect
             ckpt = load_checkpoint(path)
     except WrnDetError as e:
         raise WrnDetError(f"MODEL.WEIGHTS: {e}") from None
+    except OSError as e:  # torch.load on a truncated archive fails while seeking in it
+        raise WrnDetError(f"MODEL.WEIGHTS: checkpoint file {path!r} cannot be read as a torch checkpoint of tensors: "
+                          f"{e.strerror or e}") from None
     state = _model_state(ckpt, path)
     num_classes = num_detector_classes(model)
     if d2_keys.is_detectron2_state(state):

@@ -63,11 +63,12 @@ def image_to_tensor(image, fmt: str = "RGB") -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         return read_image(os.fspath(image), fmt)
     if type(image).__module__.startswith("PIL."):
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WrnDetError(f"a numpy image must be HxWx3 uint8 RGB, got shape {image.shape} and dtype {image.dtype}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = np.ascontiguousarray(image) if image.flags.writeable else image.copy()  # torch wants writable memory
+        image = torch.from_numpy(image).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise WrnDetError(f"a tensor image must be uint8 (3, H, W) RGB, got shape {tuple(image.shape)} "
@@ -167,8 +168,9 @@ class Predictor:
         """Return the detections of every image, in one forward pass of the model.
 
         Images of different sizes are zero-padded to a common size in the batch (as in
-        training), which can move detections near the padded borders slightly; one image
-        per call gives exactly the evaluation's detections.
+        training), which can move detections near the padded borders slightly, and a batch
+        runs other kernels than one image (equal up to float rounding); one image per call
+        gives exactly the evaluation's detections.
         """
         images = list(images)
         if not images:
