@@ -119,15 +119,13 @@ def _model_state(ckpt, path: str) -> "OrderedDict[str, torch.Tensor]":
 
 
 def _check_tensor(key: str, value, path: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        try:
-            import numpy as np
+    """Return ``value`` as a tensor (numpy arrays of numbers are converted), refusing anything else and NaN/inf."""
+    import numpy as np
 
-            if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
-                raise TypeError
-            value = torch.from_numpy(np.ascontiguousarray(value))
-        except TypeError:
-            raise WrnDetError(f"checkpoint {path}: {key} is a {type(value).__name__}, not a tensor") from None
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise WrnDetError(f"checkpoint {path}: {key} is a {type(value).__name__}, not a tensor")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise WrnDetError(f"checkpoint {path}: {key} holds non-finite values (NaN or inf); the file is corrupt "
                           "or training diverged")

@@ -5,6 +5,8 @@ Predictions of every process are gathered to rank 0, written to
 faster-coco-eval (the default; the same numbers as pycocotools, computed in C++) or
 pycocotools (``TEST.COCO_EVAL_BACKEND``). Metrics are returned in percent under
 detectron2's names: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}``.
+Each evaluation also draws its precision-recall curves, per-class AP and confusion matrix
+into the same folder (:mod:`wrn_det.detection.eval_plots`); inference shows its progress.
 """
 import contextlib
 import io
