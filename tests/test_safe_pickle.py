@@ -84,7 +84,7 @@ ATTACKS = {
     "hidden_object_field": ("dtype 'O8'", lambda t: _ArrayWithStateDtype(np.dtype(object))),
     "structured_state": ("a dtype state", lambda t: _ArrayWithStateDtype(np.dtype("f8"))),
     "object_array": ("dtype 'O8'", lambda t: _object_array()),
-    "length_field": ("a length field of 1099511627776 bytes", None),
+    "length_field": ("cannot be unpickled (it announces a record of 1099511627776 bytes", None),
 }
 
 
@@ -108,7 +108,7 @@ def test_hostile_pickle_is_one_line_exit_2_and_runs_nothing(tmp_path, kind, atta
     res = _read_in_child(*READERS[kind], path)
     assert res.returncode == 2, (res.returncode, res.stderr)  # not a crash, not a traceback
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {kind} {path}: refused to load "), res.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {kind} {path}: "), res.stderr
     assert refused in lines[0] and "nothing from it was run" in lines[0], lines[0]
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.pkl"]

@@ -110,8 +110,15 @@ class DetectionMapper:
             return LoadError(message=str(e))
 
     def _map(self, d: dict, seed: int) -> dict:
+        return self.map_image(read_image(d["file_name"], self.format), d, seed)
+
+    def map_image(self, image: torch.Tensor, d: dict, seed: int = 0) -> dict:
+        """Return the model input for a decoded ``image`` (uint8 (3, H, W) in INPUT.FORMAT) described by ``d``.
+
+        ``d`` is a dataset dict (``height``, ``width``, ``image_id``, ``file_name``, annotations
+        or proposals as needed). Raises :class:`WrnDetError` if the image is not the size ``d`` says.
+        """
         g = torch.Generator().manual_seed(int(seed))
-        image = read_image(d["file_name"], self.format)
         h, w = image.shape[-2:]
         if (h, w) != (d["height"], d["width"]):
             raise WrnDetError(f"image file {d['file_name']} is {w}x{h} but its annotation says "

@@ -80,6 +80,7 @@ class WRNBackbone(nn.Module):
         self._stages = names[: last + 1]
         specs = net.output_shape()
         self._out_shapes = OrderedDict((f, ShapeSpec(specs[f].channels, specs[f].stride)) for f in self.out_features)
+        self.claimed_stage = None  # the stage after the trunk, once a head runs it (claim_next_stage)
 
         frozen = ([net.stem] if freeze_at >= 1 else []) + [net.get_stage(n) for n in names[: max(freeze_at - 1, 0)]]
         for part in frozen:
@@ -111,7 +112,13 @@ class WRNBackbone(nn.Module):
         stage = self.net.get_stage(names[i])
         for p in stage.parameters():
             p.requires_grad_(True)
+        self.claimed_stage = names[i]
         return names[i], stage, self.net.output_shape()[names[i]].channels
+
+    def running_modules(self) -> List[nn.Module]:
+        """Return the parts of the network the detector runs: stem, trunk stages and a claimed next stage."""
+        names = self._stages + ([self.claimed_stage] if self.claimed_stage else [])
+        return [self.net.stem] + [self.net.get_stage(n) for n in names]
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Return ``stage name -> feature`` for the stages in ``out_features``."""

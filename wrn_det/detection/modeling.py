@@ -14,11 +14,12 @@ from collections import OrderedDict
 from typing import Dict, List
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import LevelMapper
+from torchvision.ops.poolers import LevelMapper, _onnx_merge_levels
 
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
@@ -56,6 +57,11 @@ class ROIPooler(MultiScaleRoIAlign):
         if len(feats) == 1:
             return roi_align(feats[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
         levels = self.map_levels(boxes)
+        if torchvision._is_tracing():
+            # exporting (ONNX, TorchScript): no data-dependent branch; merge the levels as torchvision's pooler does
+            pooled = [roi_align(feat, rois[torch.where(levels == level)[0]], self.output_size, scale, self.sampling_ratio,
+                                self.aligned) for level, (feat, scale) in enumerate(zip(feats, self.scales))]
+            return _onnx_merge_levels(levels, pooled)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + tuple(self.output_size))
         for level, (feat, scale) in enumerate(zip(feats, self.scales)):
             idx = torch.where(levels == level)[0]

@@ -33,10 +33,11 @@ from wrn_det.engine.run import open_output_dir, setup_run
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
 from .config import get_det_cfg
+
 from .evaluation import COCOEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 from .proposal_eval import ProposalEvaluator
-from .weights import load_detector_weights, unwrap
+from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
 __all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test"]
 
@@ -171,6 +172,7 @@ class Trainer:
         self.step = OptimizerStep(self.optimizer, self.device, dtype, gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS))
         self.ema = ModelEMA(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
         self.checkpointer = TrainingCheckpointer(cfg.OUTPUT_DIR, prefix="model_")
+        self.metadata = checkpoint_metadata(cfg)  # class names and ids, for wrn_det.Predictor
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         if int(cfg.LOG_PERIOD) < 1:
             raise ConfigError(f"LOG_PERIOD must be a positive number of iterations, got {cfg.LOG_PERIOD}")
@@ -178,7 +180,8 @@ class Trainer:
 
     def _state(self, iteration: int) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "grad_scaler": self.step.state_dict(), "iteration": iteration, "data_seed": self.data_seed}
+                 "grad_scaler": self.step.state_dict(), "iteration": iteration, "data_seed": self.data_seed,
+                 "metadata": self.metadata}
         if self.ema is not None:
             state.update(ema=self.ema.state_dict(), ema_updates=self.ema.num_updates)
         return state
