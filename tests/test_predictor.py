@@ -200,16 +200,16 @@ def _attack(ckpt, case):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing_key", "detector tensors missing (rpn.head.cls_logits.weight)"),
-    ("wrong_shape", "roi_heads.box_predictor.cls_score.weight (7, 256)"),
+    ("missing_key", ": rpn.head.cls_logits.weight"),
+    ("wrong_shape", "of another shape 1: roi_heads.box_predictor.cls_score.weight (7, 256)"),
     ("nan", "roi_heads.box_head.1.weight holds non-finite values"),
-    ("unknown_key", "keys unknown to this detector (roi_heads.mask_head.weight)"),
+    ("unknown_key", "unknown to the model 1: roi_heads.mask_head.weight"),
     ("not_a_tensor", "rpn.head.cls_logits.bias is a list, not a tensor"),
     ("names_not_strings", "thing_classes must be a list of strings"),
     ("names_wrong_count", "2 thing_classes but the detector has 3 classes"),
     ("ids_not_a_map", "must map 0..2 to distinct integer category ids"),
     ("metadata_not_a_dict", "'metadata' is a str"),
-    ("no_model", "holds no model state dict"),
+    ("no_model", "holds no state dict"),
     ("truncated", "cannot be read as a torch checkpoint"),
     ("missing_file", "does not exist"),
 ])

@@ -83,7 +83,8 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from wrn_det.detection.predictor import Predictor, coco_results, image_to_tensor
-    from wrn_det.detection.visualize import class_colour, detection_labels, draw_boxes, quiet_opencv, save_png
+    from wrn_det.data.det_loader import quiet_opencv
+    from wrn_det.detection.visualize import class_colour, detection_labels, draw_boxes, save_png
     from wrn_det.engine.fileio import atomic_write
 
     with torch.no_grad():  # inference only; the caller's grad mode is left as it was

@@ -57,10 +57,10 @@ def main(args) -> int:
     import torch
 
     from wrn_det.data.catalog import MetadataCatalog, get_detection_dataset_dicts, resolve_json_file
-    from wrn_det.data.det_loader import read_image
+    from wrn_det.data.det_loader import quiet_opencv, read_image
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.visualize import (ERROR_COLOUR, caption, class_colour, detection_labels, draw_boxes,
-                                             match_detections, quiet_opencv, read_coco_results, save_png,
+                                             match_detections, read_coco_results, save_png,
                                              side_by_side)
     from wrn_det.engine.config import load_config
 

@@ -35,7 +35,8 @@ from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
 from wrn_det.models import build_model, count_parameters
 from wrn_det.models.norm import get_norm
-from wrn_det.models.weights import match_state_dict
+from wrn_det.models.convert import backbone_key_map
+from wrn_det.models.weights import is_counter, match_state_dict
 
 from .curves import append_json_stats
 from .evaluation import accuracy_counts, evaluate
@@ -65,25 +66,33 @@ def build_cls_model(cfg, num_classes: int) -> nn.Module:
         raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME!r} with MODEL.DROPOUT {cfg.MODEL.DROPOUT}: {e}") from None
 
 
-def load_weights(model: nn.Module, path: str) -> dict:
-    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``.
+def load_weights(model: nn.Module, path: str, with_classifier: bool = True) -> dict:
+    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``; returns the file's dict.
 
-    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed);
-    tensors whose shape differs from the model's (a classifier for another number of
-    classes) are skipped with a warning. Returns the loaded file's dict.
+    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed).
+    Every tensor of the network's stem and stages must be in the file with its shape, and
+    the file may hold no tensor the network lacks; so must the classifier's with
+    ``with_classifier`` (evaluation). Without it (fine-tuning on another set of classes) a
+    classifier of another shape is left at its initialisation, with a warning. Anything
+    else raises :class:`WrnDetError` naming the file and the tensors.
     """
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except WrnDetError as e:
+        raise WrnDetError(f"MODEL.WEIGHTS: {e}") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise WrnDetError(f"weights file {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
-    loadable, report = match_state_dict(state, model.state_dict(), source=path)
-    if not loadable:
-        raise WrnDetError(f"weights file {path} shares no tensor names with model {type(model).__name__}"
-                          f"{report.hint()}")
-    model.load_state_dict(loadable, strict=False)
+    if not isinstance(state, dict) or not state:
+        raise WrnDetError(f"MODEL.WEIGHTS: {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
+    own = model.state_dict()
+    required = None if with_classifier else [k for k in backbone_key_map(model) if not is_counter(k)]
+    loadable, report = match_state_dict(state, own, required=required, source=path)
     if not report.ok:
-        logger.warning("weights %s do not fit the model exactly (%s); the rest keeps its initialisation",
-                       path, report.problems())
+        raise WrnDetError(f"MODEL.WEIGHTS: {path} does not fit {type(model).__name__} ({report.total} tensors): "
+                          f"{report.problems()}{report.hint()}")
+    if report.skipped:
+        logger.warning("weights %s: the classifier (%s) has another shape and keeps its initialisation",
+                       path, ", ".join(report.skipped))
+    model.load_state_dict(loadable, strict=False)
     return ckpt
 
 
@@ -96,8 +105,11 @@ class ClsTrainer:
     never stopped. Call :meth:`train` or :meth:`evaluate_only`.
     """
 
-    def __init__(self, cfg, resume: bool = False):
+    def __init__(self, cfg, resume: bool = False, eval_only: bool = False):
         self.cfg = cfg
+        self.eval_only = eval_only
+        if eval_only and not cfg.MODEL.WEIGHTS and not resume:
+            raise ConfigError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.device = prepare_device(resolve_device(cfg.MODEL.DEVICE))
         self.output_dir = cfg.OUTPUT_DIR
@@ -190,7 +202,7 @@ class ClsTrainer:
         cfg = self.cfg
         model = build_cls_model(cfg, self.num_classes)
         if cfg.MODEL.WEIGHTS and self.resume_state is None:
-            load_weights(model, cfg.MODEL.WEIGHTS)
+            load_weights(model, cfg.MODEL.WEIGHTS, with_classifier=self.eval_only)
             logger.info("loaded weights from %s", cfg.MODEL.WEIGHTS)
         model.to(self.device)
         if self.channels_last:

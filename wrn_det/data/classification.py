@@ -36,7 +36,7 @@ from torchvision import datasets as tvd
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.datasets.utils import calculate_md5
 
-from wrn_det.engine.errors import ConfigError, WrnDetError
+from wrn_det.engine.errors import ConfigError, WrnDetError, a_type
 from wrn_det.engine.safe_pickle import safe_load_pickle
 
 __all__ = [
@@ -135,14 +135,9 @@ def _cifar_entry(path: str, pretty: str) -> dict:
     """Return the dict pickled in a CIFAR file, read through the restricted unpickler (keys as strings)."""
     entry = safe_load_pickle(path, f"{pretty} file")
     if not isinstance(entry, dict):
-        raise WrnDetError(f"{pretty} file {path} holds {_a_type(entry)}, not a dict: expected a pickled python batch "
+        raise WrnDetError(f"{pretty} file {path} holds {a_type(entry)}, not a dict: expected a pickled python batch "
                           f"of {pretty}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
-
-
-def _a_type(v) -> str:
-    name = type(v).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _read_cifar_batch(path: str, pretty: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -25,20 +25,14 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
+from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.errors import ConfigError
 
 from .classification import ArraySet
 
 __all__ = ["epoch_generator", "reflect_crop_flip", "InMemoryLoader", "ShardSampler", "EpochDataLoader",
-           "build_imagenet_loader", "local_batch_size", "imagenet_transforms", "Lighting",
+           "build_imagenet_loader", "imagenet_transforms", "Lighting",
            "IMAGENET_PCA_EIGVAL", "IMAGENET_PCA_EIGVEC"]
-
-
-def local_batch_size(global_batch: int, world_size: int, key: str = "SOLVER.IMS_PER_BATCH") -> int:
-    """Return ``global_batch // world_size``; raises ConfigError unless it divides evenly."""
-    if global_batch <= 0 or global_batch % world_size:
-        raise ConfigError(f"{key} ({global_batch}) must be a positive multiple of the number of processes ({world_size})")
-    return global_batch // world_size
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
-from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.errors import WrnDetError, a_type
 
 from .catalog import DatasetCatalog, MetadataCatalog
 
@@ -30,11 +30,6 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _type(v) -> str:
-    name = type(v).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _read_json(json_file: str):
@@ -62,7 +57,7 @@ def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], Li
     """
     data = _read_json(json_file)
     if not isinstance(data, dict):
-        raise WrnDetError(f"{json_file}: holds {_type(data)}; expected a COCO object with 'images', 'annotations' "
+        raise WrnDetError(f"{json_file}: holds {a_type(data)}; expected a COCO object with 'images', 'annotations' "
                           "and 'categories'")
     for key in ("images", "categories"):
         if key not in data:
@@ -71,11 +66,11 @@ def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], Li
     anns = data.get("annotations", [])
     for key, value in (("images", data["images"]), ("categories", data["categories"]), ("annotations", anns)):
         if not isinstance(value, list):
-            raise WrnDetError(f"{json_file}: {key!r} is {_type(value)}; expected a list")
+            raise WrnDetError(f"{json_file}: {key!r} is {a_type(value)}; expected a list")
     images: Dict[int, dict] = {}
     for n, img in enumerate(data["images"]):
         if not isinstance(img, dict):
-            raise WrnDetError(f"{json_file}: images[{n}] is {_type(img)}; expected an object")
+            raise WrnDetError(f"{json_file}: images[{n}] is {a_type(img)}; expected an object")
         iid = img.get("id")
         if not _is_int(iid):
             raise WrnDetError(f"{json_file}: images[{n}] has id {iid!r}; expected an integer")
@@ -105,7 +100,7 @@ def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], Li
     kept, seen, dropped = [], set(), {"empty boxes": 0}
     for n, ann in enumerate(anns):
         if not isinstance(ann, dict):
-            raise WrnDetError(f"{json_file}: annotations[{n}] is {_type(ann)}; expected an object")
+            raise WrnDetError(f"{json_file}: annotations[{n}] is {a_type(ann)}; expected an object")
         aid = ann.get("id", f"at index {n}")
         where = f"{json_file}: annotation id {aid}"
         if _is_int(aid):

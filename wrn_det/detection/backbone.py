@@ -206,6 +206,10 @@ def build_wrn_fpn_backbone(cfg) -> WRNFPN:
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     if not in_features:
         raise ConfigError("MODEL.FPN.IN_FEATURES is empty; name the stages to build the pyramid on, e.g. [res2, res3, res4, res5]")
+    bad = [f for f in in_features if f not in net.stage_names]
+    if bad:
+        raise ConfigError(f"MODEL.FPN.IN_FEATURES: {bad[0]!r} is not a stage of {cfg.MODEL.WRN.NAME}; its stages are "
+                          f"{list(net.stage_names)}")
     bottom_up = WRNBackbone(net, in_features, freeze_at=_freeze_at(cfg))
     return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS), cfg.MODEL.FPN.NORM)
 

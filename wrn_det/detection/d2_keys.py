@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.errors import WrnDetError, a_type
 from wrn_det.models.convert import backbone_key_map
 
 __all__ = ["is_detectron2_state", "detectron2_key_plan", "detectron2_to_builtin", "DetectronAnchorGenerator",
@@ -133,7 +133,7 @@ def _as_tensor(value, key: str, path: str) -> torch.Tensor:
 
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
         return torch.from_numpy(np.ascontiguousarray(value))
-    raise WrnDetError(f"detectron2 checkpoint {path}: {key} is a {type(value).__name__}, not a tensor")
+    raise WrnDetError(f"detectron2 checkpoint {path}: {key} is {a_type(value)}, not a tensor")
 
 
 def _convert(how: str, v: torch.Tensor, expected: torch.Size, key: str, path: str) -> torch.Tensor:

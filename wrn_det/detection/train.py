@@ -19,9 +19,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from wrn_det.data.catalog import get_detection_dataset_dicts
-from wrn_det.data.det_loader import build_detection_test_loader, build_detection_train_loader
+from wrn_det.data.catalog import MetadataCatalog, get_detection_dataset_dicts
+from wrn_det.data.det_loader import build_detection_test_loader, build_detection_train_loader, check_dataset_images
 from wrn_det.engine import comm
+from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.config import load_config
 from wrn_det.engine.ema import ModelEMA
@@ -110,8 +111,33 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str):
     return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
 
 
-def test(cfg, model: nn.Module, inference_dir: str = "inference") -> Dict[str, Dict[str, float]]:
-    """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
+def prepare_test_sets(cfg) -> "OrderedDict[str, List[dict]]":
+    """Return ``dataset -> dataset dicts`` of ``DATASETS.TEST``, every file checked as training's are.
+
+    Run before training, so that a missing or broken test set, a bad
+    ``TEST.COCO_EVAL_BACKEND`` or an unreadable test image stops the run at the start rather
+    than after it: the annotation files are read and checked, the evaluators built (which
+    checks the ground truth and the backend), and with ``DATALOADER.CHECK_IMAGES`` every
+    image header read.
+    """
+    out = OrderedDict()
+    proposal_files = _proposal_files(cfg, "TEST")
+    for f in proposal_files or []:
+        if not os.path.isfile(f):
+            raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
+    for i, name in enumerate(cfg.DATASETS.TEST):
+        files = [proposal_files[i]] if proposal_files is not None else None
+        out[name] = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
+                                                proposal_key="DATASETS.PROPOSAL_FILES_TEST")
+        build_evaluator(cfg, name, None)
+        if cfg.DATALOADER.CHECK_IMAGES:
+            check_dataset_images(out[name], name)
+    return out
+
+
+def test(cfg, model: nn.Module, inference_dir: str = "inference",
+         datasets: Optional[Dict[str, List[dict]]] = None) -> Dict[str, Dict[str, float]]:
+    """Evaluate ``model`` on every dataset of ``DATASETS.TEST`` (the dicts of :func:`prepare_test_sets`, or read now).
 
     Returns ``{"bbox": {...}}`` for one dataset, ``{dataset: {"bbox": {...}}}`` for several
     (on rank 0; empty dicts elsewhere); a ProposalNetwork gives ``"box_proposals"`` in place
@@ -119,19 +145,31 @@ def test(cfg, model: nn.Module, inference_dir: str = "inference") -> Dict[str, D
     ``box_proposals.pkl``) go to ``OUTPUT_DIR/<inference_dir>``, ``OUTPUT_DIR/<inference_dir>/<dataset>``
     with several datasets.
     """
+    datasets = datasets if datasets is not None else prepare_test_sets(cfg)
     results = OrderedDict()
-    proposal_files = _proposal_files(cfg, "TEST")
-    for i, name in enumerate(cfg.DATASETS.TEST):
-        files = [proposal_files[i]] if proposal_files is not None else None
-        dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
-                                            proposal_key="DATASETS.PROPOSAL_FILES_TEST")
+    for name, dicts in datasets.items():
         loader = build_detection_test_loader(cfg, dicts)
-        out_dir = os.path.join(cfg.OUTPUT_DIR, inference_dir) if len(cfg.DATASETS.TEST) == 1 else \
+        out_dir = os.path.join(cfg.OUTPUT_DIR, inference_dir) if len(datasets) == 1 else \
             os.path.join(cfg.OUTPUT_DIR, inference_dir, name)
         results[name] = inference_on_dataset(unwrap(model), loader, build_evaluator(cfg, name, out_dir))
     if len(results) == 1:
         return next(iter(results.values()))
     return results
+
+
+def check_num_classes(cfg, datasets) -> None:
+    """Raise :class:`ConfigError` when ``MODEL.ROI_HEADS.NUM_CLASSES`` is below a dataset's number of categories."""
+    want = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    for name in datasets:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is None:
+            continue
+        if want < len(classes):
+            raise ConfigError(f"MODEL.ROI_HEADS.NUM_CLASSES is {want} but dataset {name} has {len(classes)} categories; "
+                              f"set it to {len(classes)}")
+        if want > len(classes):
+            logger.warning("MODEL.ROI_HEADS.NUM_CLASSES is %d, dataset %s has %d categories: %d outputs stay unused",
+                           want, name, len(classes), want - len(classes))
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -157,12 +195,16 @@ class Trainer:
         logger.info("model %s with %s backbone %s: %.2fM parameters (%.2fM trainable) on %s",
                     cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME, cfg.MODEL.WRN.NAME,
                     n_all / 1e6, n_train / 1e6, self.device)
+        local_batch_size(int(cfg.SOLVER.IMS_PER_BATCH), self.world)
         self.train_dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN), cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
                                                        proposal_files=_proposal_files(cfg, "TRAIN"))
-        # the test proposal files are read after training: check now that they are there
-        for f in _proposal_files(cfg, "TEST") or []:
-            if not os.path.isfile(f):
-                raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        if cfg.DATALOADER.CHECK_IMAGES:
+            t0 = time.perf_counter()
+            check_dataset_images(self.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
+            logger.info("checked the %d training images in %.1f s", len(self.train_dicts), time.perf_counter() - t0)
+        # the test sets are used after training: everything about them is checked now
+        self.test_sets = prepare_test_sets(cfg)
         logger.info("training on %d images of %s", len(self.train_dicts), ", ".join(cfg.DATASETS.TRAIN))
         self.optimizer = build_optimizer(cfg, self.model)
         self.schedule = build_lr_schedule(cfg, self.optimizer)
@@ -192,7 +234,17 @@ class Trainer:
             logger.info("saved checkpoint %s", self.last_checkpoint)
 
     def resume_or_load(self, resume: bool) -> int:
-        """Return the first iteration to run: after ``last_checkpoint`` with ``resume``, else 0 (loading MODEL.WEIGHTS)."""
+        """Return the first iteration to run: after ``last_checkpoint`` with ``resume``, else 0 (loading MODEL.WEIGHTS).
+
+        Called once (by :meth:`train`, or before it by the command line, so that a bad
+        checkpoint stops the run before anything is written); later calls return the same.
+        """
+        if getattr(self, "_start_iter", None) is not None:
+            return self._start_iter
+        self._start_iter = self._resume_or_load(resume)
+        return self._start_iter
+
+    def _resume_or_load(self, resume: bool) -> int:
         path = self.checkpointer.latest() if resume else None
         self._rng_state = None
         if path is None:
@@ -248,9 +300,9 @@ class Trainer:
 
     def evaluate(self) -> Dict:
         """Evaluate the model (and the EMA weights, under ``"ema"``) on ``DATASETS.TEST``; returns the results."""
-        results = test(self.cfg, self.model)
+        results = test(self.cfg, self.model, datasets=self.test_sets)
         if self.ema is not None:
-            ema = test(self.cfg, self.ema.module, inference_dir=os.path.join("inference", "ema"))
+            ema = test(self.cfg, self.ema.module, inference_dir=os.path.join("inference", "ema"), datasets=self.test_sets)
             if comm.is_main_process():
                 results = {**results, "ema": ema}
         return results
@@ -321,16 +373,23 @@ def load_checkpoint_for_resume(path: str) -> dict:
 
 
 def setup(args):
-    """Return the frozen config of ``args`` (file + overrides) after setting up logging, seeds and OUTPUT_DIR."""
+    """Return the frozen config of ``args`` (file + overrides) after setting up logging and seeds.
+
+    ``OUTPUT_DIR`` is not touched yet: :func:`main` opens it once the run has passed its checks.
+    """
     cfg = load_config(get_det_cfg(), args.config_file, args.opts)
     setup_run(cfg)
     logger.info("command-line overrides: %s", " ".join(args.opts or []))
-    open_output_dir(cfg)
     return cfg
 
 
 def main(args) -> Dict:
-    """Train (or, with ``--eval-only``, evaluate) as configured by ``args``; returns the evaluation results."""
+    """Train (or, with ``--eval-only``, evaluate) as configured by ``args``; returns the evaluation results.
+
+    Everything is built and checked first (config, model, weights or the checkpoint to resume,
+    every dataset and its images); only then is ``OUTPUT_DIR`` created and written to, so a
+    rejected run leaves no folder behind and a finished run's ``config.yaml`` is not replaced.
+    """
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS:
@@ -340,5 +399,11 @@ def main(args) -> Dict:
         model = build_detector(cfg)
         load_detector_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.MODEL.WRN.STRICT_WEIGHTS,
                               use_ema=cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY)
-        return test(cfg, model)
-    return Trainer(cfg).train(resume=args.resume)
+        datasets = prepare_test_sets(cfg)
+        check_num_classes(cfg, datasets)
+        open_output_dir(cfg)
+        return test(cfg, model, datasets=datasets)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(args.resume)
+    open_output_dir(cfg)
+    return trainer.train(resume=args.resume)

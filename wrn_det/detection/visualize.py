@@ -17,7 +17,7 @@ from wrn_det.engine.fileio import atomic_write
 from wrn_det.engine.errors import WrnDetError
 
 __all__ = ["class_colour", "ERROR_COLOUR", "draw_boxes", "detection_labels", "side_by_side", "save_png", "caption",
-           "enlarge_factor", "quiet_opencv", "read_coco_results", "match_detections", "MIN_SIDE"]
+           "enlarge_factor", "read_coco_results", "match_detections", "MIN_SIDE"]
 
 MIN_SIDE = 512          # pictures are enlarged by an integer factor until their longer side reaches this
 ERROR_COLOUR = (230, 25, 25)   # false positives and missed objects
@@ -146,16 +146,6 @@ def match_detections(json_file: str, results: List[dict], threshold: float, iou:
             return gt, None
         preview = PreviewResults(gt, gt.loadRes(kept), iouType="bbox", iou_tresh=iou, min_score=threshold, useCats=True)
     return preview.cocoGt, preview.cocoDt
-
-
-def quiet_opencv() -> None:
-    """Keep OpenCV's own warnings (a file it cannot open, say) off stderr; the tools report those in one line."""
-    try:
-        import cv2.utils.logging as cv2_logging
-
-        cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_ERROR)
-    except (ImportError, AttributeError):  # an OpenCV build without its logging module
-        pass
 
 
 def _number(v) -> bool:

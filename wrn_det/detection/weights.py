@@ -26,7 +26,7 @@ from torch import nn
 
 from wrn_det.data.catalog import MetadataCatalog, resolve_json_file
 from wrn_det.engine.checkpoint import load_checkpoint
-from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.errors import WrnDetError, a_type
 from wrn_det.models.convert import backbone_key_map, read_d2_pickle
 from wrn_det.models.weights import is_counter, match_state_dict, short_list, strip_wrappers
 
@@ -104,7 +104,7 @@ def read_class_metadata(ckpt, path: str, num_classes: int) -> Optional[dict]:
         return None
     where = f"checkpoint {path}: {METADATA_KEY!r}"
     if not isinstance(meta, dict):
-        raise WrnDetError(f"{where} is a {type(meta).__name__}; expected a dict with thing_classes")
+        raise WrnDetError(f"{where} is {a_type(meta)}; expected a dict with thing_classes")
     names = meta.get("thing_classes")
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise WrnDetError(f"{where}: thing_classes must be a list of strings, got {type(names).__name__}")
@@ -159,7 +159,7 @@ def _as_tensor(key: str, value, path: str) -> torch.Tensor:
     if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
-        raise WrnDetError(f"checkpoint {path}: {key} is a {type(value).__name__}, not a tensor")
+        raise WrnDetError(f"checkpoint {path}: {key} is {a_type(value)}, not a tensor")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise WrnDetError(f"checkpoint {path}: {key} holds non-finite values (NaN or inf); the file is corrupt "
                           "or training diverged")

@@ -62,8 +62,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, TypeError,
             AttributeError, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise _torch_load_error(path, e) from None
-    except OSError as e:
-        raise WrnDetError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
+    except OSError as e:  # torch.load on a truncated archive fails while seeking in it
+        raise WrnDetError(f"checkpoint file {path} cannot be read as a torch checkpoint: {e.strerror or e}; it may be "
+                          "truncated or corrupt") from None
 
 
 def write_last_checkpoint(output_dir: str, filename: str) -> None:
@@ -72,14 +73,21 @@ def write_last_checkpoint(output_dir: str, filename: str) -> None:
 
 
 def read_last_checkpoint(output_dir: str) -> Optional[str]:
-    """Return the full path named by ``output_dir/last_checkpoint``, or None if there is none."""
+    """Return the full path named by ``output_dir/last_checkpoint``, or None if there is no ``last_checkpoint``.
+
+    Raises :class:`WrnDetError` when it names a file that is not there: continuing would
+    start the run over and replace the results already in the folder.
+    """
     path = os.path.join(output_dir, LAST_CHECKPOINT)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         name = f.read().strip()
     full = os.path.join(output_dir, name)
-    return full if name and os.path.isfile(full) else None
+    if not name or os.path.sep in name or not os.path.isfile(full):
+        raise WrnDetError(f"{path} names the checkpoint {name!r}, which is not in {output_dir}; restore it, or "
+                          "remove last_checkpoint to start the run afresh")
+    return full
 
 
 def get_rng_states() -> dict:

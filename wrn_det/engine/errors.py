@@ -34,3 +34,9 @@ def cli_main(fn, *args, **kwargs) -> int:
 
 class NonFiniteLossError(WrnDetError):
     """The training loss became NaN or infinite; the run stopped without saving the bad weights."""
+
+
+def a_type(value) -> str:
+    """Return "a dict", "an int", ...: the type of ``value`` with its article, for messages about bad input."""
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"

@@ -15,6 +15,20 @@ from .errors import WrnDetError
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
+def _count(minimum: int):
+    """Return an argparse type: an integer of at least ``minimum`` (argparse prints one line otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentParser:
     """Return an argument parser with detectron2's training flags.
 
@@ -29,9 +43,10 @@ def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentPa
     p.add_argument("--config-file", "--config", default="", metavar="FILE", help="config path or a file name under configs/")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if it exists")
     p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
-    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
-    p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
-    p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")
+    p.add_argument("--num-gpus", type=_count(1), default=1,
+                   help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
+    p.add_argument("--num-machines", type=_count(1), default=1, help="total number of machines")
+    p.add_argument("--machine-rank", type=_count(0), default=0, help="the rank of this machine (unique per machine)")
     p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines; 'auto' picks a free local port")
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
@@ -72,6 +87,8 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
         finally:
             dist.destroy_process_group()
 
+    if not 0 <= machine_rank < num_machines:
+        raise WrnDetError(f"--machine-rank {machine_rank} must be below --num-machines {num_machines}")
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
         return main_func(*args)

@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from wrn_det.engine.errors import a_type
+
 from .registry import build_model
 from .weights import ConversionError
 from .wide_resnet import IMAGENET_DEPTHS
@@ -87,7 +89,7 @@ def _check_tensors(params: dict, expected: Dict[str, Tuple[int, ...]], source: s
     for k, shape in expected.items():
         v = params[k]
         if not torch.is_tensor(v) or not v.is_floating_point():
-            what = f"a {v.dtype} tensor" if torch.is_tensor(v) else f"a {type(v).__name__}"
+            what = f"a {v.dtype} tensor" if torch.is_tensor(v) else a_type(v)
             raise ConversionError(f"{source} looks like {layout} but {k} is {what}, not floating-point weights")
         if tuple(v.shape) != tuple(shape):
             raise ConversionError(f"{source} looks like {layout} but {k} has shape {tuple(v.shape)}; "
@@ -100,7 +102,7 @@ def _out_channels(params: dict, key: str, source: str, layout: str) -> int:
     """Return the output channels of the conv weight ``params[key]``; ConversionError if it is not one."""
     w = params.get(key)
     if not torch.is_tensor(w) or w.dim() != 4:
-        what = f"a tensor of shape {tuple(w.shape)}" if torch.is_tensor(w) else f"a {type(w).__name__}"
+        what = f"a tensor of shape {tuple(w.shape)}" if torch.is_tensor(w) else a_type(w)
         raise ConversionError(f"{source} looks like {layout} but {key} is {what}, not a 4-d conv weight")
     return int(w.shape[0])
 
