@@ -36,15 +36,25 @@ _FIGURE_KEYS = {
 CURVE_KEYS = ("train_err", "test_err", "train_loss", "test_loss")
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _pct_err(acc) -> Optional[float]:
     # the original logs hold accuracies in percent
-    return None if acc is None else 100.0 - float(acc)
+    return 100.0 - float(acc) if _number(acc) else None
 
 
-def _normalise(row: dict) -> Optional[dict]:
-    """Map one log row of either format to ``{"epoch", "train_err", "test_err", "train_loss", "test_loss"}``."""
+def _normalise(row: dict, where: str = "") -> Optional[dict]:
+    """Map one log row of either format to ``{"epoch", "train_err", "test_err", "train_loss", "test_loss"}``.
+
+    Values that are not finite numbers are left out (None); an ``epoch`` that is not a
+    number raises :class:`WrnDetError` naming ``where``.
+    """
     if "epoch" not in row:
         return None
+    if not _number(row["epoch"]):
+        raise WrnDetError(f"{where}: epoch is {row['epoch']!r:.40}; expected a number")
     out = {"epoch": float(row["epoch"])}
     out["train_err"] = row.get("train_top1_err", _pct_err(row.get("train_acc")))
     out["test_err"] = row.get("test_top1_err", _pct_err(row.get("test_acc")))
@@ -53,7 +63,7 @@ def _normalise(row: dict) -> Optional[dict]:
     out["test_loss"] = row.get("test_loss")
     for k in CURVE_KEYS:
         v = out[k]
-        out[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        out[k] = float(v) if _number(v) else None
     return out
 
 
@@ -100,7 +110,7 @@ def read_run(path: str) -> Tuple[str, List[dict]]:
     raw = _parse_lines(path, "json_stats:" if "json_stats:" in text else None)
     by_epoch: Dict[float, dict] = {}
     for r in raw:
-        n = _normalise(r) if isinstance(r, dict) else None
+        n = _normalise(r, path) if isinstance(r, dict) else None
         if n is not None:
             by_epoch[n["epoch"]] = n
     if not by_epoch:

@@ -10,6 +10,7 @@ confusion matrix are drawn again into the same folder (:mod:`wrn_det.detection.e
 """
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Tuple
@@ -39,9 +40,12 @@ def read_metrics(path: str) -> List[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
-                raise WrnDetError(f"{path}, line {n}: not a JSON object") from None
+                row = None
+            if not isinstance(row, dict):
+                raise WrnDetError(f"{path}, line {n}: not a JSON object; expected one object per line")
+            rows.append(row)
     return rows
 
 
@@ -49,8 +53,11 @@ def _series(rows: List[dict], key: str) -> Tuple[List[int], List[float]]:
     # a resumed run appends to metrics.json; the last value logged for an iteration wins
     last: Dict[int, float] = {}
     for r in rows:
-        if key in r and isinstance(r[key], (int, float)):
-            last[int(r["iteration"])] = float(r[key])
+        it, v = r.get("iteration"), r.get(key)
+        # rows of another shape (a hand-edited or foreign file) are skipped, not a traceback
+        if isinstance(it, int) and not isinstance(it, bool) and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                and math.isfinite(v):
+            last[it] = float(v)
     its = sorted(last)
     return its, [last[i] for i in its]
 
