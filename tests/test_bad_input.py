@@ -509,3 +509,14 @@ def test_fuzzed_coco_files_load_cleanly_or_raise_one_line(tmp_path):
                 assert a["category_id"] in (0, 1)
     # both sides were exercised (measured: 12 loaded, 288 refused)
     assert outcomes["ok"] >= 5 and outcomes["refused"] >= 100, outcomes
+
+
+def test_bad_input_in_a_two_process_run_is_still_one_line(tmp_path):
+    out = tmp_path / "out"
+    r = run_tool("train_net", "--num-gpus", "2", "--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET[:-4],
+                 "DATASETS.TRAIN", "('coco_2017_train',)", "OUTPUT_DIR", str(out), datasets_root=tmp_path / "none",
+                 timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "instances_train2017.json not found" in lines[0], r.stderr  # no "Terminating process"
+    assert not out.exists()

@@ -1,4 +1,5 @@
 """User-facing errors and the command-line wrapper that turns them into one line."""
+import os
 import sys
 
 
@@ -24,7 +25,9 @@ def cli_main(fn, *args, **kwargs) -> int:
         ret = fn(*args, **kwargs)
     except WrnDetError as e:
         msg = " ".join(str(e).split("\n")).strip()
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        # every process of a torchrun job meets the same bad input: rank 0 says it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

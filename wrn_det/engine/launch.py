@@ -1,5 +1,6 @@
 """Process launch in detectron2's style: one process, ``--num-gpus N`` spawning, or torchrun."""
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -100,6 +101,8 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
         if num_machines != 1:
             raise WrnDetError("--dist-url auto works on one machine only; give tcp://HOST:PORT of machine 0")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    # when one process stops on bad input the others are terminated; the one error line says why
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     ctx = mp.start_processes(
         _worker,
         nprocs=num_gpus_per_machine,
