@@ -70,6 +70,33 @@ def run_tool_in_process(name: str, argv: List[str], capsys) -> Tuple[int, str]:
     return status, capsys.readouterr().err
 
 
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_two_agents(tool: str, args: List[str], env: Dict[str, str], timeout: int = 300) -> List[subprocess.CompletedProcess]:
+    """Run ``tools/<tool>.py ARGS`` as two torchrun agents of one process each ("two machines" on this one).
+
+    The agents meet through torchrun's c10d rendezvous, as on a cluster. Returns both
+    completed processes (rank order is torchrun's choice).
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "wrn-det-test",
+           str(REPO / "tools" / f"{tool}.py"), *map(str, args)]
+    procs = [subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    return out
+
+
 def write_fake_coco(root, splits: Dict[str, Tuple[int, int]], **draw) -> str:
     """Write a COCO tree of shapes images under ``root/coco`` (``split -> (images, seed)``); returns ``root``.
 

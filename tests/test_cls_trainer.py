@@ -50,8 +50,8 @@ def test_learning_rate_step_resets_momentum(tmp_path, data_root, one_thread):
     loader = trainer.train_loader
 
     class Spy:
-        def set_epoch(self, e):
-            loader.set_epoch(e)
+        def set_epoch(self, e, start_batch=0):
+            loader.set_epoch(e, start_batch)
 
         def __iter__(self):
             for i, batch in enumerate(loader):

@@ -16,7 +16,8 @@ import time
 
 import pytest
 import torch
-from conftest import DRAW_64, REPO, TINY_DET, run_tool, run_tool_in_process, tool_env, write_fake_coco
+from conftest import (DRAW_64, REPO, TINY_DET, run_tool, run_tool_in_process, tool_env, torchrun_two_agents,
+                      write_fake_coco)
 
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
 
@@ -187,7 +188,8 @@ def _losses(out):
 
 
 def test_syncbn_over_two_gloo_processes_gives_the_single_process_losses(tmp_path):
-    """SyncBN on CPUs with gloo: 2 processes of 2 images give the losses of 1 process of 4, per-process BN does not."""
+    """SyncBN on CPUs with gloo: 2 processes of 2 images (two torchrun agents) give the losses of 1 process of 4,
+    per-process BN does not."""
     # the losses are means over each process's sampled anchors and RoIs; they average to the single process's
     # when every image contributes as many: one object per image, every anchor labelled (no IoU gap) and
     # sampled, a fixed number of proposals, all of them sampled. Deterministic data too: no flip, one size,
@@ -201,10 +203,10 @@ def test_syncbn_over_two_gloo_processes_gives_the_single_process_losses(tmp_path
               "MODEL.RPN.POST_NMS_TOPK_TRAIN", "16", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "100000"]
 
     def torchrun(norm, out):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), TRAIN_NET, *common, "MODEL.WRN.NORM", norm, "OUTPUT_DIR", str(out)]
-        r = subprocess.run(cmd, env=tool_env(root), cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+        # two torchrun agents of one process each, meeting through c10d: two machines, as far as the run can tell
+        for agent in torchrun_two_agents("train_net", [*common, "MODEL.WRN.NORM", norm, "OUTPUT_DIR", str(out)],
+                                         tool_env(root)):
+            assert agent.returncode == 0, agent.stderr[-3000:]
         return _losses(out)
 
     one = run_cli([*common, "MODEL.WRN.NORM", "SyncBN", "OUTPUT_DIR", str(tmp_path / "one")], root)

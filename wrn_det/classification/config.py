@@ -15,6 +15,9 @@ _C.OUTPUT_DIR = "./output/cls"
 _C.SEED = 0
 # Log training loss every LOG_PERIOD iterations (also where a non-finite loss is detected).
 _C.LOG_PERIOD = 50
+# Signals that stop the run after the current iteration with a checkpoint (exit status 3; SLURM
+# sends SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none.
+_C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 _C.MODEL = CN()
 # Any wrn_det.models name: wrn_28_10, wrn_16_8, preact_resnet164, wide_resnet50_2, ...

@@ -99,11 +99,11 @@ class InMemoryLoader:
         self.batch = local_batch_size(global_batch, world_size, key)
         if train and len(data) < global_batch:
             raise ConfigError(f"{key} ({global_batch}) is larger than the training set ({len(data)} images)")
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration uses."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration uses, from batch ``start_batch`` on."""
+        self.epoch, self.start = int(epoch), int(start_batch)
 
     @property
     def num_images(self) -> int:
@@ -133,7 +133,7 @@ class InMemoryLoader:
         perm = perm.to(self.device)
         offsets = offsets.to(self.device) if offsets is not None else None
         flips = flips.to(self.device) if flips is not None else None
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             start = i * self.global_batch + self.rank * self.batch
             sl = slice(start, start + self.batch)
             idx = perm[sl]
@@ -156,11 +156,11 @@ class ShardSampler(Sampler):
         self.size, self.global_batch, self.shuffle = int(size), int(global_batch), bool(shuffle)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.batch = local_batch_size(global_batch, world_size)
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation the next iteration uses."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose permutation the next iteration uses, from this rank's batch ``start_batch`` on."""
+        self.epoch, self.start = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         if self.shuffle:
@@ -172,7 +172,7 @@ class ShardSampler(Sampler):
             return iter(range(self.rank, self.size, self.world_size))
         perm = torch.randperm(self.size, generator=epoch_generator(self.seed, self.epoch))
         nb = self.size // self.global_batch
-        mine = perm[: nb * self.global_batch].view(nb, self.world_size, self.batch)[:, self.rank]
+        mine = perm[: nb * self.global_batch].view(nb, self.world_size, self.batch)[self.start:, self.rank]
         return iter(mine.reshape(-1).tolist())
 
 
@@ -196,9 +196,13 @@ class EpochDataLoader:
         )
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration uses."""
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration uses, from batch ``start_batch`` on.
+
+        A continued epoch has the uninterrupted one's images; with workers, their random
+        augmentation of the rest of the epoch is drawn anew.
+        """
+        self.sampler.set_epoch(epoch, start_batch)
         self.generator.manual_seed(int(epoch_generator(self.seed, epoch, 1 + self.rank).initial_seed()))
 
     @property

@@ -101,7 +101,7 @@ def get_det_cfg() -> CN:
     _C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
     # read every image's header before the first iteration (missing, truncated or mis-sized files stop the
-    # run at the start; about a minute for COCO train on a local disk)
+    # run at the start; 0.17 ms per image measured here, about 20 s for COCO train with the files cached)
     _C.DATALOADER.CHECK_IMAGES = True
 
     _C.MODEL.BACKBONE = CN()
@@ -210,6 +210,9 @@ def get_det_cfg() -> CN:
     _C.OUTPUT_DIR = "./output"
     # log line, metrics.json row and TensorBoard point every LOG_PERIOD iterations (detectron2 writes every 20)
     _C.LOG_PERIOD = 20
+    # signals that stop the run after the current step with a checkpoint (exit status 3; SLURM sends
+    # SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none
+    _C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
     _C.SEED = -1
     _C.CUDNN_BENCHMARK = False
 

@@ -26,10 +26,11 @@ from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.config import load_config
 from wrn_det.engine.ema import ModelEMA
-from wrn_det.engine.errors import ConfigError, WrnDetError
+from wrn_det.engine.errors import ConfigError, Preempted, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, gradient_clipper, non_finite_error
+from wrn_det.engine.preempt import PreemptionWatch, resume_requested
 from wrn_det.engine.run import open_output_dir, setup_run
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
@@ -245,7 +246,8 @@ class Trainer:
         return self._start_iter
 
     def _resume_or_load(self, resume: bool) -> int:
-        path = self.checkpointer.latest() if resume else None
+        resume = resume_requested(resume)
+        path = self.checkpointer.latest_intact() if resume else None
         self._rng_state = None
         if path is None:
             if resume:
@@ -288,6 +290,7 @@ class Trainer:
                            self._rng_state.get("world_size"), self.world)
         writer = MetricsWriter(cfg.OUTPUT_DIR)
         results = {}
+        self.preempt = PreemptionWatch(cfg.PREEMPT_SIGNALS)
         try:
             if start_iter < self.max_iter:
                 self._loop(model, iter(loader), start_iter, writer)
@@ -295,6 +298,7 @@ class Trainer:
             if results and comm.is_main_process():
                 writer.write(flatten_results(results), step=self.max_iter - 1)
         finally:
+            self.preempt.close()
             writer.close()
         return results
 
@@ -340,6 +344,12 @@ class Trainer:
             nxt = it + 1
             if nxt % log_period == 0 or nxt == self.max_iter or it == start_iter:
                 self._log(it, lr, window, writer, time.perf_counter() - t_start, nxt - start_iter)
+            if self.preempt.requested() and nxt != self.max_iter:
+                with self.preempt.saving():
+                    self._save(f"model_{it:07d}", it)
+                stop = Preempted(it, self.last_checkpoint)
+                logger.warning("%s", stop)
+                raise stop
             if period > 0 and nxt % period == 0 and nxt != self.max_iter:
                 self._save(f"model_{it:07d}", it)
             if eval_period > 0 and nxt % eval_period == 0 and nxt != self.max_iter and cfg.DATASETS.TEST:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import comm
-from .errors import WrnDetError
+from .errors import Preempted, WrnDetError
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -68,6 +68,20 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def _env_store(rank: int, world: int, timeout) -> dist.Store:
+    """Return the key-value store of an env:// job (torchrun's agent store, or one rank 0 hosts), keyed per attempt.
+
+    torchrun keeps its store across the restarts of a worker group; the process group's
+    keys (each rank's address) would then still hold the dead group's, and the restarted
+    workers would try to reach them. A prefix with ``TORCHELASTIC_RESTART_COUNT`` gives each
+    attempt its own keys.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timeout, wait_for_workers=False)
+    return dist.PrefixStore(f"wrn_det/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, machine_rank: int = 0,
            dist_url: str = "auto", args=(), timeout=DEFAULT_TIMEOUT):
     """Run ``main_func(*args)`` in one process, under torchrun, or in spawned processes.
@@ -81,7 +95,9 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=_backend(), init_method="env://", timeout=timeout)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend=_backend(), store=_env_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
         comm.set_local_rank(local_rank)
         try:
             return main_func(*args)
@@ -132,6 +148,8 @@ def _worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_ran
         if global_rank == 0:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as e:
+        sys.exit(e.exit_code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
