@@ -8,15 +8,15 @@ PYTEST_ARGS ?= -q
 .PHONY: install test demo bench clean help
 
 help:
-	@echo "make install   create $(VENV) and install wrn_det with its test extra"
-	@echo "make demo      generate the shapes dataset, train WRN-FPN Faster R-CNN, evaluate, plot"
+	@echo "make install   create $(VENV) and install wrn_det with its test and export extras"
+	@echo "make demo      generate the shapes dataset, train WRN-FPN Faster R-CNN, evaluate, plot, draw its detections"
 	@echo "make test      run the test suite"
 	@echo "make bench     run the CPU benchmarks in benchmarks/"
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,export]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +28,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file configs/demo/shapes_wrn_frcnn.yaml
 	$(PY) -m wrn_det.detection.plot output/demo
+	$(PY) tools/demo.py --config-file configs/demo/shapes_wrn_frcnn.yaml --input 'datasets/shapes/val/00000[0-7].jpg' \
+		--output output/demo/predictions MODEL.WEIGHTS output/demo/model_final.pth
 
 bench: $(STAMP)
 	$(PY) benchmarks/cls_throughput.py

@@ -23,5 +23,9 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
     ],
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={
+        "test": ["pytest>=7.4"],
+        # tools/export_model.py --format onnx (onnx writes the file, onnxruntime checks it)
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+    },
 )

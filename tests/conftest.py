@@ -8,8 +8,9 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -69,6 +70,33 @@ def run_tool_in_process(name: str, argv: List[str], capsys) -> Tuple[int, str]:
     return status, capsys.readouterr().err
 
 
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_two_agents(tool: str, args: List[str], env: Dict[str, str], timeout: int = 300) -> List[subprocess.CompletedProcess]:
+    """Run ``tools/<tool>.py ARGS`` as two torchrun agents of one process each ("two machines" on this one).
+
+    The agents meet through torchrun's c10d rendezvous, as on a cluster. Returns both
+    completed processes (rank order is torchrun's choice).
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "wrn-det-test",
+           str(REPO / "tools" / f"{tool}.py"), *map(str, args)]
+    procs = [subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    return out
+
+
 def write_fake_coco(root, splits: Dict[str, Tuple[int, int]], **draw) -> str:
     """Write a COCO tree of shapes images under ``root/coco`` (``split -> (images, seed)``); returns ``root``.
 
@@ -81,6 +109,17 @@ def write_fake_coco(root, splits: Dict[str, Tuple[int, int]], **draw) -> str:
     for split, (n, seed) in splits.items():
         shapes.generate_split(os.path.join(str(root), "coco"), split, n, seed=seed, **draw)
     return str(root)
+
+# the learning test's detector: the demo's WRN-FPN narrowed to WRN-10-1, 1300 iterations of 2 images
+# on coco_2017_train of det_coco_root (seed 1 from shapes_wrn_frcnn.yaml)
+SHAPES_DETECTOR_CONFIG = "shapes_wrn_frcnn.yaml"
+SHAPES_DETECTOR_OPTS = [
+    "MODEL.WRN.NAME", "wrn_10_1", "DATASETS.TRAIN", "('coco_2017_train',)",
+    "DATASETS.TEST", "('coco_2017_val',)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+    "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.02",
+    "SOLVER.MAX_ITER", "1300", "SOLVER.STEPS", "(1050,)", "SOLVER.CHECKPOINT_PERIOD", "100000",
+    "TEST.EVAL_PERIOD", "0", "MODEL.DEVICE", "cpu",
+]
 
 
 @pytest.fixture
@@ -103,3 +142,56 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def det_coco_root(tmp_path_factory) -> str:
+    """A fake COCO tree in detectron2's layout (train2017: 800 images, val2017: 100) of 64-pixel shapes.
+
+    Returns the datasets root (what ``DETECTRON2_DATASETS`` points at).
+    """
+    return write_fake_coco(tmp_path_factory.mktemp("d2root"), {"train2017": (800, 11), "val2017": (100, 12)},
+                           **DRAW_64)
+
+
+class TrainedDetector(NamedTuple):
+    """A shapes detector trained once per test session (see :func:`trained_shapes_detector`)."""
+
+    dir: Path                       # the run folder: config.yaml, model_final.pth, metrics.json, inference/
+    results: Dict[str, Dict[str, float]]  # what Trainer.train() returned (the final evaluation on coco_2017_val)
+    datasets_root: str              # DETECTRON2_DATASETS of the run
+    seconds: float                  # training and evaluation time
+    opts: List[str]                 # the config overrides, over SHAPES_DETECTOR_CONFIG
+
+    @property
+    def weights(self) -> str:
+        """Return the path of the final checkpoint."""
+        return str(self.dir / "model_final.pth")
+
+
+@pytest.fixture(scope="session")
+def trained_shapes_detector(det_coco_root, tmp_path_factory) -> TrainedDetector:
+    """Train the learning test's WRN-10-1-FPN detector once for the whole session; returns the run.
+
+    About 3 minutes on the 2-core development machine. The run folder is laid out as
+    tools/train_net.py leaves it (config.yaml included), so tools can be pointed at it.
+    """
+    from wrn_det.detection.config import get_det_cfg
+    from wrn_det.detection.train import Trainer
+    from wrn_det.engine.config import load_config, save_config
+
+    out = tmp_path_factory.mktemp("shapes_detector")
+    opts = SHAPES_DETECTOR_OPTS + ["OUTPUT_DIR", str(out)]
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DETECTRON2_DATASETS", det_coco_root)
+        torch.set_num_threads(1)
+        try:
+            cfg = load_config(get_det_cfg(), SHAPES_DETECTOR_CONFIG, opts)
+            save_config(cfg, os.path.join(out, "config.yaml"))
+            t0 = time.time()
+            results = Trainer(cfg).train()
+            seconds = time.time() - t0
+        finally:
+            torch.set_num_threads(threads)
+    return TrainedDetector(out, results, det_coco_root, seconds, opts)

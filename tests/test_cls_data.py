@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from wrn_det.classification import get_cls_cfg
 from wrn_det.data import cls_preprocess
 from wrn_det.data.classification import ArraySet, build_cls_datasets, read_cifar, read_imagenet, read_mnist, read_svhn
-from wrn_det.data.cls_loader import InMemoryLoader, ShardSampler, build_imagenet_loader, imagenet_transforms, reflect_crop_flip
+from wrn_det.data.cls_loader import (IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, InMemoryLoader, ShardSampler,
+                                     build_imagenet_loader, imagenet_transforms, reflect_crop_flip)
 from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
 from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_image_folder, write_mnist, write_svhn
 from wrn_det.engine.errors import ConfigError, WrnDetError
@@ -137,6 +138,60 @@ def test_imagenet_folders_and_loader(tmp_path):
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))  # augmentation reproducible per epoch
     with pytest.raises(WrnDetError, match="ImageNet folder .*missing"):
         read_imagenet(str(tmp_path / "nowhere"), False)
+
+
+def test_imagenet_training_transform_applies_jitter_and_lighting_and_the_test_one_is_unchanged():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from wrn_det.engine.config import load_config
+
+    cfg = load_config(get_cls_cfg(), "imagenet_wide_resnet50_2.yaml", [])
+    assert list(cfg.INPUT.COLOR_JITTER) == [0.4, 0.4, 0.4] and cfg.INPUT.LIGHTING_STD == 0.1  # fb.resnet.torch's
+    assert load_config(get_cls_cfg(), "imagenet_wide_resnet50_2_cosine.yaml", []).INPUT.LIGHTING_STD == 0.1
+
+    def draws(transform, rgb, n=300):
+        # a uniform image: cropping and flipping change nothing, so every change is the colour augmentation
+        img = Image.new("RGB", (40, 40), rgb)
+        torch.manual_seed(0)
+        outs = [transform(img) for _ in range(n)]
+        assert all(o.dtype == torch.float32 and o.shape == (3, 24, 24) for o in outs)
+        assert all(float(o.std(dim=(1, 2)).max()) < 1e-3 for o in outs)  # still uniform: one shift per image
+        return torch.stack([o.mean(dim=(1, 2)) for o in outs])  # (n, 3), on the 0-255 scale
+
+    # brightness alone acts on grey (contrast and saturation blend grey with itself): factors over [0.6, 1.4]
+    jitter_only, _ = imagenet_transforms(24, 28, 24, cfg.INPUT.COLOR_JITTER, 0.0)
+    factor = draws(jitter_only, (128, 128, 128))[:, 0] / 128
+    assert factor.min() >= 0.6 - 1e-3 and factor.max() <= 1.4 + 1e-3
+    assert factor.min() < 0.65 and factor.max() > 1.35 and 0.9 < factor.mean() < 1.1
+    # on a colour, contrast and saturation change the spread of the channels too
+    spread = draws(jitter_only, (60, 120, 180), n=100)
+    ratio = (spread[:, 2] - spread[:, 0]) / 120
+    assert ratio.min() < 0.5 and ratio.max() > 1.5
+
+    # lighting alone: 255 * eigvec @ (alpha * eigval) with alpha ~ N(0, 0.1^2), the same shift on every pixel
+    lighting_only, _ = imagenet_transforms(24, 28, 24, (0, 0, 0), cfg.INPUT.LIGHTING_STD)
+    shift = draws(lighting_only, (128, 128, 128)) - 128
+    eigvec, eigval = torch.tensor(IMAGENET_PCA_EIGVEC), torch.tensor(IMAGENET_PCA_EIGVAL)
+    assert abs(float(eigval[0]) - 0.2175) < 1e-6 and abs(float(eigvec[0, 0]) + 0.5675) < 1e-6
+    alpha = torch.linalg.solve(eigvec, shift.T / 255).T / eigval
+    assert torch.all((alpha.std(dim=0) - 0.1).abs() < 0.02) and torch.all(alpha.mean(dim=0).abs() < 0.02)
+
+    # both, as the config sets them: colours change and the result stays on the 0-255 scale
+    train, test = imagenet_transforms(24, 28, 24, cfg.INPUT.COLOR_JITTER, cfg.INPUT.LIGHTING_STD)
+    both = draws(train, (60, 120, 180), n=50)
+    assert (both - torch.tensor([60.0, 120.0, 180.0])).abs().max() > 20 and both.max() < 300
+
+    # the test transform is the plain Resize + CenterCrop, uint8, whatever the training options
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8))
+    reference = T.Compose([T.Resize(28), T.CenterCrop(24), T.PILToTensor()])(photo)
+    assert test(photo).dtype == torch.uint8 and torch.equal(test(photo), reference)
+    plain_train, plain_test = imagenet_transforms(24, 28, 24)
+    assert torch.equal(plain_test(photo), reference) and plain_train(photo).dtype == torch.uint8
+    with pytest.raises(ConfigError, match="INPUT.COLOR_JITTER"):
+        imagenet_transforms(24, 28, 24, (0.4, -0.1, 0.4))
+    with pytest.raises(ConfigError, match="INPUT.LIGHTING_STD"):
+        imagenet_transforms(24, 28, 24, (0.4, 0.4, 0.4), -0.1)
 
 
 def test_zca_whitening_is_fitted_on_train_and_cached(tmp_path, monkeypatch):

@@ -1,13 +1,14 @@
 """tools/plot_logs.py draws curves from a finished run and from the original code's json_stats: logs."""
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
 
-from conftest import load_tool
+from conftest import load_tool, run_tool
 
 from wrn_det.classification import ClsTrainer, get_cls_cfg
-from wrn_det.classification.curves import read_run
+from wrn_det.classification.curves import legend_labels, read_run
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.errors import cli_main
 
@@ -67,3 +68,49 @@ def test_plot_of_a_finished_run_and_bad_input(tmp_path, capsys, one_thread):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "empty.log" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_train_cls_writes_the_original_json_stats_lines(tmp_path, capsys):
+    root = write_synthetic_cifar(str(tmp_path / "data"), n_train=128, n_test=64, seed=3)
+    run = tmp_path / "wrn_run"
+    res = run_tool("train_cls", "MODEL.NAME", "wrn_10_1", "DATASETS.ROOT", root, "DATASETS.VERIFY_CHECKSUMS", "False",
+                   "OUTPUT_DIR", str(run), "SOLVER.EPOCHS", "2", "SOLVER.IMS_PER_BATCH", "32", "TEST.IMS_PER_BATCH", "64",
+                   "SOLVER.BASE_LR", "0.05", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in (run / "log.txt").read_text().splitlines() if ln.startswith("json_stats: ")]
+    stats = [json.loads(ln[len("json_stats: "):]) for ln in lines]
+    assert [s["epoch"] for s in stats] == [1, 2]  # one per epoch
+    metrics = [json.loads(ln) for ln in (run / "metrics.json").read_text().splitlines()]
+    for s, m in zip(stats, metrics):
+        # the epoch's figures, under this project's names and the original code's
+        assert s["test_top1_err"] == m["test_top1_err"] and abs(s["test_acc"] - (100 - m["test_top1_err"])) < 1e-9
+        assert s["train_top1_err"] == m["train_top1_err"] and s["loss"] == s["train_loss"] == m["train_loss"]
+        # merged with every option of the run, as train.lua merged its opt
+        assert s["MODEL.NAME"] == "wrn_10_1" and s["SOLVER.BASE_LR"] == 0.05 and s["SOLVER.STEPS"] == [60, 120, 160]
+        assert s["OUTPUT_DIR"] == str(run) and "INPUT.PIXEL_MEAN" in s
+    # the original notebook's reader (notebooks/sweeper.py loadLog) and ours take the same rows
+    found = [json.loads(ln[ln.find("json_stats") + 12:]) for ln in (run / "log.txt").read_text().splitlines()
+             if ln.find("json_stats") > -1]
+    assert found == stats
+    _, rows = read_run(str(run / "log.txt"))
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["test_err"] == metrics[1]["test_top1_err"]
+
+    # --legend names runs by their options: ours (json_stats or config.yaml) and the original code's
+    (tmp_path / "wrn40_4.log").write_text(LUA_LOG)
+    other = tmp_path / "other_run"  # a run with config.yaml and metrics.json only
+    other.mkdir()
+    shutil.copy(run / "metrics.json", other / "metrics.json")
+    (other / "config.yaml").write_text((run / "config.yaml").read_text().replace("BASE_LR: 0.05", "BASE_LR: 0.1"))
+    assert legend_labels([str(run), str(tmp_path / "wrn40_4.log")], ["MODEL.NAME", "model"]) == [
+        "MODEL.NAME=wrn_10_1, model=not present", "MODEL.NAME=not present, model=wide-resnet"]
+    assert legend_labels([str(run), str(other)], ["auto"]) == ["SOLVER.BASE_LR=0.05", "SOLVER.BASE_LR=0.1"]
+    plot = load_tool("plot_logs").run
+    capsys.readouterr()
+    out = tmp_path / "legend.png"
+    assert cli_main(plot, [str(run), str(other), "--legend", "MODEL.NAME,SOLVER.BASE_LR", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MODEL.NAME=wrn_10_1, SOLVER.BASE_LR=0.05" in printed and "SOLVER.BASE_LR=0.1" in printed
+    _assert_png(out)
+    assert cli_main(plot, [str(run), "--legend", "MODEL.NAM", "-o", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MODEL.NAM" in err and not (tmp_path / "y.png").exists()

@@ -50,8 +50,8 @@ def test_learning_rate_step_resets_momentum(tmp_path, data_root, one_thread):
     loader = trainer.train_loader
 
     class Spy:
-        def set_epoch(self, e):
-            loader.set_epoch(e)
+        def set_epoch(self, e, start_batch=0):
+            loader.set_epoch(e, start_batch)
 
         def __iter__(self):
             for i, batch in enumerate(loader):
@@ -89,8 +89,10 @@ def test_imagenet_folder_run_end_to_end(tmp_path, one_thread):
     for split, n in (("train", 24), ("val", 9)):
         write_image_folder(str(tmp_path / "imagenet" / split), x[:n], y[:n], ["n01", "n02", "n03"])
     out = tmp_path / "run"
-    # the ImageNet path (ImageFolder, DataLoader workers, RandomResizedCrop) with a small ResNet and crops
+    # the ImageNet path (ImageFolder, DataLoader workers, RandomResizedCrop, the ImageNet configs' colour
+    # jitter and lighting) with a small ResNet and crops
     cfg = _cfg(["MODEL.NAME", "wide_resnet18_1", "MODEL.NUM_CLASSES", "3", "DATASETS.NAME", "imagenet",
+                "INPUT.COLOR_JITTER", "[0.4, 0.4, 0.4]", "INPUT.LIGHTING_STD", "0.1",
                 "DATASETS.ROOT", str(tmp_path / "imagenet"), "INPUT.PIXEL_MEAN", "[123.675, 116.28, 103.53]",
                 "INPUT.PIXEL_STD", "[58.395, 57.12, 57.375]", "INPUT.TRAIN_CROP_SIZE", "32", "INPUT.TEST_RESIZE", "36",
                 "INPUT.TEST_CROP_SIZE", "32", "DATALOADER.NUM_WORKERS", "1", "SOLVER.IMS_PER_BATCH", "8",

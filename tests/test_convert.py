@@ -142,6 +142,26 @@ def test_torchvision_and_timm_layouts(tmp_path):
     assert torch.equal(torch.from_numpy(d2["model"]["stem.conv1.weight"]), ema["conv1.weight"])
 
 
+def test_compiled_classification_checkpoint_loads_as_detection_weights_and_converts(pretrained, tmp_path):
+    # a classifier saved from its torch.compile wrapper: every key starts with _orig_mod.
+    net = build_model("wrn_10_1")
+    net.load_state_dict(torch.load(pretrained / "model_best.pth", weights_only=True)["model"])
+    compiled = torch.compile(net)  # compiles lazily: nothing runs here
+    state = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in state)
+    torch.save({"model": state}, tmp_path / "compiled.pth")
+    for c4 in (True, False):
+        model = _builtin_detector(str(tmp_path / "compiled.pth"), c4=c4)
+        got = (model.backbone.net if c4 else model.backbone.bottom_up.net).state_dict()
+        checked = [k for k in backbone_key_map(net) if k in got]
+        assert len(checked) > 30
+        for k in checked:  # every parameter and BN statistic the detector holds
+            assert torch.equal(got[k], net.state_dict()[k]), k
+    assert _convert_main()([str(tmp_path / "compiled.pth"), str(tmp_path / "wrn"), "--model", "wrn_10_1"]) == 0
+    converted = torch.load(tmp_path / "wrn.pth", weights_only=True)["model"]
+    assert torch.equal(converted["stage3.0.conv1.weight"], net.state_dict()["stage3.0.conv1.weight"])
+
+
 def test_bad_inputs_give_one_line_and_exit_2(tmp_path, capsys):
     r18 = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), r18)

@@ -107,3 +107,38 @@ def test_train_net_engine_detectron2_dispatches_here(datasets_root, tmp_path):
     res = subprocess.run(cmd, cwd=str(tmp_path), env=_env(datasets_root), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines() == [f"error: MODEL.WEIGHTS file '{tmp_path / 'nope.pth'}' does not exist"]
+
+
+def test_detectron2_checkpoint_in_the_predictor_matches_default_predictor(trained, tmp_path, monkeypatch):
+    """The 6-iteration detectron2 model in wrn_det.Predictor (builtin modules, keys mapped, detectron2's anchors)
+    gives DefaultPredictor's detections on images at the test size (64 pixels: neither resizes).
+
+    At other sizes the two differ by their resize alone: DefaultPredictor resizes with PIL, the builtin test path
+    with torchvision's antialiased resize (the evaluation's).
+    """
+    import cv2
+    from detectron2.engine import DefaultPredictor
+
+    from wrn_det import Predictor
+    from wrn_det.d2.train import build_config
+    from wrn_det.data import shapes
+
+    weights = str(trained / "model_final.pth")
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # no dataset is needed to run either
+    theirs = DefaultPredictor(build_config(DEMO, ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu"]))
+    ours = Predictor(DEMO, weights=weights, device="cpu")
+    # the detectron2 trainer stores the training set's classes in its checkpoints too
+    assert ours.weights["engine"] == "detectron2" and ours.weights["classes_from"] == "checkpoint"
+    assert ours.thing_classes == ["square", "circle", "triangle"]
+    shapes.generate_split(str(tmp_path), "s64", 4, seed=21, sides=(64,), min_size=12.0, max_frac=0.6, max_objects=4)
+    compared = 0
+    for path in sorted((tmp_path / "s64").glob("*.jpg")):
+        a = theirs(cv2.imread(str(path)))["instances"]
+        b = ours(str(path))
+        assert len(a) == len(b["scores"]) > 0, path
+        # both are sorted by score; ties are ordered alike since the inputs to NMS are the same
+        assert (a.pred_boxes.tensor - b["boxes"]).abs().max() <= 1e-3
+        assert (a.scores - b["scores"]).abs().max() <= 1e-4
+        assert torch.equal(a.pred_classes, b["classes"])
+        compared += len(a)
+    assert compared > 20

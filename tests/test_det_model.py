@@ -40,7 +40,7 @@ def test_freeze_at_and_frozen_bn_follow_detectron2():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = net.forward_features(x)["res4"]
-    b = WRNBackbone(net, ["res4"], freeze_at=2, norm="BN")
+    b = WRNBackbone(net, ["res4"], freeze_at=2)  # the network was built with BatchNorm
     # stem and res2 frozen (FrozenBN, no gradients); res3 and res4 train their BatchNorm
     assert isinstance(net.bn1, FrozenBatchNorm2d) and isinstance(net.layer1[0].bn1, FrozenBatchNorm2d)
     assert not any(p.requires_grad for p in list(net.conv1.parameters()) + list(net.layer1.parameters()))
@@ -50,7 +50,8 @@ def test_freeze_at_and_frozen_bn_follow_detectron2():
     b.eval()
     with torch.no_grad():
         assert torch.allclose(b(x)["res4"], expected, atol=1e-5)  # FrozenBN = BN in eval mode
-    frozen = WRNBackbone(build_model("wide_resnet18_1", num_classes=1), ["res4"], freeze_at=0, norm="FrozenBN")
+    frozen = WRNBackbone(build_model("wide_resnet18_1", num_classes=1, norm_layer=FrozenBatchNorm2d), ["res4"],
+                         freeze_at=0)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     with pytest.raises(ConfigError, match="OUT_FEATURES: 'res9'"):
         WRNBackbone(build_model("wide_resnet18_1", num_classes=1), ["res9"])

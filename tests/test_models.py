@@ -13,6 +13,8 @@ from wrn_det.models import ShapeSpec, build_model, count_parameters, list_models
 # ---------------------------------------------------------------- sizes ----
 
 @pytest.mark.parametrize("name,num_classes,expected", [
+    ("nin", 10, 1_007_242),
+    ("vgg_cifar", 10, 20_035_018),
     ("wrn_28_10", 10, 36_479_194),
     ("wrn_28_10", 100, 36_536_884),
     ("wrn_40_4", 10, 8_949_210),
@@ -136,9 +138,10 @@ def test_unknown_keyword_is_a_clear_error():
 # ------------------------------------------------------------------ init ----
 
 def test_cifar_wrn_uses_the_original_initialisation():
+    torch.manual_seed(0)
     model = build_model("wrn_16_4")
-    conv = model.stage2[0].conv1  # 3x3, 128 output channels
-    expected_std = math.sqrt(2.0 / (3 * 3 * conv.out_channels))
+    conv = model.stage2[0].conv1  # 3x3, 64 -> 128: fan-in and fan-out differ by 2x
+    expected_std = math.sqrt(2.0 / (3 * 3 * conv.in_channels))
     assert abs(conv.weight.std().item() / expected_std - 1) < 0.05
     bn = model.stage2[0].bn1
     # BN weights U(0, 1) as in the original Torch code, biases 0.
@@ -148,6 +151,141 @@ def test_cifar_wrn_uses_the_original_initialisation():
     assert torch.count_nonzero(model.fc.bias) == 0
     ones = build_model("wrn_16_4", bn_weight_init="ones")
     assert torch.all(ones.stage2[0].bn1.weight == 1)
+
+
+def test_wrn_28_10_stem_is_initialised_with_fan_in():
+    # models/utils.lua MSRinit since "fix MSRA init": std sqrt(2 / (3 * 3 * 3)) = 0.27 for the
+    # 3 -> 16 stem; the fan-out rule gave sqrt(2 / (3 * 3 * 16)) = 0.118
+    # One stem has 432 weights, whose sample std scatters by ~3.4%; four fresh networks pooled
+    # (1,728 weights) keep the 5% check three standard errors away from a chance failure.
+    stems = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = build_model("wrn_28_10")
+        stems.append(model.stem.weight.detach().flatten())
+    assert abs(torch.cat(stems).std().item() / math.sqrt(2.0 / 27) - 1) < 0.05
+    # every conv, the 1x1 shortcuts included (their sample std is precise: many weights)
+    for conv in (model.stage3[0].conv1, model.stage3[0].shortcut, model.stage3[3].conv2):
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert abs(conv.weight.std().item() / math.sqrt(2.0 / fan_in) - 1) < 0.02
+    old = build_model("wrn_16_4", conv_init="fan_out")
+    conv = old.stage2[0].conv1
+    assert abs(conv.weight.std().item() / math.sqrt(2.0 / (9 * conv.out_channels)) - 1) < 0.05
+    with pytest.raises(ValueError, match="fan_in"):
+        build_model("wrn_16_4", conv_init="xavier")
+
+
+def test_imagenet_wide_resnet_initialisation():
+    # the authors' pretrained/wide-resnet.lua: fan-in, BN 1/0, fc bias 0; fan_out = torchvision's
+    torch.manual_seed(0)
+    model = build_model("wide_resnet18_2", num_classes=10)
+    for conv in (model.conv1, model.layer3[0].conv1, model.layer4[0].downsample[0]):
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert abs(conv.weight.std().item() / math.sqrt(2.0 / fan_in) - 1) < 0.05
+    assert torch.count_nonzero(model.fc.bias) == 0 and torch.all(model.bn1.weight == 1)
+    tv_like = build_model("wide_resnet18_2", num_classes=10, conv_init="fan_out")
+    conv = tv_like.layer3[0].conv1
+    assert abs(conv.weight.std().item() / math.sqrt(2.0 / (9 * conv.out_channels)) - 1) < 0.05
+
+
+def test_preact_resnet_strides_on_the_first_1x1_conv():
+    # He's resnet-pre-act.lua and the authors' copy: Convolution(nIn, nBottleneck, 1, 1, stride, stride)
+    with torch.device("meta"):
+        model = build_model("preact_resnet164")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert not [c for c in convs if c.kernel_size == (3, 3) and c.stride != (1, 1)]
+    assert model.stage2[0].conv1.kernel_size == (1, 1) and model.stage2[0].conv1.stride == (2, 2)
+    assert model.stage3[0].conv1.stride == (2, 2) and model.stage3[0].shortcut.stride == (2, 2)
+    assert sum(c.stride == (2, 2) for c in convs) == 4  # two stages: the 1x1 conv and the shortcut
+    x = torch.randn(1, 3, 32, 32)
+    assert build_model("preact_resnet20").eval()(x).shape == (1, 10)
+
+
+def _called_layers(model, size=32):
+    """Return the leaf layers in the order a forward pass of a size x size image calls them."""
+    calls = []
+
+    def describe(m, inp):
+        if isinstance(m, nn.Conv2d):
+            return ("conv", m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0],
+                    m.bias is not None)
+        if isinstance(m, nn.BatchNorm2d):
+            return ("bn", m.num_features, m.eps)
+        if isinstance(m, nn.ReLU):
+            return ("relu",)
+        if isinstance(m, nn.MaxPool2d):
+            return ("maxpool", m.kernel_size, m.stride, m.ceil_mode)
+        if isinstance(m, nn.AvgPool2d):
+            return ("avgpool", m.kernel_size, m.stride, m.ceil_mode)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            # a global pool equals the Lua file's fixed kernel when that kernel covers the map
+            return ("avgpool", tuple(inp[0].shape[-2:]), "global")
+        if isinstance(m, nn.Linear):
+            return ("linear", m.in_features, m.out_features)
+        return (type(m).__name__,)
+
+    hooks = [m.register_forward_pre_hook(lambda m, inp: calls.append(describe(m, inp)))
+             for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+def _block(cin, cout, k, pad, eps, bias):
+    return [("conv", cin, cout, k, 1, pad, bias), ("bn", cout, eps), ("relu",)]
+
+
+def test_nin_is_the_authors_nin_lua_layer_by_layer():
+    # models/nin.lua: Block(...) = conv, SpatialBatchNormalization(n, 1e-5), ReLU; pools in ceil mode;
+    # SpatialAveragePooling(8, 8, 1, 1), View, Linear(192, num_classes). The convs have biases as in the
+    # network of logs/nin_1875527964 (1,007,242 parameters); conv_bias=False is today's nin.lua (:noBias()).
+    for bias, params in ((True, 1_007_242), (False, 1_005_642)):
+        lua = (_block(3, 192, 5, 2, 1e-5, bias) + _block(192, 160, 1, 0, 1e-5, bias) + _block(160, 96, 1, 0, 1e-5, bias)
+               + [("maxpool", 3, 2, True)]
+               + _block(96, 192, 5, 2, 1e-5, bias) + _block(192, 192, 1, 0, 1e-5, bias) * 2
+               + [("avgpool", 3, 2, True)]
+               + _block(192, 192, 3, 1, 1e-5, bias) + _block(192, 192, 1, 0, 1e-5, bias) * 2
+               + [("avgpool", (8, 8), "global"), ("linear", 192, 10)])
+        model = build_model("nin", conv_bias=bias)
+        assert _called_layers(model) == lua
+        assert count_parameters(model) == params
+        assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_vgg_cifar_is_the_authors_vgg_lua_layer_by_layer():
+    # models/vgg.lua: Group(3,64,2,MP) Group(64,128,2,MP) Group(128,256,4,MP) Group(256,512,4,MP)
+    # Group(512,512,4); Block = bias-free 3x3 conv, SpatialBatchNormalization(n, 1e-3), ReLU;
+    # MP = 2x2/2 max pooling (ceil); SpatialAveragePooling(2, 2, 2, 2), View, Linear(512, num_classes)
+    lua = []
+    cin = 3
+    for width, n, pool in ((64, 2, True), (128, 2, True), (256, 4, True), (512, 4, True), (512, 4, False)):
+        for i in range(n):
+            lua += _block(cin if i == 0 else width, width, 3, 1, 1e-3, False)
+        cin = width
+        if pool:
+            lua.append(("maxpool", 2, 2, True))
+    lua += [("avgpool", (2, 2), "global"), ("linear", 512, 10)]
+    model = build_model("vgg_cifar")
+    assert _called_layers(model) == lua
+    assert sum(1 for m in model.modules() if isinstance(m, nn.Conv2d)) == 16  # "Network has 16 convolutions"
+    assert count_parameters(model) == 20_035_018
+    assert not any(isinstance(m, (nn.Dropout, nn.BatchNorm1d)) for m in model.modules())
+
+
+def test_baselines_are_initialised_as_the_lua_files():
+    # FCinit, testModel (model:reset(): Torch defaults everywhere), then MSRinit (fan-in, conv bias 0)
+    torch.manual_seed(0)
+    model = build_model("vgg_cifar")
+    conv = model.stage4[1][0]
+    assert abs(conv.weight.std().item() / math.sqrt(2.0 / (9 * conv.in_channels)) - 1) < 0.02
+    bn = model.stage4[1][1]
+    assert 0.0 <= bn.weight.min().item() and bn.weight.max().item() <= 1.0 and 0.4 < bn.weight.mean().item() < 0.6
+    nin = build_model("nin")
+    assert torch.count_nonzero(nin.stem[0].bias) == 0
+    bound = 1 / math.sqrt(192)  # Torch's Linear:reset(), which also draws the bias
+    assert nin.fc.bias.abs().max().item() <= bound and torch.count_nonzero(nin.fc.bias) == 10
 
 
 def test_wrn_structure_follows_the_original():
@@ -222,8 +360,12 @@ def test_features_match_output_shape_and_stem_plus_stages_reproduce_them(name, k
 def test_imagenet_stem_keeps_torchvision_keys():
     model = build_model("wide_resnet18_1")
     stem_params = dict(model.stem.named_parameters())
-    assert stem_params["0.weight"] is model.conv1.weight
+    assert stem_params["conv1.weight"] is model.conv1.weight
     assert not any(k.startswith("stem") for k in model.state_dict())
+    # a real registered module: the same object at every access, converted in place
+    assert model.stem is model.stem and any(m is model.stem for m in model.children())
+    keys = list(model.state_dict())
+    assert keys[:2] == ["conv1.weight", "bn1.weight"] and keys[-1] == "fc.bias"  # torchvision's order too
 
 
 # ------------------------------------------------------ memory efficient ----

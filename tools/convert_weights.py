@@ -5,12 +5,17 @@
     tools/convert_weights.py output/cifar/model_best.pth wrn_init.pth --ema # builtin engine only, EMA weights
     tools/convert_weights.py wide_resnet50_2-9ba9bcbe.pth wrn50_2.pkl       # torchvision weights -> detectron2
     tools/convert_weights.py timm_wrn101.bin wrn101.pth --model wide_resnet101_2
+    tools/convert_weights.py wide-resnet-50-2-export-5ae25d50.pth wrn50_2   # functional-zoo (folded BN)
+    tools/convert_weights.py logs/wrn_16_4/model.pt7 wrn_16_4               # the authors' PyTorch code
 
 Inputs: checkpoints of tools/train_cls.py (the network name is read from them), torchvision
 and timm wide ResNet state dicts (the name is read from the key layout; ``--model``
-overrides). Outputs by extension: ``.pth`` = backbone checkpoint for the builtin engine,
-``.pkl`` = detectron2 pickle for ``DetectionCheckpointer``; no extension = both. Use the
-result as ``MODEL.WEIGHTS``. Bad input prints one ``error:`` line and exits with status 2.
+overrides), and the authors' own files: functional-zoo's WRN-50-2 export (BatchNorm folded
+into the convolutions: the result suits frozen-BatchNorm fine-tuning only, which a warning
+repeats) and the ``{'params': ...}`` checkpoints of their PyTorch CIFAR code.
+Outputs by extension: ``.pth`` = backbone checkpoint for the builtin engine, ``.pkl`` =
+detectron2 pickle for ``DetectionCheckpointer``; no extension = both. Use the result as
+``MODEL.WEIGHTS``. Bad input prints one ``error:`` line and exits with status 2.
 """
 import argparse
 import os
@@ -57,6 +62,8 @@ def main(argv=None) -> int:
           f"{args.input} ({res['kind']}{', EMA' if res['ema'] else ''}){dropped}")
     for path in res["written"]:
         print(f"wrote {path}")
+    for line in res["warnings"]:  # e.g. the folded BatchNorm of functional-zoo's export
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -1,13 +1,21 @@
 #!/usr/bin/env python
-"""Print parameters, multiply-accumulates and feature shapes of a model.
+"""Print parameters, multiply-accumulates and feature shapes of a model, or the size and speed of a detector.
 
     python tools/model_info.py wrn_28_10 [--num-classes N] [--input-size S] [--json]
     python tools/model_info.py [--all]        # table of every name in list_models()
+    python tools/model_info.py --config-file wrn34_2_frcnn.yaml [--input-size H W] [--benchmark N] [KEY VALUE ...]
 
 GMACs are billions of multiply-accumulates for one image, counted by fvcore
 (convolutions and Linear layers as MACs; BatchNorm and pooling add well under
 1%). The input size defaults to 32 for the CIFAR family and 224 for the
 ImageNet family.
+
+With ``--config-file`` the detector of the config is built and described: its parameters
+(total, and trainable after ``MODEL.BACKBONE.FREEZE_AT``) and GFLOPs for one image of
+``--input-size H W`` (default 800 x 1333), each split into backbone, FPN, RPN and RoI
+heads (:mod:`wrn_det.detection.model_analysis`: fvcore's count, one multiply-add = one
+flop, as detectron2's analyze_model); ``--benchmark N`` adds the median seconds per image
+of N inference passes on the current device after warm-up (``MODEL.WEIGHTS`` loaded when set).
 """
 
 from __future__ import annotations
@@ -96,23 +104,106 @@ def _print_table(names) -> None:
         print(f"{name:<20} {info['input_size']:>5} {info['params']:>14,} {info['gmacs']:>9.3f}", flush=True)
 
 
+def detector_info(config_file: str, opts, input_size=(800, 1333), benchmark: int = 0) -> dict:
+    """Return a dict describing the detector of ``config_file`` (+ ``opts``): parameters and GFLOPs by part,
+    the network input size and, with ``benchmark`` runs, the median inference seconds per image."""
+    from wrn_det.detection.config import get_det_cfg
+    from wrn_det.detection.weights import load_inference_weights
+    from wrn_det.detection.model_analysis import (benchmark_inference, detector_gflops, detector_parameters,
+                                                  network_input_size)
+    from wrn_det.detection.modeling import build_detector
+    from wrn_det.engine.config import load_config
+
+    cfg = load_config(get_det_cfg(), config_file, list(opts or []))
+    model = build_detector(cfg).eval()
+    h, w = input_size
+    info = {
+        "config": config_file, "meta_architecture": cfg.MODEL.META_ARCHITECTURE, "backbone": cfg.MODEL.BACKBONE.NAME,
+        "network": cfg.MODEL.WRN.NAME, "num_classes": int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+        "freeze_at": int(cfg.MODEL.BACKBONE.FREEZE_AT), "norm": cfg.MODEL.WRN.NORM,
+        "input_size": [h, w], "network_input_size": list(network_input_size(model, h, w)),
+        "proposals": int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST),
+        "params": detector_parameters(model),
+        "gflops": {k: round(v, 3) for k, v in detector_gflops(model, cfg, h, w).items()},
+    }
+    if benchmark:
+        if cfg.MODEL.WEIGHTS:
+            load_inference_weights(model, cfg.MODEL.WEIGHTS, cfg)
+        info["benchmark"] = benchmark_inference(model, cfg, h, w, benchmark)
+        info["benchmark"]["weights"] = cfg.MODEL.WEIGHTS or "random initialisation"
+    return info
+
+
+def _print_detector(info: dict) -> None:
+    p = info["params"]
+    print(f"{info['config']}: {info['meta_architecture']} with {info['backbone']} {info['network']}, "
+          f"{info['num_classes']} classes")
+    print(f"  parameters: {p['all']['total']:,} total, {p['all']['trainable']:,} trainable "
+          f"(MODEL.BACKBONE.FREEZE_AT {info['freeze_at']}, MODEL.WRN.NORM {info['norm']})")
+    h, w = info["input_size"]
+    nh, nw = info["network_input_size"]
+    print(f"  GFLOPs at {h}x{w} (network input {nh}x{nw}; RoI heads on {info['proposals']} proposals):")
+    for part, g in info["gflops"].items():
+        params = f"{p[part]['total']:>13,} params" if part in p else ""
+        print(f"    {part:<10} {g:>10.2f}  {params}")
+    if "benchmark" in info:
+        b = info["benchmark"]
+        print(f"  inference: {b['median_s']:.4f} s / image (median of {b['runs']} runs after warm-up, {b['device']}, "
+              f"weights: {b['weights']})")
+
+
 @torch.no_grad()  # counting needs no autograd; as a decorator it leaves the caller's grad mode as it was
 def main(argv=None) -> int:
     """Run the command line; return the exit status (0, or 2 for bad input)."""
+    from wrn_det.engine.errors import WrnDetError
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help="model name; omit (or use --all) for a table of all models")
     parser.add_argument("--all", action="store_true", help="print a table of every name in list_models()")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: family's)")
-    parser.add_argument("--input-size", type=int, default=None, help="square input side in pixels")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="S",
+                        help="square input side in pixels; with --config-file: H W (default 800 1333)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config-file", "--config", default="", metavar="FILE",
+                        help="describe the detector of this config (a path or a file name under configs/)")
+    parser.add_argument("--benchmark", type=int, default=0, metavar="N",
+                        help="with --config-file: time N inference passes (median seconds per image)")
+    parser.epilog = "With --config-file, KEY VALUE pairs anywhere on the line override the config."
+    from wrn_det.detection.config import split_overrides
 
+    rest, opts = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+
+    sizes = args.input_size
+    if sizes is not None and (len(sizes) > (2 if args.config_file else 1) or min(sizes) < 1):
+        want = "H W (or one side)" if args.config_file else "one side"
+        print(f"error: --input-size must be {want} as positive integers, got {' '.join(map(str, sizes))}",
+              file=sys.stderr)
+        return 2
+    if args.config_file:
+        if args.name:
+            print(f"error: give a model name or --config-file, not both (got {args.name!r})", file=sys.stderr)
+            return 2
+        if args.benchmark < 0:
+            print(f"error: --benchmark must be a number of runs >= 0, got {args.benchmark}", file=sys.stderr)
+            return 2
+        size = (800, 1333) if sizes is None else (sizes[0], sizes[-1])
+        try:
+            info = detector_info(args.config_file, opts, size, args.benchmark)
+        except WrnDetError as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        print(json.dumps(info) if args.json else "", end="\n" if args.json else "")
+        if not args.json:
+            _print_detector(info)
+        return 0
+    if opts:
+        print(f"error: KEY VALUE overrides ({' '.join(opts)}) need --config-file", file=sys.stderr)
+        return 2
+    args.input_size = sizes[0] if sizes else None
     if args.all or args.name is None:
         _print_table(list_models())
         return 0
-    if args.input_size is not None and args.input_size < 1:
-        print(f"error: --input-size must be a positive integer, got {args.input_size}", file=sys.stderr)
-        return 2
     try:
         info = model_info(args.name, args.num_classes, args.input_size)
     except ValueError as exc:

@@ -24,8 +24,9 @@ from wrn_det.engine.run import open_output_dir, setup_run
 def main(cfg, args):
     """Run training (or evaluation with --eval-only) in this process; returns the final metrics."""
     setup_run(cfg, seed_per_rank=False)
+    # data, model, weights and the checkpoint to resume are checked before OUTPUT_DIR is written to
+    trainer = ClsTrainer(cfg, resume=args.resume, eval_only=args.eval_only)
     open_output_dir(cfg)
-    trainer = ClsTrainer(cfg, resume=args.resume)
     if args.eval_only:
         return trainer.evaluate_only()
     return trainer.train()

@@ -15,6 +15,9 @@ _C.OUTPUT_DIR = "./output/cls"
 _C.SEED = 0
 # Log training loss every LOG_PERIOD iterations (also where a non-finite loss is detected).
 _C.LOG_PERIOD = 50
+# Signals that stop the run after the current iteration with a checkpoint (exit status 3; SLURM
+# sends SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none.
+_C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 _C.MODEL = CN()
 # Any wrn_det.models name: wrn_28_10, wrn_16_8, preact_resnet164, wide_resnet50_2, ...
@@ -72,6 +75,13 @@ _C.INPUT.ZCA_CACHE_DIR = ""
 _C.INPUT.TRAIN_CROP_SIZE = 224
 _C.INPUT.TEST_RESIZE = 256
 _C.INPUT.TEST_CROP_SIZE = 224
+# ImageNet training, after the crop: colour jitter strengths (brightness, contrast, saturation;
+# each factor drawn from [1 - s, 1 + s], the three in random order) and the std of the
+# AlexNet-style PCA lighting noise with ImageNet's eigenvalues/eigenvectors. fb.resnet.torch,
+# which trained the authors' WRN-50-2, uses [0.4, 0.4, 0.4] and 0.1 (the ImageNet configs do);
+# 0 switches either off (torchvision's reference recipe has neither).
+_C.INPUT.COLOR_JITTER = [0.0, 0.0, 0.0]
+_C.INPUT.LIGHTING_STD = 0.0
 
 _C.DATALOADER = CN()
 # DataLoader workers per process (ImageNet only; the 32x32 sets need none).

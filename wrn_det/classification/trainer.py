@@ -26,18 +26,21 @@ from wrn_det.engine import comm
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.ema import ModelEMA
-from wrn_det.engine.errors import ConfigError, NonFiniteLossError, WrnDetError
+from wrn_det.engine.errors import ConfigError, NonFiniteLossError, Preempted, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.fileio import atomic_save, atomic_write, write_json
 from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
+from wrn_det.engine.preempt import PreemptionWatch, resume_requested
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
 from wrn_det.models import build_model, count_parameters
-from wrn_det.models.weights import match_state_dict
+from wrn_det.models.norm import get_norm
+from wrn_det.models.convert import backbone_key_map
+from wrn_det.models.weights import is_counter, match_state_dict
 
+from .curves import append_json_stats
 from .evaluation import accuracy_counts, evaluate
-from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["ClsTrainer", "NonFiniteLossError", "build_cls_model", "load_weights"]
 
@@ -47,8 +50,15 @@ CHECKPOINT_PREFIX = "model_epoch_"
 
 
 def build_cls_model(cfg, num_classes: int) -> nn.Module:
-    """Return ``wrn_det.models.build_model`` for ``cfg.MODEL``; bad names or options raise ConfigError."""
+    """Return ``wrn_det.models.build_model`` for ``cfg.MODEL``; bad names or options raise ConfigError.
+
+    With ``MODEL.SYNC_BN`` in a run of several processes the network is built with
+    :class:`~wrn_det.models.norm.SyncBatchNorm` (statistics of the global batch, on GPUs and
+    on CPUs with gloo), else with BatchNorm.
+    """
     kwargs = {"memory_efficient": cfg.MODEL.MEMORY_EFFICIENT}
+    if cfg.MODEL.SYNC_BN and comm.get_world_size() > 1:
+        kwargs["norm_layer"] = get_norm("SyncBN")
     if cfg.MODEL.DROPOUT > 0:
         kwargs["dropout"] = cfg.MODEL.DROPOUT
     try:
@@ -57,25 +67,33 @@ def build_cls_model(cfg, num_classes: int) -> nn.Module:
         raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME!r} with MODEL.DROPOUT {cfg.MODEL.DROPOUT}: {e}") from None
 
 
-def load_weights(model: nn.Module, path: str) -> dict:
-    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``.
+def load_weights(model: nn.Module, path: str, with_classifier: bool = True) -> dict:
+    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``; returns the file's dict.
 
-    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed);
-    tensors whose shape differs from the model's (a classifier for another number of
-    classes) are skipped with a warning. Returns the loaded file's dict.
+    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed).
+    Every tensor of the network's stem and stages must be in the file with its shape, and
+    the file may hold no tensor the network lacks; so must the classifier's with
+    ``with_classifier`` (evaluation). Without it (fine-tuning on another set of classes) a
+    classifier of another shape is left at its initialisation, with a warning. Anything
+    else raises :class:`WrnDetError` naming the file and the tensors.
     """
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except WrnDetError as e:
+        raise WrnDetError(f"MODEL.WEIGHTS: {e}") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise WrnDetError(f"weights file {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
-    loadable, report = match_state_dict(state, model.state_dict(), source=path)
-    if not loadable:
-        raise WrnDetError(f"weights file {path} shares no tensor names with model {type(model).__name__}"
-                          f"{report.hint()}")
-    model.load_state_dict(loadable, strict=False)
+    if not isinstance(state, dict) or not state:
+        raise WrnDetError(f"MODEL.WEIGHTS: {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
+    own = model.state_dict()
+    required = None if with_classifier else [k for k in backbone_key_map(model) if not is_counter(k)]
+    loadable, report = match_state_dict(state, own, required=required, source=path)
     if not report.ok:
-        logger.warning("weights %s do not fit the model exactly (%s); the rest keeps its initialisation",
-                       path, report.problems())
+        raise WrnDetError(f"MODEL.WEIGHTS: {path} does not fit {type(model).__name__} ({report.total} tensors): "
+                          f"{report.problems()}{report.hint()}")
+    if report.skipped:
+        logger.warning("weights %s: the classifier (%s) has another shape and keeps its initialisation",
+                       path, ", ".join(report.skipped))
+    model.load_state_dict(loadable, strict=False)
     return ckpt
 
 
@@ -88,8 +106,11 @@ class ClsTrainer:
     never stopped. Call :meth:`train` or :meth:`evaluate_only`.
     """
 
-    def __init__(self, cfg, resume: bool = False):
+    def __init__(self, cfg, resume: bool = False, eval_only: bool = False):
         self.cfg = cfg
+        self.eval_only = eval_only
+        if eval_only and not cfg.MODEL.WEIGHTS and not resume:
+            raise ConfigError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.device = prepare_device(resolve_device(cfg.MODEL.DEVICE))
         self.output_dir = cfg.OUTPUT_DIR
@@ -97,7 +118,7 @@ class ClsTrainer:
 
         self.checkpointer = TrainingCheckpointer(self.output_dir, prefix=CHECKPOINT_PREFIX,
                                                  keep=cfg.SOLVER.CHECKPOINT_KEEP)
-        self.resume_path = self.checkpointer.latest() if resume else None
+        self.resume_path = self.checkpointer.latest_intact() if resume_requested(resume) else None
         self.resume_state = load_checkpoint(self.resume_path) if self.resume_path else None
         if resume and self.resume_state is None:
             logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
@@ -112,6 +133,8 @@ class ClsTrainer:
         seed_all(self.seed + 1_000_003 * self.rank)
         self._build_optimizer()
         self.start_epoch = 1
+        self.start_batch, self.start_sums = 0, None  # where a mid-epoch (preempted) checkpoint stopped
+        self.preempt = None  # the signal watch of train()
         self.best_top1_err = math.inf
         if self.resume_state is not None:
             self._restore(self.resume_state)
@@ -123,7 +146,8 @@ class ClsTrainer:
         cfg = self.cfg
         self.test_batch = cfg.TEST.IMS_PER_BATCH
         if self.is_imagenet:
-            tr_tf, te_tf = imagenet_transforms(cfg.INPUT.TRAIN_CROP_SIZE, cfg.INPUT.TEST_RESIZE, cfg.INPUT.TEST_CROP_SIZE)
+            tr_tf, te_tf = imagenet_transforms(cfg.INPUT.TRAIN_CROP_SIZE, cfg.INPUT.TEST_RESIZE, cfg.INPUT.TEST_CROP_SIZE,
+                                               cfg.INPUT.COLOR_JITTER, cfg.INPUT.LIGHTING_STD)
             train_set, test_set = build_cls_datasets(cfg, tr_tf, te_tf)
             classes, channels = train_set.classes, 3
             pin = self.device.type == "cuda"
@@ -181,13 +205,11 @@ class ClsTrainer:
         cfg = self.cfg
         model = build_cls_model(cfg, self.num_classes)
         if cfg.MODEL.WEIGHTS and self.resume_state is None:
-            load_weights(model, cfg.MODEL.WEIGHTS)
+            load_weights(model, cfg.MODEL.WEIGHTS, with_classifier=self.eval_only)
             logger.info("loaded weights from %s", cfg.MODEL.WEIGHTS)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.world_size > 1 and cfg.MODEL.SYNC_BN:
-            model = convert_sync_batchnorm(model)
         self.model = model  # the plain module: state dicts, evaluation
         self.n_parameters = count_parameters(model)
         self.ema = ModelEMA(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
@@ -263,15 +285,31 @@ class ClsTrainer:
         if state["scheduler"]["max_iter"] != self.max_iter:
             logger.warning("the schedule changed since the checkpoint (%d -> %d iterations); continuing on the new one",
                            state["scheduler"]["max_iter"], self.max_iter)
-        self.start_epoch = int(state["epoch"]) + 1
+        batch = int(state.get("batch", 0))
+        if batch:  # a preemption checkpoint inside the epoch: continue that epoch at its next batch
+            self.start_epoch, self.start_batch = int(state["epoch"]), batch
+            sums = state["epoch_sums"]
+            self.start_sums = sums[self.rank].to(self.device) if len(sums) == self.world_size else None
+        else:
+            self.start_epoch = int(state["epoch"]) + 1
         self.best_top1_err = float(state["best_top1_err"])
         if not TrainingCheckpointer.restore_rng(state):
             logger.warning("the checkpoint was written by %s processes, this run has %d: random streams restart",
                            state.get("world_size"), self.world_size)
-        logger.info("resumed from %s: continuing at epoch %d", self.resume_path, self.start_epoch)
+        logger.info("resumed from %s: continuing at epoch %d%s", self.resume_path, self.start_epoch,
+                    f", batch {self.start_batch + 1}" if self.start_batch else "")
 
     def _save(self, epoch: int):
         return self.checkpointer.save(f"{CHECKPOINT_PREFIX}{epoch:04d}", self._state(epoch))
+
+    def _save_within_epoch(self, epoch: int, batch: int, sums: torch.Tensor):
+        """Write a checkpoint after ``batch`` batches of ``epoch`` (a preemption); returns its path on rank 0."""
+        state = self._state(epoch - 1)
+        it = (epoch - 1) * self.iters_per_epoch + batch
+        # every process's partial sums of the epoch's loss and accuracy
+        state.update(epoch=epoch, batch=batch, iteration=it, epoch_sums=comm.all_gather(sums.detach().cpu()))
+        state["scheduler"]["iteration"] = it
+        return self.checkpointer.save(f"{CHECKPOINT_PREFIX}{epoch:04d}_{batch:05d}", state)
 
     def _save_weights(self, name: str, **extra) -> None:
         if comm.is_main_process():
@@ -310,17 +348,24 @@ class ClsTrainer:
                         dynamic_ncols=True)
         return None
 
-    def train_one_epoch(self, epoch: int) -> dict:
-        """Run one epoch of training; returns ``{"train_loss", "train_top1_err", "lr", "seconds", ...}``."""
+    def train_one_epoch(self, epoch: int, start_batch: int = 0, sums: torch.Tensor = None) -> dict:
+        """Run one epoch of training; returns ``{"train_loss", "train_top1_err", "lr", "seconds", ...}``.
+
+        ``start_batch`` and ``sums`` continue an epoch a preemption stopped (its batches and
+        their augmentation depend on ``(seed, epoch)`` only, so the rest is as it would have
+        been). A preemption signal stops it after the current batch with a checkpoint
+        (:class:`~wrn_det.engine.errors.Preempted`).
+        """
         cfg = self.cfg
         ipe = self.iters_per_epoch
-        if epoch in self.lr_steps and cfg.SOLVER.RESET_MOMENTUM_AT_STEPS:
+        if epoch in self.lr_steps and cfg.SOLVER.RESET_MOMENTUM_AT_STEPS and start_batch == 0:
             # the original code built a fresh optimizer at every drop: momentum restarts from zero
             self.optimizer.state.clear()
             logger.info("epoch %d: learning-rate step, momentum buffers reset", epoch)
-        self.train_loader.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch, start_batch)
         self.train_model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, correct, n
+        if sums is None:
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, correct, n
         bar = self._progress(epoch)
         redirect = contextlib.nullcontext()
         if bar is not None:
@@ -330,7 +375,7 @@ class ClsTrainer:
         start = time.perf_counter()
         lr = self.base_lr
         with redirect:
-            for i, (images, labels) in enumerate(self.train_loader):
+            for i, (images, labels) in enumerate(self.train_loader, start_batch):
                 it = (epoch - 1) * ipe + i
                 lr = self.schedule.apply(it)
                 images = self.normalizer(images.to(self.device, non_blocking=True))
@@ -354,6 +399,12 @@ class ClsTrainer:
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}")
                 if bar is not None:
                     bar.update(1)
+                if self.preempt is not None and self.preempt.requested() and i + 1 < ipe:
+                    with self.preempt.saving():
+                        path = self._save_within_epoch(epoch, i + 1, sums)
+                    stop = Preempted(it, path)
+                    logger.warning("%s", stop)
+                    raise stop
         if bar is not None:
             bar.close()
         if self.device.type == "cuda":
@@ -392,10 +443,13 @@ class ClsTrainer:
                     cfg.MODEL.NAME, self.n_parameters, cfg.DATASETS.NAME, self.train_loader.num_images,
                     self.iters_per_epoch, self.start_epoch, cfg.SOLVER.EPOCHS, self.world_size, self.device)
         row = {}
+        self.preempt = PreemptionWatch(cfg.PREEMPT_SIGNALS)
         try:
             for epoch in range(self.start_epoch, cfg.SOLVER.EPOCHS + 1):
                 row = {"epoch": epoch, "iteration": epoch * self.iters_per_epoch}
-                row.update(self.train_one_epoch(epoch))
+                first = epoch == self.start_epoch
+                row.update(self.train_one_epoch(epoch, self.start_batch if first else 0,
+                                                self.start_sums if first else None))
                 if epoch % cfg.TEST.EVAL_PERIOD == 0 or epoch == cfg.SOLVER.EPOCHS:
                     row.update(self.test())
                     if row["test_top1_err"] < self.best_top1_err:
@@ -407,10 +461,12 @@ class ClsTrainer:
                 # the resumed run repeats the epoch and writes its row once
                 self._save(epoch)
                 writer.write(row, step=epoch)
+                append_json_stats(self.output_dir, row, cfg)  # log.txt: the original code's json_stats line
                 logger.info("epoch %d: %s", epoch, ", ".join(
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
             self._save_weights("model_final.pth", epoch=cfg.SOLVER.EPOCHS)
         finally:
+            self.preempt.close()
             writer.close()
         return row
 

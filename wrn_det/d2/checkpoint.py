@@ -15,8 +15,10 @@
 import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
 from torch.nn.parallel import DistributedDataParallel
 
+from wrn_det.detection.weights import checkpoint_metadata as builtin_checkpoint_metadata
 from wrn_det.engine.errors import WrnDetError
 from wrn_det.models import build_model
 from wrn_det.models.convert import (
@@ -31,7 +33,7 @@ from wrn_det.models.weights import match_state_dict
 from .backbone import WRNTrunk
 from .roi_heads import WRNHeadStage
 
-__all__ = ["WRNDetectionCheckpointer", "backbone_keys"]
+__all__ = ["WRNDetectionCheckpointer", "backbone_keys", "checkpoint_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,15 @@ def backbone_keys(model) -> "dict[str, WRNTrunk | WRNHeadStage]":
             for k in module.state_dict() if not k.endswith("num_batches_tracked")}
 
 
+def checkpoint_metadata(cfg) -> dict:
+    """Return the training set's class metadata from detectron2's catalog, as the builtin trainer stores it.
+
+    See :func:`wrn_det.detection.weights.checkpoint_metadata`; a predictor then needs no
+    registered dataset to name the classes.
+    """
+    return builtin_checkpoint_metadata(cfg, MetadataCatalog)
+
+
 def _short(keys, n=3) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
@@ -73,6 +84,11 @@ class WRNDetectionCheckpointer(DetectionCheckpointer):
         self.strict = bool(strict)
         self.last_report = None
         self._source = ""
+        self.extra_state = {}  # saved with every checkpoint (the training set's classes: see checkpoint_metadata)
+
+    def save(self, name: str, **kwargs) -> None:
+        """Save ``<save_dir>/<name>.pth`` as detectron2 does, with ``extra_state`` added; returns None."""
+        super().save(name, **{**self.extra_state, **kwargs})
 
     def load(self, path, *args, **kwargs):
         """Load ``path`` as detectron2 does; returns the checkpoint's extra data."""

@@ -32,7 +32,7 @@ from wrn_det.engine.launch import default_argument_parser, launch
 from wrn_det.engine.optim import amp_dtype
 from wrn_det.engine.run import open_output_dir, setup_run
 
-from .checkpoint import WRNDetectionCheckpointer
+from .checkpoint import WRNDetectionCheckpointer, checkpoint_metadata
 from .config import add_wrn_config
 from .data import register_datasets
 
@@ -116,6 +116,8 @@ class Trainer(DefaultTrainer):
         dtype = amp_dtype(cfg.SOLVER.AMP, torch.device(cfg.MODEL.DEVICE))
         if dtype is not None and hasattr(self._trainer, "precision"):
             self._trainer.precision = dtype  # detectron2's AMPTrainer autocasts to float16 unless told otherwise
+        # the training set was loaded above: its classes go into every checkpoint, for wrn_det.Predictor
+        self.checkpointer.extra_state = {"metadata": checkpoint_metadata(cfg)}
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -6,8 +6,10 @@ the whole set on the training device and augment whole batches there
 (:mod:`wrn_det.data.cls_transforms`). ImageNet is returned as torchvision
 ``ImageFolder`` datasets for a ``DataLoader`` with workers.
 
-Every reader is torchvision's own (``CIFAR10``, ``CIFAR100``, ``SVHN``, ``MNIST``,
-``ImageFolder``) in its standard on-disk layout::
+The readers are torchvision's own (``SVHN``, ``MNIST``, ``ImageFolder``; ``CIFAR10`` and
+``CIFAR100`` for downloading) in their standard on-disk layouts, except that CIFAR's
+batches, which are pickles, are read through the project's restricted unpickler instead of
+``pickle.load`` (a batch file cannot run code)::
 
     ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
     ROOT/cifar-100-python/{train,test,meta}
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -36,7 +37,8 @@ from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.datasets.utils import calculate_md5
 
 from wrn_det.data import decode
-from wrn_det.engine.errors import ConfigError, WrnDetError
+from wrn_det.engine.errors import ConfigError, WrnDetError, a_type
+from wrn_det.engine.safe_pickle import safe_load_pickle
 
 __all__ = [
     "ArraySet",
@@ -125,55 +127,56 @@ def _download(kind: str, fn) -> None:
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _no_md5(cls):
-    """Return a subclass of torchvision's CIFAR reader whose integrity check only tests existence.
-
-    torchvision checks the official MD5 of every batch in ``_check_integrity`` and of the
-    meta file in ``_load_meta``; ``check_integrity(path, None)`` only tests that the file
-    exists, so blanking the sums keeps the reader itself unchanged.
-    """
-    return type(
-        f"_{cls.__name__}Unchecked",
-        (cls,),
-        {
-            "train_list": [[f, None] for f, _ in cls.train_list],
-            "test_list": [[f, None] for f, _ in cls.test_list],
-            "meta": {**cls.meta, "md5": None},
-        },
-    )
-
-
 _CIFAR = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}
+# name -> (label key of the batches, class-name key of the meta file, number of classes)
+_CIFAR_KEYS = {"cifar10": ("labels", "label_names", 10), "cifar100": ("fine_labels", "fine_label_names", 100)}
 
 
-def _diagnose_cifar_file(path: str, label_key: str) -> Optional[str]:
-    """Return what is wrong with one CIFAR python batch file, or None if it looks valid."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except Exception as e:
-        return f"cannot be unpickled ({_one_line(e)})"
+def _cifar_entry(path: str, pretty: str) -> dict:
+    """Return the dict pickled in a CIFAR file, read through the restricted unpickler (keys as strings)."""
+    entry = safe_load_pickle(path, f"{pretty} file")
     if not isinstance(entry, dict):
-        return f"holds a {type(entry).__name__}, not a dict"
-    if os.path.basename(path) in ("batches.meta", "meta"):
-        return None
+        raise WrnDetError(f"{pretty} file {path} holds {a_type(entry)}, not a dict: expected a pickled python batch "
+                          f"of {pretty}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_cifar_batch(path: str, pretty: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Return ``(uint8 images (N, 3072), int64 labels (N,))`` of one CIFAR batch file, every field checked."""
+    entry = _cifar_entry(path, pretty)
+    where = f"{pretty} file {path}"
     if "data" not in entry or label_key not in entry:
-        return f"has keys {sorted(entry)[:6]}, expected 'data' and '{label_key}'"
-    data = np.asarray(entry["data"])
+        raise WrnDetError(f"{where} has keys {sorted(map(str, entry))[:6]}, expected 'data' and '{label_key}'")
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        what = f"dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise WrnDetError(f"{where} has 'data' of {what}; expected a uint8 array of pixels (N, 3072)")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        return f"has 'data' of shape {tuple(data.shape)}, expected (N, 3072)"
-    if len(entry[label_key]) != data.shape[0]:
-        return f"has {data.shape[0]} images but {len(entry[label_key])} labels"
-    return None
+        raise WrnDetError(f"{where} has 'data' of shape {tuple(data.shape)}, expected (N, 3072)")
+    labels = entry[label_key]
+    arr = np.asarray(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
+    if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu") or any(
+            isinstance(v, bool) for v in (labels if isinstance(labels, (list, tuple)) else [])):
+        what = f"dtype {arr.dtype}" if arr is not None else type(labels).__name__
+        raise WrnDetError(f"{where} has '{label_key}' of {what}; expected a list of integer class ids")
+    if len(arr) != data.shape[0]:
+        raise WrnDetError(f"{where} has {data.shape[0]} images but {len(arr)} labels; expected one label per image")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise WrnDetError(f"{where} has labels in [{arr.min()}, {arr.max()}]; expected class ids 0..{num_classes - 1}")
+    return data, arr.astype(np.int64)
 
 
 def read_cifar(root: str, name: str = "cifar10", train: bool = True, download: bool = False,
                verify_checksums: bool = True) -> ArraySet:
-    """Read a CIFAR-10 or CIFAR-100 split through torchvision's reader.
+    """Read a CIFAR-10 or CIFAR-100 split from the python-version batch files.
 
     Returns an :class:`ArraySet` with ``uint8`` images (N, 3, 32, 32) and labels (the fine
-    labels for CIFAR-100). A missing file, an MD5 mismatch (when ``verify_checksums``) or
-    an unreadable batch raises :class:`WrnDetError` naming the file.
+    labels for CIFAR-100). The batches are pickles: they are read through the project's
+    restricted unpickler (:func:`wrn_det.engine.safe_pickle.safe_load_pickle`) whatever
+    ``verify_checksums`` says, so a file cannot run code, and every field is checked (uint8
+    pixels of shape (N, 3072), one integer label per image in range). A missing file, an MD5
+    mismatch (when ``verify_checksums``) or a malformed batch raises :class:`WrnDetError`
+    naming the file. ``download`` fetches the archive with torchvision first.
     """
     cls = _CIFAR[name]
     folder = os.path.join(root, cls.base_folder)
@@ -187,21 +190,18 @@ def read_cifar(root: str, name: str = "cifar10", train: bool = True, download: b
         f"pass --download (DATASETS.DOWNLOAD True) to fetch it"
     )
     _check_files(pretty, files, verify_checksums, hint)
-    try:
-        # checksums were verified above (or deliberately skipped); don't hash twice
-        ds = _no_md5(cls)(root, train=train, download=False)
-    except Exception as e:
-        label_key = "labels" if name == "cifar10" else "fine_labels"
-        for path, _ in files:
-            problem = _diagnose_cifar_file(path, label_key)
-            if problem:
-                raise WrnDetError(
-                    f"{pretty} file {path} {problem}: expected a pickled python batch of {pretty}"
-                ) from None
-        raise WrnDetError(f"{pretty} folder {folder} cannot be read: {_one_line(e)}") from None
-    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    return ArraySet(images, labels, list(ds.classes), folder)
+    label_key, names_key, num_classes = _CIFAR_KEYS[name]
+    meta_path = os.path.join(folder, cls.meta["filename"])
+    classes = _cifar_entry(meta_path, pretty).get(names_key)
+    if not isinstance(classes, list) or len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
+        raise WrnDetError(f"{pretty} file {meta_path} has {names_key!r} {classes!r:.60}; expected {num_classes} "
+                          "class names")
+    parts = [_read_cifar_batch(os.path.join(folder, f), pretty, label_key, num_classes)
+             for f, _ in (cls.train_list if train else cls.test_list)]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    images = torch.from_numpy(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)))
+    return ArraySet(images, torch.from_numpy(labels), list(classes), folder)
 
 
 # --------------------------------------------------------------------------- SVHN

@@ -5,11 +5,12 @@
   pixels and a random horizontal flip, for the whole batch at once (no PIL, no
   workers). This is how the small sets are fed fast on a GPU.
 * :func:`build_imagenet_loader` wraps torchvision's ``ImageFolder`` in a
-  ``DataLoader`` with workers: RandomResizedCrop + flip for training,
-  Resize + CenterCrop for testing.
+  ``DataLoader`` with workers; :func:`imagenet_transforms`: RandomResizedCrop + flip
+  (+ fb.resnet.torch's colour jitter and PCA lighting) for training, Resize +
+  CenterCrop for testing.
 
-Both yield raw images (``uint8``, or float32 after ZCA) and ``int64`` labels; the
-trainer normalises on the device. The order and the augmentation of an epoch depend
+Both yield raw images (``uint8``; float32 after ZCA, and on the 0-255 scale after ImageNet's
+colour augmentation) and ``int64`` labels; the trainer normalises on the device. The order and the augmentation of an epoch depend
 only on ``(seed, epoch)``, never on earlier epochs, so a resumed run sees exactly the
 batches the uninterrupted run would have seen, and ``world_size`` processes with
 ``global_batch / world_size`` images each see together the same global batches as
@@ -22,21 +23,17 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
+from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.errors import ConfigError
 
 from . import decode
 from .classification import ArraySet
 
 __all__ = ["epoch_generator", "reflect_crop_flip", "InMemoryLoader", "ShardSampler", "EpochDataLoader",
-           "build_imagenet_loader", "local_batch_size"]
-
-
-def local_batch_size(global_batch: int, world_size: int, key: str = "SOLVER.IMS_PER_BATCH") -> int:
-    """Return ``global_batch // world_size``; raises ConfigError unless it divides evenly."""
-    if global_batch <= 0 or global_batch % world_size:
-        raise ConfigError(f"{key} ({global_batch}) must be a positive multiple of the number of processes ({world_size})")
-    return global_batch // world_size
+           "build_imagenet_loader", "imagenet_transforms", "Lighting",
+           "IMAGENET_PCA_EIGVAL", "IMAGENET_PCA_EIGVEC"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -103,11 +100,11 @@ class InMemoryLoader:
         self.batch = local_batch_size(global_batch, world_size, key)
         if train and len(data) < global_batch:
             raise ConfigError(f"{key} ({global_batch}) is larger than the training set ({len(data)} images)")
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration uses."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration uses, from batch ``start_batch`` on."""
+        self.epoch, self.start = int(epoch), int(start_batch)
 
     @property
     def num_images(self) -> int:
@@ -137,7 +134,7 @@ class InMemoryLoader:
         perm = perm.to(self.device)
         offsets = offsets.to(self.device) if offsets is not None else None
         flips = flips.to(self.device) if flips is not None else None
-        for i in range(len(self)):
+        for i in range(self.start, len(self)):
             start = i * self.global_batch + self.rank * self.batch
             sl = slice(start, start + self.batch)
             idx = perm[sl]
@@ -160,11 +157,11 @@ class ShardSampler(Sampler):
         self.size, self.global_batch, self.shuffle = int(size), int(global_batch), bool(shuffle)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.batch = local_batch_size(global_batch, world_size)
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation the next iteration uses."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose permutation the next iteration uses, from this rank's batch ``start_batch`` on."""
+        self.epoch, self.start = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         if self.shuffle:
@@ -176,7 +173,7 @@ class ShardSampler(Sampler):
             return iter(range(self.rank, self.size, self.world_size))
         perm = torch.randperm(self.size, generator=epoch_generator(self.seed, self.epoch))
         nb = self.size // self.global_batch
-        mine = perm[: nb * self.global_batch].view(nb, self.world_size, self.batch)[:, self.rank]
+        mine = perm[: nb * self.global_batch].view(nb, self.world_size, self.batch)[self.start:, self.rank]
         return iter(mine.reshape(-1).tolist())
 
 
@@ -200,9 +197,13 @@ class EpochDataLoader:
         )
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration uses."""
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration uses, from batch ``start_batch`` on.
+
+        A continued epoch has the uninterrupted one's images; with workers, their random
+        augmentation of the rest of the epoch is drawn anew.
+        """
+        self.sampler.set_epoch(epoch, start_batch)
         self.generator.manual_seed(int(epoch_generator(self.seed, epoch, 1 + self.rank).initial_seed()))
 
     @property
@@ -217,9 +218,76 @@ class EpochDataLoader:
         return iter(self.loader)
 
 
-def imagenet_transforms(train_size: int = 224, test_resize: int = 256, test_size: int = 224):
-    """Return ``(train, test)`` PIL transforms giving ``uint8`` tensors (normalised later on the device)."""
-    train = T.Compose([T.RandomResizedCrop(train_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+#: PCA of ImageNet's RGB pixel values on the [0, 1] scale, from fb.resnet.torch
+#: (``datasets/imagenet.lua``, "computed from random subset of ImageNet training images"),
+#: the code the authors trained WRN-50-2 with. Column j of the eigenvectors goes with eigenvalue j.
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA lighting noise, as fb.resnet.torch's ``Lighting(alphastd, eigval, eigvec)``.
+
+    Each call draws ``alpha ~ N(0, alphastd^2)`` (three values, from torch's generator, so
+    the loader's per-epoch worker seeds make it reproducible) and adds
+    ``eigvec @ (alpha * eigval)`` to the three channels of a float RGB image (3, H, W) on
+    the [0, 1] scale; nothing is clamped, as in the original. Calling it returns the new image.
+    """
+
+    def __init__(self, alphastd: float, eigval=IMAGENET_PCA_EIGVAL, eigvec=IMAGENET_PCA_EIGVEC):
+        super().__init__()
+        self.alphastd = float(alphastd)
+        self.register_buffer("eigval", torch.tensor(eigval, dtype=torch.float32), persistent=False)
+        self.register_buffer("eigvec", torch.tensor(eigvec, dtype=torch.float32), persistent=False)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Return ``img`` plus one random colour shift along the principal components."""
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3) * self.alphastd
+        rgb = self.eigvec @ (alpha * self.eigval)
+        return img + rgb.to(img.device, img.dtype).view(3, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"alphastd={self.alphastd}"
+
+
+def imagenet_transforms(train_size: int = 224, test_resize: int = 256, test_size: int = 224,
+                        color_jitter=(0.0, 0.0, 0.0), lighting_std: float = 0.0):
+    """Return ``(train, test)`` transforms of PIL images (normalised later, on the device).
+
+    Training: RandomResizedCrop(``train_size``) and a horizontal flip; with
+    ``color_jitter = (brightness, contrast, saturation)`` not all 0, torchvision's v2
+    ``ColorJitter`` with those strengths (factors drawn from [1 - s, 1 + s], the three in a
+    random order, as fb.resnet.torch's ``ColorJitter``); with ``lighting_std`` > 0,
+    :class:`Lighting` with ImageNet's eigenvalues and eigenvectors. fb.resnet.torch's
+    ImageNet recipe is ``(0.4, 0.4, 0.4)`` and ``0.1``. Both work on the [0, 1] scale
+    (v2's jitter clamps to it, the original's did not), and the image is then put back
+    on the 0-255 scale as a float32 tensor; without them it stays ``uint8``. Testing:
+    Resize(``test_resize``), CenterCrop(``test_size``), ``uint8``. Raises ConfigError
+    for a negative strength.
+    """
+    jitter = [float(v) for v in color_jitter]
+    if len(jitter) != 3 or any(v < 0 for v in jitter):
+        raise ConfigError(f"INPUT.COLOR_JITTER must be three numbers >= 0 (brightness, contrast, saturation), "
+                          f"got {list(color_jitter)}")
+    if lighting_std < 0:
+        raise ConfigError(f"INPUT.LIGHTING_STD must be >= 0, got {lighting_std}")
+    steps = [v2.RandomResizedCrop(train_size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+    if any(jitter) or lighting_std > 0:
+        steps.append(v2.ToDtype(torch.float32, scale=True))  # [0, 1], the scale both were defined on
+        if any(jitter):
+            steps.append(v2.ColorJitter(brightness=jitter[0] or None, contrast=jitter[1] or None,
+                                        saturation=jitter[2] or None))
+        if lighting_std > 0:
+            steps.append(Lighting(lighting_std))
+        # back to the 0-255 scale of INPUT.PIXEL_MEAN / PIXEL_STD: x / (1/255)
+        steps.append(v2.Normalize(mean=[0.0, 0.0, 0.0], std=[1 / 255.0] * 3))
+    train = v2.Compose(steps)
     test = T.Compose([T.Resize(test_resize), T.CenterCrop(test_size), T.PILToTensor()])
     return train, test
 

@@ -28,7 +28,7 @@ import torch
 
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
-__all__ = ["DECODERS", "check_decoder", "read_image", "image_loader", "resize_antialias", "read_bytes",
+__all__ = ["DECODERS", "check_complete", "check_decoder", "read_image", "image_loader", "resize_antialias", "read_bytes",
            "imagenet_transforms_for", "tensor_transform", "CropTransform", "collate_crops", "GPUDecodeLoader",
            "gpu_crop_resize", "sample_crop", "jpeg_size", "wrap_gpu_decode"]
 
@@ -66,17 +66,19 @@ def _cv2_as_rgb_tensor(path: str) -> torch.Tensor:
 def _read_torchvision(path: str) -> torch.Tensor:
     try:
         # deprecated in torchvision 0.29 in favour of TorchCodec; OpenCV gives the same pixels when it is gone
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     except ImportError:
         return _cv2_as_rgb_tensor(path)
-    if not os.path.isfile(path):
-        raise _unreadable(path)
-    if os.path.getsize(path) == 0:
-        raise _unreadable(path, "empty file")
     try:
-        data = read_file(path)
-    except RuntimeError:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
         raise _unreadable(path) from None
+    if not raw:
+        raise _unreadable(path, "empty file")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():  # the deprecation notice, once per image otherwise
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -88,11 +90,44 @@ def _read_torchvision(path: str) -> torch.Tensor:
         return _cv2_as_rgb_tensor(path)
 
 
+# how an image file must end: the JPEG end-of-image marker, PNG's IEND chunk (a truncated
+# file decodes without an error, the missing rows grey)
+_IMAGE_ENDS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def check_complete(path: str, where: str = "") -> None:
+    """Raise :class:`WrnDetError` if the JPEG or PNG file at ``path`` stops before its end marker.
+
+    Reads the first 8 and the last 4096 bytes only; other formats are not checked. ``where``
+    (an image id, say) is added to the message in parentheses.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 4096, 0))
+            tail = f.read()
+    except OSError:
+        raise _unreadable(path) from None
+    fmt = "JPEG" if head[:2] == _JPEG_MAGIC else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else None
+    if fmt and _IMAGE_ENDS[fmt] not in tail:
+        at = f" ({where})" if where else ""
+        raise WrnDetError(f"image file {path} is truncated: its {fmt} data stops before the end marker{at}")
+
+
 def read_image(path: str, fmt: str = "BGR", decoder: str = "torchvision") -> torch.Tensor:
     """Return the image at ``path`` as a uint8 tensor (3, H, W) in channel order ``fmt`` (BGR or RGB).
 
     ``decoder``: ``torchvision``, ``cv2`` or ``pil`` (same pixels for baseline JPEGs; see the module doc).
+    Raises :class:`WrnDetError` for a missing or unreadable file, and for a JPEG or PNG that is
+    cut short (which the decoders would return with grey rows and a warning).
     """
+    img = _decode(path, fmt, decoder)
+    check_complete(path)
+    return img
+
+
+def _decode(path: str, fmt: str, decoder: str) -> torch.Tensor:
     if decoder == "torchvision":
         img = _read_torchvision(path)
         return img.flip(0) if fmt == "BGR" else img
@@ -230,9 +265,12 @@ class CropTransform:
     ``seed``: None draws from Python's ``random`` (seeded per worker by the DataLoader).
     """
 
-    def __init__(self, train: bool = True, test_resize: int = 256, test_size: int = 224, out_size: int = 224):
+    def __init__(self, train: bool = True, test_resize: int = 256, test_size: int = 224, out_size: int = 224,
+                 after=None):
         self.train, self.test_resize, self.test_size = train, test_resize, test_size
         self.out_size = out_size if train else test_size
+        # the recipe's steps after the crop and flip (colour jitter, lighting), run on the GPU per image
+        self.after = after
 
     def __call__(self, img: EncodedImage) -> CropSample:
         if self.train:
@@ -257,6 +295,17 @@ def tensor_transform(transform):
     return transform
 
 
+def _steps_after_to_tensor(transform):
+    """Return the steps of a ``Compose`` after its ``PILToTensor`` (as one ``Compose``), or None if there are none."""
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    steps = list(getattr(transform, "transforms", []))
+    at = [i for i, t in enumerate(steps) if isinstance(t, (T.PILToTensor, v2.PILToTensor))]
+    rest = steps[at[-1] + 1:] if at else []
+    return v2.Compose(rest) if rest else None
+
+
 def imagenet_transforms_for(decoder: str, train_transform, test_transform, input_cfg=None):
     """Return ``(train, test)`` transforms matching ``decoder``'s output (see :func:`image_loader`).
 
@@ -270,7 +319,8 @@ def imagenet_transforms_for(decoder: str, train_transform, test_transform, input
     if decoder == "cuda":
         size = int(getattr(input_cfg, "TRAIN_CROP_SIZE", 224))
         resize, test_size = int(getattr(input_cfg, "TEST_RESIZE", 256)), int(getattr(input_cfg, "TEST_CROP_SIZE", 224))
-        return CropTransform(True, out_size=size), CropTransform(False, resize, test_size)
+        return (CropTransform(True, out_size=size, after=_steps_after_to_tensor(train_transform)),
+                CropTransform(False, resize, test_size, after=_steps_after_to_tensor(test_transform)))
     return tensor_transform(train_transform), tensor_transform(test_transform)
 
 
@@ -302,15 +352,19 @@ def gpu_crop_resize(images: List[torch.Tensor], boxes: Sequence[Tuple[int, int, 
 class GPUDecodeLoader:
     """Wrap a DataLoader of :func:`collate_crops` batches: decode them on the GPU (nvJPEG), crop, resize, flip.
 
-    Iterating yields ``(images uint8 (N, 3, size, size), labels)`` on ``device``; the
+    Iterating yields ``(images (N, 3, size, size), labels)`` on ``device``: uint8, or float32 on
+    the 0-255 scale after ``after`` (the recipe's colour jitter and lighting, per image); the
     wrapped loader's ``set_epoch``, ``num_images`` and ``len`` pass through.
     """
 
-    def __init__(self, loader, device, size: int):
+    def __init__(self, loader, device, size: int, after=None):
         if torch.device(device).type != "cuda" or not torch.cuda.is_available():
             raise ConfigError("DATALOADER.DECODE cuda decodes on the GPU; this run has no CUDA device "
                               "(use torchvision, cv2 or pil)")
         self.loader, self.device, self.size = loader, torch.device(device), int(size)
+        if after is not None:
+            after = after.to(self.device) if isinstance(after, torch.nn.Module) else after
+        self.after = after
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -322,8 +376,12 @@ class GPUDecodeLoader:
         from torchvision.io import decode_jpeg
 
         for samples, labels in self.loader:
-            decoded = decode_jpeg([s.image.data for s in samples], device=self.device)
+            with warnings.catch_warnings():  # torchvision 0.29's deprecation notice, once per batch otherwise
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_jpeg([s.image.data for s in samples], device=self.device)
             images = gpu_crop_resize(decoded, [s.box for s in samples], [s.flip for s in samples], self.size)
+            if self.after is not None:  # the colour steps of the recipe, image by image as in the workers
+                images = torch.stack([self.after(im) for im in images])
             yield images, labels.to(self.device, non_blocking=True)
 
 
@@ -333,4 +391,4 @@ def wrap_gpu_decode(dataset, loader):
     if not isinstance(transform, CropTransform):
         return loader
     return GPUDecodeLoader(loader, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                           else torch.device("cpu"), transform.out_size)
+                           else torch.device("cpu"), transform.out_size, transform.after)

@@ -19,12 +19,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from wrn_det.data import decode
+from wrn_det.data.decode import read_image  # the loaders' reader, named here for the detection tools
 from wrn_det.engine import comm
+from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 __all__ = [
     "DetectionMapper", "GroupedTrainingSampler", "InferenceSampler", "build_detection_train_loader",
-    "build_detection_test_loader", "LoadError", "raise_load_errors",
+    "build_detection_test_loader", "LoadError", "raise_load_errors", "read_image", "check_image_file",
+    "check_dataset_images", "quiet_opencv",
 ]
 
 logger = logging.getLogger("wrn_det")
@@ -46,12 +49,46 @@ def raise_load_errors(batch: List[dict]) -> List[dict]:
     return batch
 
 
-def read_image(path: str, fmt: str = "BGR", decoder: str = "torchvision") -> torch.Tensor:
-    """Return the image at ``path`` as a uint8 tensor (3, H, W) in channel order ``fmt`` (BGR or RGB).
+def quiet_opencv() -> None:
+    """Keep OpenCV's own warnings (a file it cannot open, say) off stderr; the project reports those in one line."""
+    try:
+        import cv2.utils.logging as cv2_logging
 
-    ``decoder``: ``DATALOADER.DECODE`` (:mod:`wrn_det.data.decode`).
+        cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_ERROR)
+    except (ImportError, AttributeError):  # an OpenCV build without its logging module
+        pass
+
+
+def check_image_file(path: str, height: int = 0, width: int = 0, where: str = "") -> None:
+    """Raise :class:`WrnDetError` unless ``path`` is a readable, complete image of ``height`` x ``width``.
+
+    Reads the header and the file's last bytes only (no decoding): a missing file, a file
+    that is no image, a JPEG or PNG cut short, or a size other than the annotation's is one
+    line naming the file (and ``where``: the image id).
     """
-    return decode.read_image(path, fmt, decoder)
+    from PIL import Image, UnidentifiedImageError
+
+    at = f" ({where})" if where else ""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise WrnDetError(f"image file {path} cannot be read: no such file{at}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise WrnDetError(f"image file {path} cannot be read: not a readable image ({type(e).__name__}){at}") from None
+    decode.check_complete(path, where)
+    if height and width and (h, w) != (height, width):
+        raise WrnDetError(f"image file {path} is {w}x{h} but its annotation says {width}x{height}{at}")
+
+
+def check_dataset_images(dicts: Sequence[dict], what: str) -> None:
+    """Check every image file of dataset dicts with :func:`check_image_file`; returns None.
+
+    Costs a header read per image (0.17 ms per 640x480 JPEG measured here: about 20 s for COCO's 118k
+    training images with the files cached; ``DATALOADER.CHECK_IMAGES False`` skips it).
+    """
+    for d in dicts:
+        check_image_file(d["file_name"], d.get("height", 0), d.get("width", 0), f"image id {d.get('image_id')} of {what}")
 
 
 class DetectionMapper:
@@ -107,8 +144,15 @@ class DetectionMapper:
             return LoadError(message=str(e))
 
     def _map(self, d: dict, seed: int) -> dict:
+        return self.map_image(read_image(d["file_name"], self.format, self.decoder), d, seed)
+
+    def map_image(self, image: torch.Tensor, d: dict, seed: int = 0) -> dict:
+        """Return the model input for a decoded ``image`` (uint8 (3, H, W) in INPUT.FORMAT) described by ``d``.
+
+        ``d`` is a dataset dict (``height``, ``width``, ``image_id``, ``file_name``, annotations
+        or proposals as needed). Raises :class:`WrnDetError` if the image is not the size ``d`` says.
+        """
         g = torch.Generator().manual_seed(int(seed))
-        image = read_image(d["file_name"], self.format, self.decoder)
         h, w = image.shape[-2:]
         if (h, w) != (d["height"], d["width"]):
             raise WrnDetError(f"image file {d['file_name']} is {w}x{h} but its annotation says "
@@ -256,6 +300,7 @@ def _collate(batch):
 
 def _worker_init(_):
     # each worker is one of several processes on few cores: no nested threading
+    quiet_opencv()
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
@@ -268,13 +313,11 @@ def build_detection_train_loader(cfg, dicts: List[dict], seed: int, start_iter: 
     ``DATALOADER.ASPECT_RATIO_GROUPING`` a batch holds only wide or only tall images.
     """
     world = comm.get_world_size()
-    total = int(cfg.SOLVER.IMS_PER_BATCH)
-    if total % world:
-        raise ConfigError(f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of processes ({world})")
+    per_process = local_batch_size(int(cfg.SOLVER.IMS_PER_BATCH), world)
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise ConfigError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported; use TrainingSampler")
     groups = [int(d["width"] > d["height"]) for d in dicts] if cfg.DATALOADER.ASPECT_RATIO_GROUPING else [0] * len(dicts)
-    sampler = GroupedTrainingSampler(groups, total // world, seed, comm.get_rank(), world, start_iter)
+    sampler = GroupedTrainingSampler(groups, per_process, seed, comm.get_rank(), world, start_iter)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     return tud.DataLoader(
         _MappedDataset(dicts, mapper or DetectionMapper(cfg, True)),

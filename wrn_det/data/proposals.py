@@ -22,7 +22,7 @@ from typing import List, Sequence
 import numpy as np
 
 from wrn_det.engine.fileio import atomic_write
-from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.errors import WrnDetError, a_type
 from wrn_det.engine.safe_pickle import safe_load_pickle
 
 __all__ = ["XYXY_ABS", "XYWH_ABS", "load_proposal_file", "save_proposal_file", "load_proposals_into_dataset"]
@@ -58,7 +58,7 @@ def load_proposal_file(path: str) -> dict:
     """
     obj = safe_load_pickle(path, "proposal file")
     if not isinstance(obj, dict):
-        raise WrnDetError(f"proposal file {path} holds a {type(obj).__name__}; expected a dict with keys "
+        raise WrnDetError(f"proposal file {path} holds {a_type(obj)}; expected a dict with keys "
                           "ids, boxes, objectness_logits (and bbox_mode)")
     obj = dict(obj)
     for old, new in (("indexes", "ids"), ("scores", "objectness_logits")):  # the original Detectron's names

@@ -9,78 +9,38 @@ pretrained checkpoint loads by prefix.
 """
 import math
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from wrn_det.engine import comm
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models import ShapeSpec, build_model
+from wrn_det.models.norm import convert_norm, get_norm
 
 from .registry import BACKBONE_REGISTRY
 
 __all__ = [
     "BACKBONE_REGISTRY", "build_backbone", "build_wrn_net", "build_wrn_backbone", "build_wrn_fpn_backbone",
-    "WRNBackbone", "WRNFPN", "replace_batchnorm", "frozen_bn_from",
+    "WRNBackbone", "WRNFPN", "NORMS",
 ]
 
+# MODEL.WRN.NORM: the norm layer the network is built with
 NORMS = ("FrozenBN", "BN", "SyncBN")
 
 
-def frozen_bn_from(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    """Return a FrozenBatchNorm2d holding ``bn``'s affine parameters and running statistics."""
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
-    with torch.no_grad():
-        if bn.affine:
-            frozen.weight.copy_(bn.weight)
-            frozen.bias.copy_(bn.bias)
-        if bn.track_running_stats:
-            frozen.running_mean.copy_(bn.running_mean)
-            frozen.running_var.copy_(bn.running_var)
-    return frozen.to(bn.running_mean.device if bn.running_mean is not None else "cpu")
-
-
-def replace_batchnorm(root: nn.Module, convert: Callable[[nn.BatchNorm2d], nn.Module],
-                      only: Optional[set] = None) -> nn.Module:
-    """Replace BatchNorm2d modules under ``root`` by ``convert(bn)``, in place; returns ``root``.
-
-    ``only``: ids of the BatchNorm modules to replace (all when None). A module reachable
-    by several paths (a network whose ``stem`` is a registered Sequential of its own
-    layers, say) is converted once and the result put at every path, so the paths keep
-    sharing one module.
-    """
-    done: Dict[int, nn.Module] = {}
-    seen_parents = set()
-
-    def visit(parent: nn.Module):
-        if id(parent) in seen_parents:
-            return
-        seen_parents.add(id(parent))
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if isinstance(child, nn.BatchNorm2d) and (only is None or id(child) in only):
-                if id(child) not in done:
-                    done[id(child)] = convert(child)
-                setattr(parent, name, done[id(child)])
-            else:
-                visit(child)
-
-    visit(root)
-    return root
-
-
-def _bn_ids(module: nn.Module) -> set:
-    return {id(m) for m in module.modules() if isinstance(m, nn.BatchNorm2d)}
-
-
 def build_wrn_net(cfg) -> nn.Module:
-    """Return the ``MODEL.WRN.NAME`` network of ``wrn_det.models`` (its classifier stays unused)."""
-    name = cfg.MODEL.WRN.NAME
-    kwargs = {}
+    """Return the ``MODEL.WRN.NAME`` network, built with ``MODEL.WRN.NORM`` layers (its classifier stays unused).
+
+    ``FrozenBN``: fixed statistics (a pretrained network); ``BN``: trained BatchNorm;
+    ``SyncBN``: BatchNorm over the global batch of a distributed run (GPUs and gloo CPUs).
+    """
+    name, norm = cfg.MODEL.WRN.NAME, cfg.MODEL.WRN.NORM
+    if norm not in NORMS:
+        raise ConfigError(f"MODEL.WRN.NORM must be one of {', '.join(NORMS)}, got {norm!r}")
+    kwargs = {"norm_layer": get_norm(norm)}
     if cfg.MODEL.WRN.DROPOUT:
         kwargs["dropout"] = float(cfg.MODEL.WRN.DROPOUT)
     try:
@@ -96,15 +56,15 @@ class WRNBackbone(nn.Module):
 
     ``forward(images)`` returns an OrderedDict ``stage name -> feature map``.
     ``freeze_at``: 0 trains everything, 1 freezes the stem, k > 1 the stem and the first
-    k - 1 stages (their BatchNorm becomes FrozenBatchNorm), as detectron2's FREEZE_AT.
-    ``norm``: ``FrozenBN``, ``BN`` or ``SyncBN`` for the stages that are not frozen.
+    k - 1 stages (their normalisation becomes FrozenBatchNorm, as detectron2's FREEZE_AT);
+    the other stages keep the norm layer the network was built with (``MODEL.WRN.NORM``).
     Parameters no part of the detector runs (stages past the trunk, the classifier) are set
     to ``requires_grad=False`` so that neither the optimizer nor DistributedDataParallel
     waits for their gradients; a head that runs the stage after the trunk (the C4 box head)
     takes it with :meth:`claim_next_stage`.
     """
 
-    def __init__(self, net: nn.Module, out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN"):
+    def __init__(self, net: nn.Module, out_features: List[str], freeze_at: int = 0):
         super().__init__()
         names = list(net.stage_names)
         for f in out_features:
@@ -112,8 +72,6 @@ class WRNBackbone(nn.Module):
                 raise ConfigError(f"MODEL.WRN.OUT_FEATURES: {f!r} is not a stage of this network; its stages are {names}")
         if not out_features:
             raise ConfigError("MODEL.WRN.OUT_FEATURES is empty; name at least one stage")
-        if norm not in NORMS:
-            raise ConfigError(f"MODEL.WRN.NORM must be one of {', '.join(NORMS)}, got {norm!r}")
         last = max(names.index(f) for f in out_features)
         if not 0 <= freeze_at <= last + 2:
             raise ConfigError(f"MODEL.BACKBONE.FREEZE_AT must be between 0 and {last + 2} here, got {freeze_at}")
@@ -122,21 +80,13 @@ class WRNBackbone(nn.Module):
         self._stages = names[: last + 1]
         specs = net.output_shape()
         self._out_shapes = OrderedDict((f, ShapeSpec(specs[f].channels, specs[f].stride)) for f in self.out_features)
+        self.claimed_stage = None  # the stage after the trunk, once a head runs it (claim_next_stage)
 
-        # which parts are frozen, which run at all
-        frozen_parts = ([net.stem] if freeze_at >= 1 else []) + [net.get_stage(n) for n in names[: max(freeze_at - 1, 0)]]
-        running = [net.stem] + [net.get_stage(n) for n in self._stages]
-        frozen_bn = set().union(*[_bn_ids(m) for m in frozen_parts]) if frozen_parts else set()
-        frozen_params = {id(p) for m in frozen_parts for p in m.parameters()}
-        running_params = {id(p) for m in running for p in m.parameters()}
-
-        if norm == "FrozenBN":
-            replace_batchnorm(net, frozen_bn_from)
-        else:
-            replace_batchnorm(net, frozen_bn_from, only=frozen_bn)
-            if norm == "SyncBN" and comm.get_world_size() > 1 and torch.cuda.is_available():
-                # one process computes the same statistics as BN, so only convert under DDP on GPUs
-                replace_batchnorm(net, _sync_bn_from)
+        frozen = ([net.stem] if freeze_at >= 1 else []) + [net.get_stage(n) for n in names[: max(freeze_at - 1, 0)]]
+        for part in frozen:
+            convert_norm(part, "FrozenBN")
+        frozen_params = {id(p) for m in frozen for p in m.parameters()}
+        running_params = {id(p) for m in [net.stem] + [net.get_stage(n) for n in self._stages] for p in m.parameters()}
         for p in net.parameters():
             if id(p) in frozen_params or id(p) not in running_params:
                 p.requires_grad_(False)
@@ -162,7 +112,13 @@ class WRNBackbone(nn.Module):
         stage = self.net.get_stage(names[i])
         for p in stage.parameters():
             p.requires_grad_(True)
+        self.claimed_stage = names[i]
         return names[i], stage, self.net.output_shape()[names[i]].channels
+
+    def running_modules(self) -> List[nn.Module]:
+        """Return the parts of the network the detector runs: stem, trunk stages and a claimed next stage."""
+        names = self._stages + ([self.claimed_stage] if self.claimed_stage else [])
+        return [self.net.stem] + [self.net.get_stage(n) for n in names]
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Return ``stage name -> feature`` for the stages in ``out_features``."""
@@ -173,12 +129,6 @@ class WRNBackbone(nn.Module):
             if name in self._out_shapes:
                 out[name] = x
         return out
-
-
-def _sync_bn_from(bn: nn.BatchNorm2d) -> nn.Module:
-    sync = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    sync.load_state_dict(bn.state_dict())
-    return sync.to(bn.running_mean.device)
 
 
 def _level_name(stride: int) -> str:
@@ -210,8 +160,6 @@ class WRNFPN(nn.Module):
             raise ConfigError(f"MODEL.FPN.IN_FEATURES {self.in_features} must be in increasing stride order")
         self.fpn = FeaturePyramidNetwork([shapes[f].channels for f in self.in_features], out_channels,
                                          extra_blocks=LastLevelMaxPool(), norm_layer=_fpn_norm(norm))
-        if norm == "SyncBN" and comm.get_world_size() > 1 and torch.cuda.is_available():
-            replace_batchnorm(self.fpn, _sync_bn_from)
         strides = strides + [strides[-1] * 2]
         self._out_shapes = OrderedDict((_level_name(s), ShapeSpec(out_channels, s)) for s in strides)
         # pad to the bottom-up network's coarsest stride, as detectron2 does: the max-pooled top
@@ -230,19 +178,14 @@ class WRNFPN(nn.Module):
 
 
 def _fpn_norm(norm: str):
-    """Return the norm layer factory for MODEL.FPN.NORM: None (""), BatchNorm ("BN", "SyncBN") or GroupNorm(32) ("GN")."""
-    if norm == "":
-        return None
-    if norm in ("BN", "SyncBN"):
-        # SyncBN: BatchNorm here, converted to SyncBatchNorm by WRNFPN when several GPU processes run
-        return nn.BatchNorm2d
-    if norm == "GN":
-        return lambda c: nn.GroupNorm(32, c)
-    raise ConfigError(f"MODEL.FPN.NORM must be '', BN, SyncBN or GN, got {norm!r}")
+    """Return the norm layer of ``MODEL.FPN.NORM``: None (""), BatchNorm, SyncBatchNorm or GroupNorm(32)."""
+    if norm not in ("", "BN", "SyncBN", "GN"):
+        raise ConfigError(f"MODEL.FPN.NORM must be '', BN, SyncBN or GN, got {norm!r}")
+    return get_norm(norm)
 
 
-def _norm_and_freeze(cfg):
-    return dict(freeze_at=int(cfg.MODEL.BACKBONE.FREEZE_AT), norm=cfg.MODEL.WRN.NORM)
+def _freeze_at(cfg) -> int:
+    return int(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()
@@ -251,7 +194,7 @@ def build_wrn_backbone(cfg) -> WRNBackbone:
 
     The stage after the trunk is the C4 box head's to claim (:meth:`WRNBackbone.claim_next_stage`).
     """
-    return WRNBackbone(build_wrn_net(cfg), list(cfg.MODEL.WRN.OUT_FEATURES), **_norm_and_freeze(cfg))
+    return WRNBackbone(build_wrn_net(cfg), list(cfg.MODEL.WRN.OUT_FEATURES), freeze_at=_freeze_at(cfg))
 
 
 @BACKBONE_REGISTRY.register()
@@ -263,7 +206,11 @@ def build_wrn_fpn_backbone(cfg) -> WRNFPN:
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     if not in_features:
         raise ConfigError("MODEL.FPN.IN_FEATURES is empty; name the stages to build the pyramid on, e.g. [res2, res3, res4, res5]")
-    bottom_up = WRNBackbone(net, in_features, **_norm_and_freeze(cfg))
+    bad = [f for f in in_features if f not in net.stage_names]
+    if bad:
+        raise ConfigError(f"MODEL.FPN.IN_FEATURES: {bad[0]!r} is not a stage of {cfg.MODEL.WRN.NAME}; its stages are "
+                          f"{list(net.stage_names)}")
+    bottom_up = WRNBackbone(net, in_features, freeze_at=_freeze_at(cfg))
     return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS), cfg.MODEL.FPN.NORM)
 
 

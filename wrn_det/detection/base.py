@@ -45,6 +45,9 @@ class DetectorBase(nn.Module):
         mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
         if len(mean) != 3 or len(std) != 3:
             raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need three values each (one per channel)")
+        if not all(math.isfinite(float(v)) for v in mean + std) or not all(float(v) > 0 for v in std):
+            raise ConfigError(f"MODEL.PIXEL_STD must be three positive numbers and MODEL.PIXEL_MEAN three finite ones, "
+                              f"got {std} and {mean}")
         self.register_buffer("pixel_mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(-1, 1, 1), persistent=False)
 

@@ -6,9 +6,33 @@ silently ignore is an error instead. The project's own keys live under ``MODEL.W
 (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
 including detectron2's ``get_cfg()``.
 """
+import re
+from typing import List, Sequence, Tuple
+
 from wrn_det.engine.config import CfgNode as CN
 
-__all__ = ["get_det_cfg", "add_wrn_config"]
+__all__ = ["get_det_cfg", "add_wrn_config", "split_overrides"]
+
+_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")  # a config key such as MODEL.WEIGHTS
+
+
+def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Return ``(other arguments, KEY VALUE overrides)`` of a command line.
+
+    Every config key (upper case, dotted: ``MODEL.WEIGHTS``) takes the token after it as its
+    value, wherever the pair stands, so overrides may follow a flag that takes several
+    values (``--input a.jpg b.jpg MODEL.WEIGHTS w.pth``).
+    """
+    rest, opts, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        if _KEY.match(argv[i]) and i + 1 < len(argv):
+            opts += argv[i:i + 2]
+            i += 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, opts
 
 
 def add_wrn_config(cfg: CN) -> CN:
@@ -79,6 +103,9 @@ def get_det_cfg() -> CN:
     _C.DATALOADER.ASPECT_RATIO_GROUPING = True
     _C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
     _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+    # read every image's header before the first iteration (missing, truncated or mis-sized files stop the
+    # run at the start; 0.17 ms per image measured here, about 20 s for COCO train with the files cached)
+    _C.DATALOADER.CHECK_IMAGES = True
 
     _C.MODEL.BACKBONE = CN()
     _C.MODEL.BACKBONE.NAME = "build_wrn_backbone"
@@ -184,6 +211,11 @@ def get_det_cfg() -> CN:
     _C.TEST.DETECTIONS_PER_IMAGE = 100
 
     _C.OUTPUT_DIR = "./output"
+    # log line, metrics.json row and TensorBoard point every LOG_PERIOD iterations (detectron2 writes every 20)
+    _C.LOG_PERIOD = 20
+    # signals that stop the run after the current step with a checkpoint (exit status 3; SLURM sends
+    # SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none
+    _C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
     _C.SEED = -1
     _C.CUDNN_BENCHMARK = False
 

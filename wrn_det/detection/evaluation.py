@@ -5,22 +5,29 @@ Predictions of every process are gathered to rank 0, written to
 faster-coco-eval (the default; the same numbers as pycocotools, computed in C++) or
 pycocotools (``TEST.COCO_EVAL_BACKEND``). Metrics are returned in percent under
 detectron2's names: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}``.
+Each evaluation also draws its precision-recall curves, per-class AP and confusion matrix
+into the same folder (:mod:`wrn_det.detection.eval_plots`); inference shows its progress.
 """
 import contextlib
 import io
 import logging
 import os
+import sys
 import time
 from collections import OrderedDict
+from datetime import timedelta
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from wrn_det.data.catalog import MetadataCatalog, resolve_json_file
+from wrn_det.data.coco import read_coco_file
 from wrn_det.engine import comm
-from wrn_det.engine.errors import ConfigError
+from wrn_det.engine.errors import ConfigError, WrnDetError
 from wrn_det.engine.fileio import write_json
+
+from .eval_plots import write_evaluation_plots
 
 __all__ = ["COCOEvaluator", "inference_on_dataset", "evaluate_coco_results", "format_table", "BACKENDS"]
 
@@ -55,11 +62,14 @@ def format_table(rows: List[List], headers: List[str]) -> str:
 
 
 def evaluate_coco_results(json_file: str, results: List[dict], backend: str = "faster_coco_eval",
-                          class_names: Optional[List[str]] = None) -> "OrderedDict[str, float]":
+                          class_names: Optional[List[str]] = None,
+                          plot_dir: Optional[str] = None) -> "OrderedDict[str, float]":
     """Score box ``results`` (COCO results format) against the annotations in ``json_file``.
 
     Returns an OrderedDict of AP, AP50, AP75, APs, APm, APl and ``AP-<category name>``,
-    in percent (NaN where undefined, all NaN when there are no results).
+    in percent (NaN where undefined, all NaN when there are no results). With
+    ``plot_dir``, the precision-recall curves, per-class AP and confusion matrix are
+    drawn there too (:mod:`wrn_det.detection.eval_plots`).
     """
     COCO, COCOeval = _coco_api(backend)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -83,7 +93,19 @@ def evaluate_coco_results(json_file: str, results: List[dict], backend: str = "f
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         out[f"AP-{name}"] = float(np.mean(p) * 100) if p.size else float("nan")
+    if plot_dir:
+        _write_plots(plot_dir, ev, json_file, results, names)
     return out
+
+
+def _write_plots(plot_dir: str, ev, json_file: str, results: List[dict], names: List[str]) -> None:
+
+    try:
+        paths = write_evaluation_plots(plot_dir, ev, json_file, results, names)
+    except Exception as e:  # a picture must never cost the evaluation of a finished training
+        logger.warning("the evaluation pictures could not be drawn in %s: %s: %s", plot_dir, type(e).__name__, e)
+        return
+    logger.info("precision-recall curves, AP per class and confusion matrix: %s", ", ".join(paths[1:]))
 
 
 def _summary_tables(metrics: Dict[str, float]) -> str:
@@ -112,6 +134,10 @@ class COCOEvaluator:
         self.output_dir = output_dir
         self.backend = backend
         self.json_file = resolve_json_file(dataset_name)
+        if not os.path.isfile(self.json_file):
+            raise WrnDetError(f"dataset {dataset_name!r}: annotation file {self.json_file} not found; COCO "
+                              "evaluation needs it")
+        read_coco_file(self.json_file)  # the ground truth is checked (NaN boxes, unknown ids) before any inference
         self.meta = MetadataCatalog.get(dataset_name)
         self.reset()
 
@@ -138,26 +164,58 @@ class COCOEvaluator:
         results = [r for p in parts for r in p]
         if self.output_dir:
             write_json(os.path.join(self.output_dir, "coco_instances_results.json"), results)
-        metrics = evaluate_coco_results(self.json_file, results, self.backend, self.meta.get("thing_classes"))
+        metrics = evaluate_coco_results(self.json_file, results, self.backend, self.meta.get("thing_classes"),
+                                        plot_dir=self.output_dir)
         logger.info("%s (%s, %d detections)\n%s", self.dataset_name, self.backend, len(results), _summary_tables(metrics))
         return {"bbox": metrics}
+
+
+# without a terminal, inference logs its progress this often (seconds), as detectron2's inference loop does
+PROGRESS_LOG_SECONDS = 5.0
+
+
+def _progress_bar(total: int, name: str):
+    """Return a tqdm bar over ``total`` images when rank 0 writes to a terminal, else None."""
+    if comm.is_main_process() and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"inference on {name}", unit="img", dynamic_ncols=True, leave=False)
+    return None
 
 
 def inference_on_dataset(model: torch.nn.Module, loader, evaluator: COCOEvaluator) -> Dict[str, Dict[str, float]]:
     """Run ``model`` in eval mode over ``loader``, feed ``evaluator``; returns ``evaluator.evaluate()``.
 
-    The model's training mode is restored afterwards.
+    Progress: a tqdm bar with the ETA on a terminal, otherwise a log line every
+    :data:`PROGRESS_LOG_SECONDS` (rank 0). The model's training mode is restored afterwards.
     """
     evaluator.reset()
     was_training = model.training
     model.eval()
+    total = len(loader)  # this process's images: the test loader yields one per batch
+    bar = _progress_bar(total, evaluator.dataset_name)
+    redirect = contextlib.nullcontext()
+    if bar is not None:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm([logger])
     n, t0 = 0, time.perf_counter()
+    last_log = t0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), redirect:
             for inputs in loader:
                 evaluator.process(inputs, model(inputs))
                 n += len(inputs)
+                if bar is not None:
+                    bar.update(len(inputs))
+                elif comm.is_main_process() and time.perf_counter() - last_log >= PROGRESS_LOG_SECONDS and n < total:
+                    last_log = time.perf_counter()
+                    per = (last_log - t0) / n
+                    logger.info("inference on %s: %d/%d images, %.4f s / image, ETA %s", evaluator.dataset_name,
+                                n, total, per, timedelta(seconds=int(per * (total - n))))
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     dt = time.perf_counter() - t0
     logger.info("inference on %d images of %s: %.1f s (%.4f s / image)", n, evaluator.dataset_name, dt, dt / max(n, 1))

@@ -21,6 +21,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
+from wrn_det.models.norm import get_norm
 
 from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported
@@ -155,9 +156,9 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
     if rh.NAME == "StandardROIHeads":
         if bh.NAME != "FastRCNNConvFCHead":
             raise ConfigError(f"MODEL.ROI_BOX_HEAD.NAME {bh.NAME!r} is not supported; use FastRCNNConvFCHead")
-        norm = {"": None, "BN": nn.BatchNorm2d}.get(bh.NORM, "bad")
-        if norm == "bad":
-            raise ConfigError(f"MODEL.ROI_BOX_HEAD.NORM {bh.NORM!r} is not supported; use '' or 'BN'")
+        if bh.NORM not in ("", "BN", "SyncBN", "GN"):
+            raise ConfigError(f"MODEL.ROI_BOX_HEAD.NORM {bh.NORM!r} is not supported; use '', BN, SyncBN or GN")
+        norm = get_norm(bh.NORM)
         box_head = FCBoxHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm)
         out_dim = bh.FC_DIM if bh.NUM_FC else (bh.CONV_DIM if bh.NUM_CONV else c) * res * res
         pooler.channels_last_inference = bh.NUM_CONV == 0 and bh.NUM_FC > 0

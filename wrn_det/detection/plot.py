@@ -1,17 +1,24 @@
 """Plot a detection run's ``metrics.json``: losses and learning rate per iteration, box AP
-(or, for an RPN-only run, proposal recall).
+(or, for an RPN-only run, proposal recall); and draw its evaluation pictures again.
 
     python -m wrn_det.detection.plot output/demo              # writes output/demo/curves.png
     python -m wrn_det.detection.plot output/demo -o demo.png
+
+Every evaluation leaves ``inference/pr_data.json`` (``inference/<dataset>/`` with several
+test datasets); from it the precision-recall curves, the per-class AP bars and the
+confusion matrix are drawn again into the same folder (:mod:`wrn_det.detection.eval_plots`).
 """
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Tuple
 
 from wrn_det.engine.errors import WrnDetError, cli_main
 from wrn_det.engine.fileio import save_figure
+
+from .eval_plots import find_plot_data, redraw
 
 __all__ = ["read_metrics", "eval_keys", "plot_run"]
 
@@ -33,9 +40,12 @@ def read_metrics(path: str) -> List[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
-                raise WrnDetError(f"{path}, line {n}: not a JSON object") from None
+                row = None
+            if not isinstance(row, dict):
+                raise WrnDetError(f"{path}, line {n}: not a JSON object; expected one object per line")
+            rows.append(row)
     return rows
 
 
@@ -43,8 +53,11 @@ def _series(rows: List[dict], key: str) -> Tuple[List[int], List[float]]:
     # a resumed run appends to metrics.json; the last value logged for an iteration wins
     last: Dict[int, float] = {}
     for r in rows:
-        if key in r and isinstance(r[key], (int, float)):
-            last[int(r["iteration"])] = float(r[key])
+        it, v = r.get("iteration"), r.get(key)
+        # rows of another shape (a hand-edited or foreign file) are skipped, not a traceback
+        if isinstance(it, int) and not isinstance(it, bool) and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                and math.isfinite(v):
+            last[it] = float(v)
     its = sorted(last)
     return its, [last[i] for i in its]
 
@@ -93,12 +106,20 @@ def plot_run(path: str, output: str = "") -> str:
 
 
 def main(argv=None) -> None:
-    """Command line: plot one run folder (or metrics.json) into a PNG."""
-    p = argparse.ArgumentParser(description="Plot losses, learning rate and box AP of a detection run")
+    """Command line: plot one run folder (or metrics.json) into a PNG, and redraw its evaluation pictures."""
+
+    p = argparse.ArgumentParser(description="Plot losses, learning rate and box AP of a detection run, and draw "
+                                            "its evaluation pictures (precision-recall, AP per class, confusion) again")
     p.add_argument("run", help="output folder of tools/train_net.py, or its metrics.json")
     p.add_argument("-o", "--output", default="", help="PNG path (default: <run>/curves.png)")
     args = p.parse_args(argv)
-    print(f"wrote {plot_run(args.run, args.output)}")
+    run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
+    evaluations = find_plot_data(run_dir) if os.path.isdir(args.run) else {}
+    metrics = args.run if not os.path.isdir(args.run) else os.path.join(args.run, "metrics.json")
+    if os.path.isfile(metrics) or not evaluations:
+        print(f"wrote {plot_run(args.run, args.output)}")
+    for folder in evaluations:
+        print(f"wrote {', '.join(redraw(folder))}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
+from torchvision.ops.poolers import _onnx_merge_levels
 
 __all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois", "MAX_GRID"]
 
@@ -258,6 +259,11 @@ def _torchvision_multilevel(features: List[Tensor], rois: Tensor, levels: Tensor
                             output_size: int, sampling_ratio: int, aligned: bool) -> Tensor:
     if len(features) == 1:
         return tv_roi_align(features[0], rois, output_size, scales[0], sampling_ratio, aligned)
+    if torch.jit.is_tracing():
+        # exporting (ONNX, TorchScript): no data-dependent branch; merge the levels as torchvision's pooler does
+        pooled = [tv_roi_align(feat, rois[torch.where(levels == level)[0]], output_size, scale, sampling_ratio, aligned)
+                  for level, (feat, scale) in enumerate(zip(features, scales))]
+        return _onnx_merge_levels(levels, pooled)
     out = features[0].new_zeros((rois.shape[0], features[0].shape[1], output_size, output_size))
     for level, (feat, scale) in enumerate(zip(features, scales)):
         idx = torch.where(levels == level)[0]

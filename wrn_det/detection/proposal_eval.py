@@ -10,8 +10,6 @@ Keys: ``AR@100``, ``ARs@100``, ``ARm@100``, ``ARl@100`` and the same at 1000, in
 One difference: the ground-truth boxes of an image without any proposal count as missed,
 where detectron2 leaves such an image out (and so reports a higher recall).
 """
-import contextlib
-import io
 import logging
 import os
 from collections import OrderedDict
@@ -22,6 +20,7 @@ import torch
 from torchvision.ops import box_iou
 
 from wrn_det.data.catalog import resolve_json_file
+from wrn_det.data.coco import read_coco_file
 from wrn_det.data.proposals import save_proposal_file
 from wrn_det.engine import comm
 
@@ -83,20 +82,21 @@ def average_recall(gts: Dict, proposals: Dict, limit: int, area=(0.0, 1e5 ** 2),
 def load_gt_boxes(json_file: str) -> Dict:
     """Return image id -> (XYXY boxes (G, 4), areas (G,)) of the non-crowd annotations of a COCO file.
 
-    Every image of the file is present (with zero boxes if it has none). Areas are the
-    annotations' ``area`` (the box area when a file lacks it).
+    Every image of the file is present (with zero boxes if it has none). The file is read
+    and checked by :func:`wrn_det.data.coco.read_coco_file` (empty boxes are left out). Areas
+    are the annotations' ``area`` (the box area when a file lacks it).
     """
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(json_file)
+    images, _, anns, _ = read_coco_file(json_file)
+    by_image = {i: [] for i in images}
+    for a in anns:
+        if not a.get("iscrowd", 0):
+            by_image[a["image_id"]].append(a)
     out = {}
-    for img_id in coco.getImgIds():
-        anns = [a for a in coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
+    for img_id, anns in by_image.items():
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        areas = torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
-                             dtype=torch.float64)
+        areas = torch.tensor([float(a["area"]) if isinstance(a.get("area"), (int, float)) else a["bbox"][2] * a["bbox"][3]
+                              for a in anns], dtype=torch.float64)
         out[img_id] = (boxes, areas)
     return out
 

@@ -19,31 +19,32 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from wrn_det.data.catalog import get_detection_dataset_dicts
-from wrn_det.data.det_loader import build_detection_test_loader, build_detection_train_loader
+from wrn_det.data.catalog import MetadataCatalog, get_detection_dataset_dicts
+from wrn_det.data.det_loader import build_detection_test_loader, build_detection_train_loader, check_dataset_images
 from wrn_det.engine import comm
+from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.config import load_config
 from wrn_det.engine.ema import ModelEMA
-from wrn_det.engine.errors import ConfigError, WrnDetError
+from wrn_det.engine.errors import ConfigError, Preempted, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, gradient_clipper, non_finite_error
+from wrn_det.engine.preempt import PreemptionWatch, resume_requested
 from wrn_det.engine.run import open_output_dir, setup_run
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
 from .config import get_det_cfg
+
 from .evaluation import COCOEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 from .proposal_eval import ProposalEvaluator
-from .weights import load_detector_weights, unwrap
+from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
-__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test",
-           "LOG_PERIOD"]
+__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test"]
 
 logger = logging.getLogger("wrn_det")
 
-LOG_PERIOD = 20
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
                nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -111,8 +112,33 @@ def build_evaluator(cfg, dataset_name: str, output_dir: str):
     return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
 
 
-def test(cfg, model: nn.Module, inference_dir: str = "inference") -> Dict[str, Dict[str, float]]:
-    """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
+def prepare_test_sets(cfg) -> "OrderedDict[str, List[dict]]":
+    """Return ``dataset -> dataset dicts`` of ``DATASETS.TEST``, every file checked as training's are.
+
+    Run before training, so that a missing or broken test set, a bad
+    ``TEST.COCO_EVAL_BACKEND`` or an unreadable test image stops the run at the start rather
+    than after it: the annotation files are read and checked, the evaluators built (which
+    checks the ground truth and the backend), and with ``DATALOADER.CHECK_IMAGES`` every
+    image header read.
+    """
+    out = OrderedDict()
+    proposal_files = _proposal_files(cfg, "TEST")
+    for f in proposal_files or []:
+        if not os.path.isfile(f):
+            raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
+    for i, name in enumerate(cfg.DATASETS.TEST):
+        files = [proposal_files[i]] if proposal_files is not None else None
+        out[name] = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
+                                                proposal_key="DATASETS.PROPOSAL_FILES_TEST")
+        build_evaluator(cfg, name, None)
+        if cfg.DATALOADER.CHECK_IMAGES:
+            check_dataset_images(out[name], name)
+    return out
+
+
+def test(cfg, model: nn.Module, inference_dir: str = "inference",
+         datasets: Optional[Dict[str, List[dict]]] = None) -> Dict[str, Dict[str, float]]:
+    """Evaluate ``model`` on every dataset of ``DATASETS.TEST`` (the dicts of :func:`prepare_test_sets`, or read now).
 
     Returns ``{"bbox": {...}}`` for one dataset, ``{dataset: {"bbox": {...}}}`` for several
     (on rank 0; empty dicts elsewhere); a ProposalNetwork gives ``"box_proposals"`` in place
@@ -120,19 +146,31 @@ def test(cfg, model: nn.Module, inference_dir: str = "inference") -> Dict[str, D
     ``box_proposals.pkl``) go to ``OUTPUT_DIR/<inference_dir>``, ``OUTPUT_DIR/<inference_dir>/<dataset>``
     with several datasets.
     """
+    datasets = datasets if datasets is not None else prepare_test_sets(cfg)
     results = OrderedDict()
-    proposal_files = _proposal_files(cfg, "TEST")
-    for i, name in enumerate(cfg.DATASETS.TEST):
-        files = [proposal_files[i]] if proposal_files is not None else None
-        dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
-                                            proposal_key="DATASETS.PROPOSAL_FILES_TEST")
+    for name, dicts in datasets.items():
         loader = build_detection_test_loader(cfg, dicts)
-        out_dir = os.path.join(cfg.OUTPUT_DIR, inference_dir) if len(cfg.DATASETS.TEST) == 1 else \
+        out_dir = os.path.join(cfg.OUTPUT_DIR, inference_dir) if len(datasets) == 1 else \
             os.path.join(cfg.OUTPUT_DIR, inference_dir, name)
         results[name] = inference_on_dataset(unwrap(model), loader, build_evaluator(cfg, name, out_dir))
     if len(results) == 1:
         return next(iter(results.values()))
     return results
+
+
+def check_num_classes(cfg, datasets) -> None:
+    """Raise :class:`ConfigError` when ``MODEL.ROI_HEADS.NUM_CLASSES`` is below a dataset's number of categories."""
+    want = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    for name in datasets:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is None:
+            continue
+        if want < len(classes):
+            raise ConfigError(f"MODEL.ROI_HEADS.NUM_CLASSES is {want} but dataset {name} has {len(classes)} categories; "
+                              f"set it to {len(classes)}")
+        if want > len(classes):
+            logger.warning("MODEL.ROI_HEADS.NUM_CLASSES is %d, dataset %s has %d categories: %d outputs stay unused",
+                           want, name, len(classes), want - len(classes))
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -158,12 +196,16 @@ class Trainer:
         logger.info("model %s with %s backbone %s: %.2fM parameters (%.2fM trainable) on %s",
                     cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME, cfg.MODEL.WRN.NAME,
                     n_all / 1e6, n_train / 1e6, self.device)
+        local_batch_size(int(cfg.SOLVER.IMS_PER_BATCH), self.world)
         self.train_dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN), cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
                                                        proposal_files=_proposal_files(cfg, "TRAIN"))
-        # the test proposal files are read after training: check now that they are there
-        for f in _proposal_files(cfg, "TEST") or []:
-            if not os.path.isfile(f):
-                raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)
+        if cfg.DATALOADER.CHECK_IMAGES:
+            t0 = time.perf_counter()
+            check_dataset_images(self.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
+            logger.info("checked the %d training images in %.1f s", len(self.train_dicts), time.perf_counter() - t0)
+        # the test sets are used after training: everything about them is checked now
+        self.test_sets = prepare_test_sets(cfg)
         logger.info("training on %d images of %s", len(self.train_dicts), ", ".join(cfg.DATASETS.TRAIN))
         self.optimizer = build_optimizer(cfg, self.model)
         self.schedule = build_lr_schedule(cfg, self.optimizer)
@@ -173,12 +215,16 @@ class Trainer:
         self.step = OptimizerStep(self.optimizer, self.device, dtype, gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS))
         self.ema = ModelEMA(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
         self.checkpointer = TrainingCheckpointer(cfg.OUTPUT_DIR, prefix="model_")
+        self.metadata = checkpoint_metadata(cfg)  # class names and ids, for wrn_det.Predictor
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
+        if int(cfg.LOG_PERIOD) < 1:
+            raise ConfigError(f"LOG_PERIOD must be a positive number of iterations, got {cfg.LOG_PERIOD}")
         self.last_checkpoint: Optional[str] = None
 
     def _state(self, iteration: int) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "grad_scaler": self.step.state_dict(), "iteration": iteration, "data_seed": self.data_seed}
+                 "grad_scaler": self.step.state_dict(), "iteration": iteration, "data_seed": self.data_seed,
+                 "metadata": self.metadata}
         if self.ema is not None:
             state.update(ema=self.ema.state_dict(), ema_updates=self.ema.num_updates)
         return state
@@ -189,8 +235,19 @@ class Trainer:
             logger.info("saved checkpoint %s", self.last_checkpoint)
 
     def resume_or_load(self, resume: bool) -> int:
-        """Return the first iteration to run: after ``last_checkpoint`` with ``resume``, else 0 (loading MODEL.WEIGHTS)."""
-        path = self.checkpointer.latest() if resume else None
+        """Return the first iteration to run: after ``last_checkpoint`` with ``resume``, else 0 (loading MODEL.WEIGHTS).
+
+        Called once (by :meth:`train`, or before it by the command line, so that a bad
+        checkpoint stops the run before anything is written); later calls return the same.
+        """
+        if getattr(self, "_start_iter", None) is not None:
+            return self._start_iter
+        self._start_iter = self._resume_or_load(resume)
+        return self._start_iter
+
+    def _resume_or_load(self, resume: bool) -> int:
+        resume = resume_requested(resume)
+        path = self.checkpointer.latest_intact() if resume else None
         self._rng_state = None
         if path is None:
             if resume:
@@ -233,6 +290,7 @@ class Trainer:
                            self._rng_state.get("world_size"), self.world)
         writer = MetricsWriter(cfg.OUTPUT_DIR)
         results = {}
+        self.preempt = PreemptionWatch(cfg.PREEMPT_SIGNALS)
         try:
             if start_iter < self.max_iter:
                 self._loop(model, iter(loader), start_iter, writer)
@@ -240,14 +298,15 @@ class Trainer:
             if results and comm.is_main_process():
                 writer.write(flatten_results(results), step=self.max_iter - 1)
         finally:
+            self.preempt.close()
             writer.close()
         return results
 
     def evaluate(self) -> Dict:
         """Evaluate the model (and the EMA weights, under ``"ema"``) on ``DATASETS.TEST``; returns the results."""
-        results = test(self.cfg, self.model)
+        results = test(self.cfg, self.model, datasets=self.test_sets)
         if self.ema is not None:
-            ema = test(self.cfg, self.ema.module, inference_dir=os.path.join("inference", "ema"))
+            ema = test(self.cfg, self.ema.module, inference_dir=os.path.join("inference", "ema"), datasets=self.test_sets)
             if comm.is_main_process():
                 results = {**results, "ema": ema}
         return results
@@ -255,6 +314,7 @@ class Trainer:
     def _loop(self, model: nn.Module, data: iter, start_iter: int, writer: MetricsWriter) -> None:
         cfg = self.cfg
         window: Dict[str, deque] = {}
+        log_period = int(cfg.LOG_PERIOD)
         period = int(cfg.SOLVER.CHECKPOINT_PERIOD)
         eval_period = int(cfg.TEST.EVAL_PERIOD)
         logger.info("starting training from iteration %d", start_iter)
@@ -280,10 +340,16 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             step_time = time.perf_counter() - t0
             for k, v in list(reduced.items()) + [("total_loss", total), ("time", step_time), ("data_time", data_time)]:
-                window.setdefault(k, deque(maxlen=LOG_PERIOD)).append(float(v))
+                window.setdefault(k, deque(maxlen=log_period)).append(float(v))
             nxt = it + 1
-            if nxt % LOG_PERIOD == 0 or nxt == self.max_iter or it == start_iter:
+            if nxt % log_period == 0 or nxt == self.max_iter or it == start_iter:
                 self._log(it, lr, window, writer, time.perf_counter() - t_start, nxt - start_iter)
+            if self.preempt.requested() and nxt != self.max_iter:
+                with self.preempt.saving():
+                    self._save(f"model_{it:07d}", it)
+                stop = Preempted(it, self.last_checkpoint)
+                logger.warning("%s", stop)
+                raise stop
             if period > 0 and nxt % period == 0 and nxt != self.max_iter:
                 self._save(f"model_{it:07d}", it)
             if eval_period > 0 and nxt % eval_period == 0 and nxt != self.max_iter and cfg.DATASETS.TEST:
@@ -317,16 +383,23 @@ def load_checkpoint_for_resume(path: str) -> dict:
 
 
 def setup(args):
-    """Return the frozen config of ``args`` (file + overrides) after setting up logging, seeds and OUTPUT_DIR."""
+    """Return the frozen config of ``args`` (file + overrides) after setting up logging and seeds.
+
+    ``OUTPUT_DIR`` is not touched yet: :func:`main` opens it once the run has passed its checks.
+    """
     cfg = load_config(get_det_cfg(), args.config_file, args.opts)
     setup_run(cfg)
     logger.info("command-line overrides: %s", " ".join(args.opts or []))
-    open_output_dir(cfg)
     return cfg
 
 
 def main(args) -> Dict:
-    """Train (or, with ``--eval-only``, evaluate) as configured by ``args``; returns the evaluation results."""
+    """Train (or, with ``--eval-only``, evaluate) as configured by ``args``; returns the evaluation results.
+
+    Everything is built and checked first (config, model, weights or the checkpoint to resume,
+    every dataset and its images); only then is ``OUTPUT_DIR`` created and written to, so a
+    rejected run leaves no folder behind and a finished run's ``config.yaml`` is not replaced.
+    """
     cfg = setup(args)
     if args.eval_only:
         if not cfg.MODEL.WEIGHTS:
@@ -336,5 +409,11 @@ def main(args) -> Dict:
         model = build_detector(cfg)
         load_detector_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.MODEL.WRN.STRICT_WEIGHTS,
                               use_ema=cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY)
-        return test(cfg, model)
-    return Trainer(cfg).train(resume=args.resume)
+        datasets = prepare_test_sets(cfg)
+        check_num_classes(cfg, datasets)
+        open_output_dir(cfg)
+        return test(cfg, model, datasets=datasets)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(args.resume)
+    open_output_dir(cfg)
+    return trainer.train(resume=args.resume)

@@ -6,6 +6,7 @@ the newest, the oldest pruned beyond ``keep``. :func:`load_checkpoint` reads any
 file the project is given with ``torch.load(weights_only=True)`` and turns every way
 that can fail into one line naming the file.
 """
+import logging
 import os
 import pickle
 import random
@@ -21,10 +22,12 @@ from . import comm
 from .errors import WrnDetError
 from .fileio import atomic_save, write_text
 
-__all__ = ["LAST_CHECKPOINT", "TrainingCheckpointer", "load_checkpoint", "read_last_checkpoint",
+__all__ = ["LAST_CHECKPOINT", "TrainingCheckpointer", "load_checkpoint", "verify_checkpoint", "read_last_checkpoint",
            "write_last_checkpoint", "get_rng_states", "set_rng_states"]
 
 LAST_CHECKPOINT = "last_checkpoint"
+
+logger = logging.getLogger("wrn_det")
 
 
 def _torch_load_error(path: str, e: BaseException) -> WrnDetError:
@@ -62,8 +65,23 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, TypeError,
             AttributeError, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise _torch_load_error(path, e) from None
-    except OSError as e:
-        raise WrnDetError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
+    except OSError as e:  # torch.load on a truncated archive fails while seeking in it
+        raise WrnDetError(f"checkpoint file {path} cannot be read as a torch checkpoint: {e.strerror or e}; it may be "
+                          "truncated or corrupt") from None
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """Return what is wrong with the torch checkpoint at ``path`` (truncated, corrupt), or None when it is intact.
+
+    A ``torch.save`` file is a zip archive whose records carry CRC-32 checksums; every
+    record is read and checked (about a second per GB), without unpickling anything.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete torch archive: {type(e).__name__}: {' '.join(str(e).split())[:80]}"
+    return None if bad is None else f"record {bad} fails its checksum"
 
 
 def write_last_checkpoint(output_dir: str, filename: str) -> None:
@@ -72,14 +90,21 @@ def write_last_checkpoint(output_dir: str, filename: str) -> None:
 
 
 def read_last_checkpoint(output_dir: str) -> Optional[str]:
-    """Return the full path named by ``output_dir/last_checkpoint``, or None if there is none."""
+    """Return the full path named by ``output_dir/last_checkpoint``, or None if there is no ``last_checkpoint``.
+
+    Raises :class:`WrnDetError` when it names a file that is not there: continuing would
+    start the run over and replace the results already in the folder.
+    """
     path = os.path.join(output_dir, LAST_CHECKPOINT)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         name = f.read().strip()
     full = os.path.join(output_dir, name)
-    return full if name and os.path.isfile(full) else None
+    if not name or os.path.sep in name or not os.path.isfile(full):
+        raise WrnDetError(f"{path} names the checkpoint {name!r}, which is not in {output_dir}; restore it, or "
+                          "remove last_checkpoint to start the run afresh")
+    return full
 
 
 def get_rng_states() -> dict:
@@ -142,7 +167,7 @@ class TrainingCheckpointer:
         path = atomic_save(state, os.path.join(self.output_dir, f"{name}.pth"))
         write_last_checkpoint(self.output_dir, path)
         if self.keep > 0:
-            pattern = re.compile(re.escape(self.prefix) + r"\d+\.pth")
+            pattern = re.compile(re.escape(self.prefix) + r"\d+(_\d+)?\.pth")
             periodic = sorted(f for f in os.listdir(self.output_dir) if pattern.fullmatch(f))
             for f in periodic[:-self.keep]:
                 os.remove(os.path.join(self.output_dir, f))
@@ -151,6 +176,33 @@ class TrainingCheckpointer:
     def latest(self) -> Optional[str]:
         """Return the checkpoint ``last_checkpoint`` names, or None when the run has none."""
         return read_last_checkpoint(self.output_dir)
+
+    def latest_intact(self) -> Optional[str]:
+        """Return the newest intact checkpoint to resume from, or None when the run has none.
+
+        The one ``last_checkpoint`` names is verified first (:func:`verify_checkpoint`); if it
+        is truncated or corrupt (a node died while writing it, a disk failed) the run's other
+        checkpoints are tried, newest first, with a warning naming the broken file. Raises
+        :class:`WrnDetError` when none is intact.
+        """
+        named = self.latest()
+        if named is None:
+            return None
+        pattern = re.compile(re.escape(self.prefix) + r"\d+(_\d+)?\.pth")
+        others = [os.path.join(self.output_dir, f) for f in os.listdir(self.output_dir) if pattern.fullmatch(f)]
+        others = sorted((p for p in others if os.path.abspath(p) != os.path.abspath(named)),
+                        key=os.path.getmtime, reverse=True)
+        broken = []
+        for path in [named] + others:
+            problem = verify_checkpoint(path)
+            if problem is None:
+                if broken:
+                    logger.warning("resuming from %s, the newest intact checkpoint", path)
+                return path
+            logger.warning("checkpoint %s is broken (%s); trying an older one", path, problem)
+            broken.append(os.path.basename(path))
+        raise WrnDetError(f"--resume: no intact checkpoint in {self.output_dir} ({', '.join(broken)} "
+                          "broken); remove last_checkpoint to start the run afresh")
 
     @staticmethod
     def restore_rng(state: dict) -> bool:

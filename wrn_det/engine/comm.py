@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 _LOCAL_RANK = None
 
 
@@ -86,3 +88,10 @@ def shared_random_seed() -> int:
     """Return a random integer that is the same on every rank (drawn on each, rank 0's kept)."""
     seed = int(np.random.randint(2**31))
     return all_gather(seed)[0]
+
+
+def local_batch_size(global_batch: int, world_size: int, key: str = "SOLVER.IMS_PER_BATCH") -> int:
+    """Return ``global_batch // world_size``; raises ConfigError unless it divides evenly."""
+    if global_batch <= 0 or global_batch % world_size:
+        raise ConfigError(f"{key} ({global_batch}) must be a positive multiple of the number of processes ({world_size})")
+    return global_batch // world_size

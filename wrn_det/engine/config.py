@@ -4,6 +4,7 @@ fvcore's ``CfgNode`` does the merging; this module turns its exceptions into one
 :class:`ConfigError` messages that name the file and the key, and finds config files
 by name under the repository's ``configs/`` folder.
 """
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,7 +12,7 @@ import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from .fileio import write_text
-from .errors import ConfigError
+from .errors import ConfigError, a_type
 
 __all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs"]
 
@@ -77,6 +78,35 @@ def _merge_error(source: str, exc: Exception) -> ConfigError:
     return ConfigError(f"{source}: {msg}")
 
 
+def _check_yaml_chain(path: str, seen: Optional[List[str]] = None) -> None:
+    """Raise :class:`ConfigError` unless ``path`` and every ``_BASE_`` it names is a YAML mapping, without cycles."""
+    seen = list(seen or [])
+    real = os.path.realpath(path)
+    if real in seen:
+        chain = " -> ".join(os.path.basename(p) for p in seen + [real])
+        raise ConfigError(f"{path}: _BASE_ files form a cycle ({chain}); expected a chain that ends")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{seen[-1] if seen else path}: cannot read {path!r}: file not found (check _BASE_)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a YAML text file ({e})") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; expected a YAML mapping of config keys (MODEL: ..., SOLVER: ...)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level is {a_type(data)}; expected a YAML mapping of config keys")
+    base = data.get("_BASE_")
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _BASE_ is {a_type(base)}; expected the path of one config file")
+        if not base.startswith(("/", "~")) and "://" not in base:
+            base = os.path.join(os.path.dirname(path), base)
+        _check_yaml_chain(os.path.expanduser(base), seen + [real])
+
+
 def load_config(defaults: CfgNode, config_file: Optional[str], opts: Optional[List[str]] = None) -> CfgNode:
     """Return a frozen copy of ``defaults`` merged with ``config_file`` and ``KEY VALUE`` ``opts``.
 
@@ -87,6 +117,7 @@ def load_config(defaults: CfgNode, config_file: Optional[str], opts: Optional[Li
     cfg.defrost()
     if config_file:
         path = resolve_config_file(config_file)
+        _check_yaml_chain(path)
         try:
             cfg.merge_from_file(path, allow_unsafe=False)
         except (KeyError, ValueError, AssertionError, TypeError) as e:

@@ -66,9 +66,10 @@ def atomic_write_all(items: Sequence[Tuple[str, Writer]], suffix: str = "") -> L
                 os.chmod(tmp, _umask_mode())
             except OSError as e:
                 raise _os_error(path, e) from None
-        for tmp, path in temps:
+        for tmp, path in temps:  # every target checked before the first rename: all or none
             if os.path.isdir(path):
                 raise WrnDetError(f"cannot write {path}: it is a folder")
+        for tmp, path in temps:
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in temps:

@@ -1,5 +1,6 @@
 """Process launch in detectron2's style: one process, ``--num-gpus N`` spawning, or torchrun."""
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -10,9 +11,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import comm
-from .errors import WrnDetError
+from .errors import Preempted, WrnDetError
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def _count(minimum: int):
+    """Return an argparse type: an integer of at least ``minimum`` (argparse prints one line otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentParser:
@@ -29,9 +44,10 @@ def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentPa
     p.add_argument("--config-file", "--config", default="", metavar="FILE", help="config path or a file name under configs/")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if it exists")
     p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
-    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
-    p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
-    p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")
+    p.add_argument("--num-gpus", type=_count(1), default=1,
+                   help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
+    p.add_argument("--num-machines", type=_count(1), default=1, help="total number of machines")
+    p.add_argument("--machine-rank", type=_count(0), default=0, help="the rank of this machine (unique per machine)")
     p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines; 'auto' picks a free local port")
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
@@ -52,6 +68,20 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def _env_store(rank: int, world: int, timeout) -> dist.Store:
+    """Return the key-value store of an env:// job (torchrun's agent store, or one rank 0 hosts), keyed per attempt.
+
+    torchrun keeps its store across the restarts of a worker group; the process group's
+    keys (each rank's address) would then still hold the dead group's, and the restarted
+    workers would try to reach them. A prefix with ``TORCHELASTIC_RESTART_COUNT`` gives each
+    attempt its own keys.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timeout, wait_for_workers=False)
+    return dist.PrefixStore(f"wrn_det/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, machine_rank: int = 0,
            dist_url: str = "auto", args=(), timeout=DEFAULT_TIMEOUT):
     """Run ``main_func(*args)`` in one process, under torchrun, or in spawned processes.
@@ -65,13 +95,17 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=_backend(), init_method="env://", timeout=timeout)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend=_backend(), store=_env_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
         comm.set_local_rank(local_rank)
         try:
             return main_func(*args)
         finally:
             dist.destroy_process_group()
 
+    if not 0 <= machine_rank < num_machines:
+        raise WrnDetError(f"--machine-rank {machine_rank} must be below --num-machines {num_machines}")
     world_size = num_machines * num_gpus_per_machine
     if world_size <= 1:
         return main_func(*args)
@@ -83,6 +117,8 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
         if num_machines != 1:
             raise WrnDetError("--dist-url auto works on one machine only; give tcp://HOST:PORT of machine 0")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    # when one process stops on bad input the others are terminated; the one error line says why
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     ctx = mp.start_processes(
         _worker,
         nprocs=num_gpus_per_machine,
@@ -112,6 +148,8 @@ def _worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_ran
         if global_rank == 0:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Preempted as e:
+        sys.exit(e.exit_code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

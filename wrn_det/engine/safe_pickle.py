@@ -40,6 +40,10 @@ class _Refused(Exception):
     """Raised while unpickling; its message says what was refused ("global os.system", ...)."""
 
 
+class _TooLong(pickle.UnpicklingError):
+    """A record announces more bytes than the file has left: a truncated file, or one made to exhaust memory."""
+
+
 def _numpy_global(qualname: str):
     """Return the numpy object at ``qualname`` (``numpy._core`` in numpy 2, ``numpy.core`` before)."""
     module, _, name = qualname.rpartition(".")
@@ -178,7 +182,7 @@ class _BoundedFile:
     def read(self, n: int = -1) -> bytes:
         """Return up to ``n`` bytes; refuse a request for more than the file has left."""
         if n is not None and n > self.left:
-            raise _Refused(f"a length field of {n} bytes where the file has {self.left} left")
+            raise _TooLong(f"it announces a record of {n} bytes where the file has {self.left} left: truncated, or not a pickle")
         data = self._f.read(n)
         self.left -= len(data)
         return data
@@ -246,7 +250,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         frame = self._unframer.current_frame
         left = frame.getbuffer().nbytes - frame.tell() if frame else self._bounded.left
         if n > left:
-            raise _Refused(f"a length field of {n} bytes where the file has {left} left")
+            raise _TooLong(f"it announces a record of {n} bytes where the file has {left} left: truncated, or not a pickle")
         b = bytearray(n)
         self.readinto(b)
         self.append(b)
@@ -275,7 +279,9 @@ def safe_load_pickle(path: str, what: str = "pickle file"):
                           "nothing from it was run") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             UnicodeDecodeError, MemoryError, OverflowError, RecursionError) as e:
-        raise WrnDetError(f"{what} {path}: not a readable pickle ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
-            from None
+        detail = " ".join(str(e).split())[:200]
+        raise WrnDetError(f"{what} {path}: not a readable pickle, it cannot be unpickled "
+                          f"({detail if isinstance(e, _TooLong) else type(e).__name__ + ': ' + detail}); "
+                          "nothing from it was run") from None
     except OSError as e:
         raise WrnDetError(f"{what} {path} cannot be read: {e.strerror or e}") from None

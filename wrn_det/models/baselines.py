@@ -1,15 +1,26 @@
-"""The CIFAR baselines the Wide Residual Networks paper compares against.
+"""The CIFAR baselines of the Wide Residual Networks work, as the authors' ``models/*.lua``.
 
 * :class:`PreActResNet` -- pre-activation bottleneck ResNets (He et al., 2016),
   depth 9n + 2: ``preact_resnet164`` (~1.7M parameters) and
-  ``preact_resnet1001`` (~10.2M).
-* :class:`NIN` -- Network in Network (Lin et al., 2014) with BatchNorm.
-* :class:`VGGCIFAR` -- VGG-16 with BatchNorm and dropout for 32x32 images.
+  ``preact_resnet1001`` (~10.2M), as He's ``resnet-1k-layers/resnet-pre-act.lua``
+  and the authors' copy of it.
+* :class:`NIN` -- Network in Network (Lin et al., 2014) as the authors'
+  ``models/nin.lua``: BatchNorm, no dropout, a Linear classifier (1,007,242
+  parameters with 10 classes, as their log ``logs/nin_1875527964``).
+* :class:`VGGCIFAR` -- the authors' ``models/vgg.lua``: 16 bias-free 3x3
+  convolutions with BatchNorm, no dropout, average pooling and one Linear layer
+  (20,035,018 parameters with 10 classes, as their log ``logs/vgg_24208029``).
+
+Their README scores these two at 7.4% (NIN) and 6.3% (VGG) test error on
+whitened CIFAR-10. Both came from cifar.torch, whose NIN (with dropout) and VGG
+(dropout, conv biases, a two-layer classifier) are other networks and are not
+provided here: no figure of the WRN work was measured with them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -21,21 +32,24 @@ __all__ = ["PreActBottleneck", "PreActResNet", "ConvBNReLU", "NIN", "VGGCIFAR"]
 
 
 class PreActBottleneck(nn.Module):
-    """Pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3(stride), BN-ReLU-1x1.
+    """Pre-activation bottleneck: BN-ReLU-1x1(stride), BN-ReLU-3x3, BN-ReLU-1x1.
 
-    The inner width is ``out_channels // 4``. As in the WRN block, the shortcut
-    is the identity when the shape is kept, else a strided 1x1 convolution that
-    shares the block's first BN-ReLU. Calling it returns the block output.
+    The stride sits on the first 1x1 convolution, as in He's ``resnet-pre-act.lua``
+    and the authors' copy (``models/resnet-pre-act.lua``). The inner width is
+    ``out_channels // 4``. The shortcut is the identity when the shape is kept,
+    else a strided 1x1 convolution that shares the block's first BN-ReLU (the
+    "common BN, ReLU" of those files). Calling it returns the block output.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         mid = out_channels // 4
-        self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, mid, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
+        self.bn1 = norm_layer(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, mid, 1, stride, bias=False)
+        self.bn2 = norm_layer(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
+        self.bn3 = norm_layer(mid)
         self.conv3 = nn.Conv2d(mid, out_channels, 1, bias=False)
         self.shortcut = None
         if in_channels != out_channels or stride != 1:
@@ -55,19 +69,24 @@ class PreActResNet(FeatureNet):
 
     conv3x3 3 -> 16, three stages of ``n = (depth - 2) / 9`` bottlenecks with
     output widths 64, 128, 256 and strides 1, 2, 2, then BN-ReLU (folded into
-    ``stage3``), global average pooling and Linear. Init: convolutions
-    normal(0, sqrt(2 / (kh * kw * out_channels))), BatchNorm weight 1, bias 0.
+    ``stage3``), global average pooling and Linear.
 
     Args:
         depth: 9n + 2 (164, 1001, ...).
         num_classes: classifier size.
         memory_efficient: recompute each block in the backward pass.
+        conv_init: ``"fan_out"`` (default) initialises as He's ``resnet-pre-act.lua``,
+            whose figures the paper quotes: conv weights normal(0, sqrt(2 / (kh * kw *
+            out_channels))), BatchNorm weight 1, bias 0. ``"fan_in"`` uses n = kh * kw *
+            in_channels, as the ``MSRinit`` the authors' copy calls.
+        norm_layer: the normalisation layer class (default ``nn.BatchNorm2d``).
     """
 
     family = "cifar"
     default_input_size = 32
 
-    def __init__(self, depth: int = 164, num_classes: int = 10, memory_efficient: bool = False):
+    def __init__(self, depth: int = 164, num_classes: int = 10, memory_efficient: bool = False,
+                 conv_init: str = "fan_out", norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9 != 0:
             raise ValueError(f"pre-activation ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 164, ..., 1001), "
@@ -82,17 +101,17 @@ class PreActResNet(FeatureNet):
         for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
             blocks = OrderedDict()
             for j in range(n):
-                blocks[str(j)] = PreActBottleneck(in_ch, width, stride if j == 0 else 1)
+                blocks[str(j)] = PreActBottleneck(in_ch, width, stride if j == 0 else 1, norm_layer)
                 in_ch = width
             if i == len(widths) - 1:
-                blocks["post_act"] = BNReLU(width)
+                blocks["post_act"] = BNReLU(width, norm_layer)
             name = f"stage{i + 1}"
             setattr(self, name, Stage(blocks))
             self._stage_attrs[name] = name
             self._out_specs[name] = ShapeSpec(width, 2 ** i)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
-        init_original(self, bn_weight_init="ones")
+        init_original(self, bn_weight_init="ones", conv_init=conv_init)
         self.memory_efficient = memory_efficient
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,109 +120,123 @@ class PreActResNet(FeatureNet):
 
 
 class ConvBNReLU(nn.Sequential):
-    """Convolution (with bias), BatchNorm (eps 1e-3), ReLU; calling it returns the activated map."""
+    """Convolution (stride 1, 'same' padding), BatchNorm, ReLU: the ``Block`` of the authors' Lua files.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+    Calling it returns the activated map. ``bias`` and ``eps`` are those of the file
+    the network follows (see :class:`NIN`, :class:`VGGCIFAR`); ``norm_layer`` defaults to
+    ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, eps: float = 1e-5,
+                 bias: bool = False, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__(OrderedDict([
-            ("conv", nn.Conv2d(in_channels, out_channels, kernel_size, 1, kernel_size // 2)),
-            ("bn", nn.BatchNorm2d(out_channels, eps=1e-3)),
+            ("conv", nn.Conv2d(in_channels, out_channels, kernel_size, 1, kernel_size // 2, bias=bias)),
+            ("bn", (norm_layer or nn.BatchNorm2d)(out_channels, eps=eps)),
             ("relu", nn.ReLU(inplace=True)),
         ]))
 
 
-class NIN(FeatureNet):
-    """Network in Network with BatchNorm for 32x32 images; calling it returns logits.
+def _init_as_lua_baselines(model: nn.Module) -> None:
+    # nin.lua and vgg.lua call FCinit, then testModel (whose model:reset() redraws every
+    # layer with Torch's defaults), then MSRinit: conv weights normal(0, sqrt(2 / fan_in)),
+    # conv biases 0, BatchNorm weights U(0, 1), and the Linear layer keeps Torch's default
+    # U(+-1/sqrt(fan_in)) for weight and bias -- which is PyTorch's default as well.
+    init_original(model, bn_weight_init="uniform", conv_init="fan_in", zero_linear_bias=False)
 
-    Three mlpconv layers (5x5-1x1-1x1 with 192-160-96 channels, 5x5-1x1-1x1 with
-    192 channels, 3x3-1x1-1x1 with 192 channels and ``num_classes`` last)
-    separated by 3x3/2 max and average pooling (ceil mode) and dropout 0.5, then
-    global average pooling. As in the original, the last 1x1 layer is followed
-    by BN-ReLU before the pooling.
+
+class NIN(FeatureNet):
+    """Network in Network as the authors' ``models/nin.lua``; calling it returns logits (N, num_classes).
+
+    Nine conv-BN(eps 1e-5)-ReLU layers in three mlpconv groups, 5x5-1x1-1x1
+    (192, 160, 96 channels), 5x5-1x1-1x1 (192) and 3x3-1x1-1x1 (192), separated by
+    3x3/2 max and average pooling (ceil mode); no dropout; then average pooling
+    over the 8x8 map and Linear(192, num_classes).
+
+    ``conv_bias=True`` (default) gives the convolutions biases, as the network of
+    the authors' log ``logs/nin_1875527964`` (1,007,242 parameters, the run behind the
+    7.4% of their README); the ``nin.lua`` now in their repository builds them
+    ``:noBias()`` (1,005,642 parameters), which ``conv_bias=False`` gives. Either way
+    the biases start at 0 and every conv is followed by BatchNorm.
 
     ``stem`` is the first 5x5 layer; stages ``stage1`` (96 channels, stride 1),
-    ``stage2`` (192, stride 2), ``stage3`` (192, stride 4); the head is the
-    final 1x1 class layer and the pooling.
+    ``stage2`` (192, stride 2), ``stage3`` (192, stride 4). The final pooling is
+    global (the Lua file's 8x8 kernel on the 8x8 map of a 32x32 image), so other
+    input sizes work too.
     """
 
     family = "cifar"
     default_input_size = 32
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5, memory_efficient: bool = False):
+    def __init__(self, num_classes: int = 10, conv_bias: bool = True, memory_efficient: bool = False,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         self.num_classes = num_classes
-        drop = (lambda: nn.Dropout(dropout)) if dropout > 0 else nn.Identity
-        self.stem = ConvBNReLU(3, 192, 5)
-        self.stage1 = Stage(ConvBNReLU(192, 160, 1), ConvBNReLU(160, 96, 1))
-        self.stage2 = Stage(nn.MaxPool2d(3, 2, ceil_mode=True), drop(),
-                            ConvBNReLU(96, 192, 5), ConvBNReLU(192, 192, 1), ConvBNReLU(192, 192, 1))
-        self.stage3 = Stage(nn.AvgPool2d(3, 2, ceil_mode=True), drop(),
-                            ConvBNReLU(192, 192, 3), ConvBNReLU(192, 192, 1))
-        self.classifier = ConvBNReLU(192, num_classes, 1)
+
+        def block(cin, cout, k):
+            return ConvBNReLU(cin, cout, k, eps=1e-5, bias=conv_bias, norm_layer=norm_layer)
+
+        self.stem = block(3, 192, 5)
+        self.stage1 = Stage(block(192, 160, 1), block(160, 96, 1))
+        self.stage2 = Stage(nn.MaxPool2d(3, 2, ceil_mode=True),
+                            block(96, 192, 5), block(192, 192, 1), block(192, 192, 1))
+        self.stage3 = Stage(nn.AvgPool2d(3, 2, ceil_mode=True),
+                            block(192, 192, 3), block(192, 192, 1), block(192, 192, 1))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(192, num_classes)
         self._stage_attrs = OrderedDict((n, n) for n in ("stage1", "stage2", "stage3"))
         self._out_specs = OrderedDict([("stage1", ShapeSpec(96, 1)), ("stage2", ShapeSpec(192, 2)),
                                        ("stage3", ShapeSpec(192, 4))])
-        init_original(self, bn_weight_init="ones")
+        _init_as_lua_baselines(self)
         self.memory_efficient = memory_efficient
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits: the 1x1 class layer, then global average pooling."""
-        return torch.flatten(self.avgpool(self.classifier(x)), 1)
+        """Return logits from the stage3 output: global average pooling, then ``fc``."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class VGGCIFAR(FeatureNet):
-    """VGG-16 with BatchNorm for 32x32 images; calling it returns logits (N, num_classes).
+    """VGG as the authors' ``models/vgg.lua``; calling it returns logits (N, num_classes).
 
-    Thirteen 3x3 conv-BN-ReLU layers (64, 64, M, 128, 128, M, 256 x3, M, 512 x3,
-    M, 512 x3, M; M = 2x2 max pooling), then Dropout-Linear(512, 512)-BN-ReLU-
-    Dropout-Linear. With ``dropout=True`` it uses the reference CIFAR recipe's
-    rates: 0.3 after the first conv, 0.4 after every later conv except the
-    last one before each pooling, 0.5 in the classifier.
+    Sixteen bias-free 3x3 conv-BN(eps 1e-3)-ReLU layers in groups of 2, 2, 4, 4, 4
+    (64, 128, 256, 512, 512 channels), the first four groups each followed by 2x2
+    max pooling (ceil mode); no dropout; then average pooling (the Lua file's 2x2
+    kernel on the 2x2 map of a 32x32 image; global here, so other sizes work) and
+    Linear(512, num_classes).
 
-    ``stem`` is the first conv layer; stages ``stage1``..``stage5`` have
-    strides 1, 2, 4, 8, 16 (each later stage starts with its pooling) and widths
-    64, 128, 256, 512, 512.
+    ``stem`` is the first conv layer; stages ``stage1``..``stage5`` are the groups
+    (each later one starting with the preceding pooling), strides 1, 2, 4, 8, 16,
+    widths 64, 128, 256, 512, 512.
     """
 
     family = "cifar"
     default_input_size = 32
 
-    def __init__(self, num_classes: int = 10, dropout: bool = True, memory_efficient: bool = False):
+    def __init__(self, num_classes: int = 10, memory_efficient: bool = False, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         self.num_classes = num_classes
-
-        def drop(p):
-            return nn.Dropout(p) if dropout else nn.Identity()
-
-        self.stem = nn.Sequential(ConvBNReLU(3, 64), drop(0.3))
+        self.stem = ConvBNReLU(3, 64, 3, eps=1e-3, norm_layer=norm_layer)
         self._stage_attrs = OrderedDict()
         self._out_specs = OrderedDict()
-        plan = [(64, 1), (128, 2), (256, 3), (512, 3), (512, 3)]
+        plan = [(64, 2), (128, 2), (256, 4), (512, 4), (512, 4)]
         in_ch = 64
         for i, (width, convs) in enumerate(plan):
             layers = []
             if i == 0:
-                convs -= 1  # the first conv of stage 1 is the stem
+                convs -= 1  # the first conv of the first group is the stem
             else:
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-            for j in range(convs):
-                layers.append(ConvBNReLU(in_ch, width))
+            for _ in range(convs):
+                layers.append(ConvBNReLU(in_ch, width, 3, eps=1e-3, norm_layer=norm_layer))
                 in_ch = width
-                if j < convs - 1:
-                    layers.append(drop(0.4))
             name = f"stage{i + 1}"
             setattr(self, name, Stage(*layers))
             self._stage_attrs[name] = name
             self._out_specs[name] = ShapeSpec(width, 2 ** i)
-        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)  # the identity at 32x32; other sizes still work
-        self.classifier = nn.Sequential(
-            drop(0.5), nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-            drop(0.5), nn.Linear(512, num_classes),
-        )
-        init_original(self, bn_weight_init="ones")
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        _init_as_lua_baselines(self)
         self.memory_efficient = memory_efficient
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the stage5 output: pool to 1x1, then the classifier."""
-        return self.classifier(torch.flatten(self.avgpool(self.pool(x)), 1))
+        """Return logits from the stage5 output: global average pooling, then ``fc``."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))

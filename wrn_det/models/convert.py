@@ -1,7 +1,9 @@
 """Classification weights -> detection backbone weights, for both detection engines.
 
 Inputs: checkpoints of ``tools/train_cls.py`` (``model_best.pth``, ``model_final.pth``,
-``model_epoch_XXXX.pth``; their EMA weights with ``use_ema``), torchvision state dicts
+``model_epoch_XXXX.pth``; their EMA weights with ``use_ema``), the authors' own files
+(functional-zoo's WRN-50-2 export, their PyTorch code's CIFAR checkpoints; see
+:mod:`wrn_det.models.original_weights`), torchvision state dicts
 (``wide_resnet50_2``, ``wide_resnet101_2``, any ResNet) and timm's wide ResNets (a
 state dict, or a training checkpoint with ``state_dict`` / ``state_dict_ema``). timm's
 ResNet keys are torchvision's; ``module.`` (DataParallel) and ``_orig_mod.``
@@ -43,8 +45,9 @@ from wrn_det.engine.errors import WrnDetError
 from wrn_det.engine.fileio import atomic_write, atomic_write_all
 from wrn_det.engine.safe_pickle import safe_load_pickle
 
+from .original_weights import read_original_weights
 from .registry import build_model
-from .weights import guess_network, is_counter, match_state_dict, strip_wrappers
+from .weights import ConversionError, guess_network, is_counter, match_state_dict, strip_wrappers
 
 __all__ = [
     "ConversionError", "BACKBONE_FORMAT", "D2_AUTHOR",
@@ -55,10 +58,6 @@ __all__ = [
 
 BACKBONE_FORMAT = "backbone"   # value of ``ckpt["wrn_det"]["format"]`` in a builtin backbone checkpoint
 D2_AUTHOR = "wrn_det"          # ``__author__`` of the detectron2 pickles written here
-
-
-class ConversionError(WrnDetError):
-    """A checkpoint cannot be converted: unreadable, wrong network, missing or unknown keys."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +135,16 @@ def read_classifier_state(path: str, use_ema: bool = False) -> Tuple["OrderedDic
     removed, and ``info`` with ``kind`` (``wrn_det``: a checkpoint of our trainer,
     ``timm``: a timm training checkpoint, ``state_dict``: a bare state dict as torchvision
     and timm publish them, ``wrn_det_backbone``: a builtin backbone checkpoint written
-    by this module), ``ema`` (whether the EMA weights were taken) and ``model_name`` (the
+    by this module; ``functional_zoo`` / ``wrn_pytorch``: the authors' own layouts, read by
+    :mod:`wrn_det.models.original_weights`, whose ``info`` also has ``warnings``),
+    ``ema`` (whether the EMA weights were taken) and ``model_name`` (the
     network named in the checkpoint's config or in ``config.yaml`` beside it, else None).
     Raises :class:`ConversionError` (one line) for anything else.
     """
     ckpt = load_checkpoint(path)
+    original = read_original_weights(ckpt, path, use_ema)  # the authors' layouts (functional-zoo, PyTorch port)
+    if original is not None:
+        return original
     info = {"kind": None, "ema": False, "model_name": None}
     if _is_state_dict(ckpt):
         info["kind"], main, ema = "state_dict", ckpt, None
@@ -310,4 +314,4 @@ def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Opt
     own = net.state_dict(keep_vars=True)
     n_params = sum(own[k].numel() for k in backbone if isinstance(own[k], nn.Parameter))
     return {"model_name": name, "kind": info["kind"], "ema": info["ema"], "num_tensors": len(backbone),
-            "num_params": n_params, "dropped": dropped, "written": written}
+            "num_params": n_params, "dropped": dropped, "written": written, "warnings": info.get("warnings", [])}

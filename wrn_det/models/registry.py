@@ -7,7 +7,7 @@ Names are patterns, so every depth and width is reachable:
 * ``wide_resnet{18,34,50,101,152}_{k}`` -- ImageNet-style wide ResNets with
   torchvision's keys (:class:`WideResNet`), 1000 classes by default;
 * ``preact_resnet{depth}`` -- pre-activation bottleneck ResNets for CIFAR;
-* ``nin``, ``vgg_cifar``.
+* ``nin``, ``vgg_cifar`` -- as the authors' ``models/nin.lua`` and ``models/vgg.lua``.
 
 :func:`list_models` lists the canonical names: the configurations of the paper
 and of its code's results, plus the baselines.
@@ -66,8 +66,8 @@ def build_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.Mo
             ``preact_resnet{depth}``.
         num_classes: classifier size; ``None`` picks 10 for the CIFAR family
             and 1000 for the ImageNet family.
-        **kwargs: passed to the network class, e.g. ``dropout`` (WRN, NIN),
-            ``memory_efficient`` (all).
+        **kwargs: passed to the network class, e.g. ``dropout`` (CIFAR-style WRN),
+            ``conv_init`` (WRNs and pre-activation ResNets), ``memory_efficient`` (all).
 
     Raises:
         ValueError: an unknown name (the message lists the known names), a

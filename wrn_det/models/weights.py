@@ -18,10 +18,16 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from wrn_det.engine.errors import WrnDetError
+
 from .wide_resnet import IMAGENET_DEPTHS
 
-__all__ = ["WRAPPER_PREFIXES", "MatchReport", "strip_wrappers", "match_state_dict", "guess_network", "is_counter",
+__all__ = ["ConversionError", "WRAPPER_PREFIXES", "MatchReport", "strip_wrappers", "match_state_dict", "guess_network", "is_counter",
            "short_list"]
+
+class ConversionError(WrnDetError):
+    """A weights file does not fit or cannot be converted: unreadable, wrong network, missing or unknown keys."""
+
 
 #: Prefixes wrappers add to every key: DataParallel / DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

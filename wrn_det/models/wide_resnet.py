@@ -11,17 +11,22 @@ they are.
 * Basic-block depths (18, 34) widen every stage: widths 64k, 128k, 256k, 512k
   after the 64-channel stem; ``wide_resnet34_2`` is the WRN-34-2 used for COCO
   detection in the paper.
+
+Initialisation follows the authors' ``pretrained/wide-resnet.lua`` (conv weights
+normal(0, sqrt(2 / fan_in))); ``conv_init="fan_out"`` gives torchvision's.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .common import FeatureNet, ShapeSpec, Stage
+from .norm import is_batch_norm
+from .wrn_cifar import check_conv_init
 
 __all__ = ["WideResNet", "BasicBlock", "Bottleneck", "IMAGENET_DEPTHS"]
 
@@ -35,27 +40,28 @@ IMAGENET_DEPTHS = {
 }
 
 
-def _downsample(in_channels: int, out_channels: int, stride: int) -> Optional[nn.Module]:
-    """Return the projection shortcut (1x1 conv + BN) or None when the shape is kept."""
+def _downsample(in_channels: int, out_channels: int, stride: int, norm_layer: Optional[Callable[..., nn.Module]] = None) -> Optional[nn.Module]:
+    """Return the projection shortcut (1x1 conv + norm) or None when the shape is kept."""
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-        nn.BatchNorm2d(out_channels),
+        (norm_layer or nn.BatchNorm2d)(out_channels),
     )
 
 
 class BasicBlock(nn.Module):
     """Post-activation basic block (two 3x3 convs); calling it returns relu(residual + shortcut)."""
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1):
+    def __init__(self, in_channels: int, width: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.downsample = _downsample(in_channels, width, stride)
+        self.bn2 = norm_layer(width)
+        self.downsample = _downsample(in_channels, width, stride, norm_layer)
         self.out_channels = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +80,18 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, width: int, stride: int = 1):
+    def __init__(self, in_channels: int, planes: int, width: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         out = planes * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
+        self.bn3 = norm_layer(out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_channels, out, stride)
+        self.downsample = _downsample(in_channels, out, stride, norm_layer)
         self.out_channels = out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +101,26 @@ class Bottleneck(nn.Module):
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
         return self.relu(y + identity)
+
+
+_STEM_CHILDREN = ("conv1.", "bn1.")
+
+
+def _stem_keys_out(module, state_dict, prefix, local_metadata) -> None:
+    # "<prefix>stem.conv1.weight" -> "<prefix>conv1.weight", in place and in order: this
+    # module's entries are the last ones of the dict when its hook runs
+    keys = list(state_dict)
+    first = next((i for i, k in enumerate(keys) if k.startswith(prefix + "stem.")), None)
+    if first is None:
+        return
+    tail = [(k, state_dict.pop(k)) for k in keys[first:]]
+    for k, v in tail:
+        state_dict[prefix + k[len(prefix) + 5:] if k.startswith(prefix + "stem.") else k] = v
+
+
+def _stem_keys_in(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for k in [k for k in state_dict if k.startswith(tuple(prefix + c for c in _STEM_CHILDREN))]:
+        state_dict[prefix + "stem." + k[len(prefix):]] = state_dict.pop(k)
 
 
 class WideResNet(FeatureNet):
@@ -109,25 +136,43 @@ class WideResNet(FeatureNet):
         num_classes: classifier size.
         memory_efficient: recompute each block in the backward pass.
         zero_init_residual: start the last BN of each block at 0.
+        conv_init: ``"fan_in"`` (default) initialises as the authors'
+            ``pretrained/wide-resnet.lua`` (the fb.resnet.torch model file they trained
+            WRN-50-2 with, edited to n = kh * kw * nInputPlane): conv weights
+            normal(0, sqrt(2 / (kh * kw * in_channels))), BatchNorm weight 1 and bias 0,
+            ``fc`` bias 0. ``"fan_out"`` initialises as torchvision's ResNet (and
+            fb.resnet.torch's unedited ``models/resnet.lua``): normal(0, sqrt(2 / (kh * kw *
+            out_channels))), ``fc`` left at PyTorch's default.
+        norm_layer: the normalisation layer class (``wrn_det.models.norm.get_norm``; default
+            ``nn.BatchNorm2d``), as torchvision's ``norm_layer``.
+
+    ``stem`` is a registered module holding ``conv1``, ``bn1``, ``relu`` and ``maxpool``;
+    the state dict still has torchvision's top-level keys (``conv1.weight``, ``bn1.*``),
+    so torchvision and timm files load as they are.
     """
 
     family = "imagenet"
     default_input_size = 224
 
     def __init__(self, depth: int = 50, k: int = 2, num_classes: int = 1000,
-                 memory_efficient: bool = False, zero_init_residual: bool = False):
+                 memory_efficient: bool = False, zero_init_residual: bool = False,
+                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         if depth not in IMAGENET_DEPTHS:
             raise ValueError(f"wide ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}, got {depth}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"wide ResNet widening factor k must be an integer >= 1, got {k}")
+        check_conv_init(conv_init)
         kind, counts = IMAGENET_DEPTHS[depth]
         self.depth, self.k, self.num_classes = depth, k, num_classes
 
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.stem = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 64, 7, 2, 3, bias=False)), ("bn1", norm_layer(64)),
+            ("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, 2, 1))]))
+        # torchvision's keys in the state dict: stem.conv1.weight is saved and loaded as conv1.weight
+        self.register_state_dict_post_hook(_stem_keys_out)
+        self.register_load_state_dict_pre_hook(_stem_keys_in)
 
         in_ch = 64
         self._stage_attrs = OrderedDict()
@@ -138,9 +183,9 @@ class WideResNet(FeatureNet):
             for j in range(count):
                 stride = 2 if (i > 0 and j == 0) else 1
                 if kind == "basic":
-                    block = BasicBlock(in_ch, planes * k, stride)
+                    block = BasicBlock(in_ch, planes * k, stride, norm_layer)
                 else:
-                    block = Bottleneck(in_ch, planes, planes * k, stride)
+                    block = Bottleneck(in_ch, planes, planes * k, stride, norm_layer)
                 blocks.append(block)
                 in_ch = block.out_channels
             layer = f"layer{i + 1}"
@@ -152,10 +197,12 @@ class WideResNet(FeatureNet):
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.kaiming_normal_(m.weight, mode=conv_init, nonlinearity="relu")
+            elif is_batch_norm(m):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if conv_init == "fan_in":
+            nn.init.zeros_(self.fc.bias)  # the authors' file zeroes every Linear bias
         if zero_init_residual:
             # Each block then starts as the identity, which helps large-batch training.
             for m in self.modules():
@@ -166,10 +213,14 @@ class WideResNet(FeatureNet):
         self.memory_efficient = memory_efficient
 
     @property
-    def stem(self) -> nn.Module:
-        """Return conv1-bn1-relu-maxpool as one module (the same parameter objects)."""
-        # Built on access so the state dict keeps torchvision's top-level keys.
-        return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+    def conv1(self) -> nn.Module:
+        """Return the stem's first convolution (torchvision's ``conv1``)."""
+        return self.stem.conv1
+
+    @property
+    def bn1(self) -> nn.Module:
+        """Return the stem's normalisation layer (torchvision's ``bn1``)."""
+        return self.stem.bn1
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits from the res5 output: global average pooling, then ``fc``."""

@@ -14,27 +14,32 @@ The shortcut is the identity when the block keeps the shape; otherwise a 1x1
 convolution with the block's stride that reads the *pre-activated* input, i.e.
 the block's first BN-ReLU is shared between the residual branch and the
 shortcut.
+
+Initialisation (:func:`init_original`) is the authors' ``models/utils.lua``: conv
+weights normal(0, sqrt(2 / fan_in)), Torch's default BatchNorm weights U(0, 1),
+Linear bias 0.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .common import FeatureNet, ShapeSpec, Stage
+from .norm import is_batch_norm
 
-__all__ = ["WideResNetCIFAR", "WideBasicBlock", "BNReLU", "init_original"]
+__all__ = ["WideResNetCIFAR", "WideBasicBlock", "BNReLU", "init_original", "check_conv_init", "CONV_INITS"]
 
 
 class BNReLU(nn.Module):
-    """BatchNorm followed by ReLU; calling it returns the activated tensor."""
+    """BatchNorm (``norm_layer``, default ``nn.BatchNorm2d``) followed by ReLU; calling it returns the activated tensor."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
+        self.bn = (norm_layer or nn.BatchNorm2d)(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return relu(bn(x))."""
@@ -48,13 +53,16 @@ class WideBasicBlock(nn.Module):
         in_channels, out_channels: widths before and after the block.
         stride: stride of the first 3x3 convolution (and of the shortcut).
         dropout: dropout probability between the two convolutions (0 = none).
+        norm_layer: the normalisation layer class (default ``nn.BatchNorm2d``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.bn1 = norm_layer(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = norm_layer(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut = None
@@ -71,32 +79,52 @@ class WideBasicBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(pre))
 
 
-def init_original(model: nn.Module, bn_weight_init: str = "uniform") -> nn.Module:
+#: The two conventions for the normal(0, sqrt(2 / n)) convolution init ("MSR init", He et al. 2015).
+CONV_INITS = ("fan_in", "fan_out")
+
+
+def check_conv_init(conv_init: str) -> str:
+    """Return ``conv_init`` if it is ``"fan_in"`` or ``"fan_out"``; raise ValueError naming both otherwise."""
+    if conv_init not in CONV_INITS:
+        raise ValueError(f"conv_init must be 'fan_in' or 'fan_out', got {conv_init!r}")
+    return conv_init
+
+
+def init_original(model: nn.Module, bn_weight_init: str = "uniform", conv_init: str = "fan_in",
+                  zero_linear_bias: bool = True) -> nn.Module:
     """Initialise ``model`` the way the original Torch code does; returns ``model``.
 
-    * convolutions: normal(0, sqrt(2 / (kh * kw * out_channels))), bias 0;
+    * convolutions: normal(0, sqrt(2 / n)), bias 0. ``conv_init="fan_in"`` (default):
+      n = kh * kw * in_channels, as ``MSRinit`` of the authors' ``models/utils.lua``
+      since its commit "fix MSRA init" (September 2016) and ``kaiming_normal_`` (fan-in)
+      of their PyTorch port (``pytorch/utils.py``); for the 3 -> 16 stem of a WRN that
+      is std 0.27. ``"fan_out"``: n = kh * kw * out_channels, as ``models/utils.lua``
+      before that fix, ``ConvInit`` of fb.resnet.torch and of He's
+      ``resnet-1k-layers/resnet-pre-act.lua``, and torchvision's ResNet (std 0.118
+      for the stem);
     * BatchNorm: weight U(0, 1) (``bn_weight_init="uniform"``, the default of
       Torch's BatchNormalization, which the original code leaves untouched) or
       1 (``"ones"``); bias 0;
-    * Linear: bias 0; the weight keeps PyTorch's default U(-1/sqrt(fan_in),
-      1/sqrt(fan_in)), which is also Torch's default.
+    * Linear: the weight keeps PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+      which is also Torch's default; the bias is 0 (``FCinit``) with
+      ``zero_linear_bias``, else it keeps that default too.
     """
     if bn_weight_init not in ("uniform", "ones"):
         raise ValueError(f"bn_weight_init must be 'uniform' or 'ones', got {bn_weight_init!r}")
+    check_conv_init(conv_init)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            nn.init.kaiming_normal_(m.weight, mode=conv_init, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif is_batch_norm(m):  # trained, synchronised or frozen: the same draws
             if m.weight is not None:
                 if bn_weight_init == "uniform":
                     nn.init.uniform_(m.weight, 0.0, 1.0)
                 else:
                     nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, nn.Linear) and zero_linear_bias:
             nn.init.zeros_(m.bias)
     return model
 
@@ -111,6 +139,10 @@ class WideResNetCIFAR(FeatureNet):
         dropout: dropout probability inside each block (the paper uses 0.3).
         memory_efficient: recompute each block in the backward pass.
         bn_weight_init: ``"uniform"`` (U(0, 1), the original) or ``"ones"``.
+        conv_init: ``"fan_in"`` (the authors' ``models/utils.lua`` since September 2016 and
+            their PyTorch port) or ``"fan_out"`` (their code before that); see :func:`init_original`.
+        norm_layer: the normalisation layer class (``wrn_det.models.norm.get_norm``; default
+            ``nn.BatchNorm2d``).
 
     Stages ``stage1``, ``stage2``, ``stage3`` have strides 1, 2, 4 and widths
     16k, 32k, 64k; the final BN-ReLU belongs to ``stage3``, so its output is
@@ -121,7 +153,8 @@ class WideResNetCIFAR(FeatureNet):
     default_input_size = 32
 
     def __init__(self, depth: int = 28, k: int = 10, num_classes: int = 10, dropout: float = 0.0,
-                 memory_efficient: bool = False, bn_weight_init: str = "uniform"):
+                 memory_efficient: bool = False, bn_weight_init: str = "uniform",
+                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...), got {depth}")
@@ -140,10 +173,10 @@ class WideResNetCIFAR(FeatureNet):
         for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
             blocks = OrderedDict()
             for j in range(n):
-                blocks[str(j)] = WideBasicBlock(in_ch, width, stride if j == 0 else 1, dropout)
+                blocks[str(j)] = WideBasicBlock(in_ch, width, stride if j == 0 else 1, dropout, norm_layer)
                 in_ch = width
             if i == len(widths) - 1:
-                blocks["post_act"] = BNReLU(width)
+                blocks["post_act"] = BNReLU(width, norm_layer)
             name = f"stage{i + 1}"
             setattr(self, name, Stage(blocks))
             self._stage_attrs[name] = name
@@ -151,7 +184,7 @@ class WideResNetCIFAR(FeatureNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
 
-        init_original(self, bn_weight_init)
+        init_original(self, bn_weight_init, conv_init)
         self.memory_efficient = memory_efficient
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
