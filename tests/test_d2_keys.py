@@ -78,6 +78,8 @@ def test_detectron2_state_loads_every_tensor_of_the_detector(name, opts, tmp_pat
     for k in bg_deltas:
         assert torch.equal(a[k][4:], b[k][4:]) and not b[k][:4].any()
     assert isinstance(dst.rpn.anchor_generator, DetectronAnchorGenerator)
+    # the strides stay known: images padded to 32 give a p6 grid that the padded size does not divide
+    assert dst.rpn.anchor_generator.strides == src.rpn.anchor_generator.strides
 
 
 def test_detectron2_class_order_and_class_agnostic_deltas(tmp_path):
@@ -100,7 +102,7 @@ def test_detectron2_anchors():
 
     from wrn_det.detection.d2_keys import DetectronAnchorGenerator
 
-    ours = DetectronAnchorGenerator(((32, 64),), ((0.5, 1.0),)).cell_anchors[0]
+    ours = DetectronAnchorGenerator(((32, 64),), ((0.5, 1.0),), (16,)).cell_anchors[0]
     expected = []
     for s in (32, 64):  # detectron2's generate_cell_anchors: size-major, w = sqrt(s^2 / a), h = a w, no rounding
         for a in (0.5, 1.0):

@@ -36,10 +36,11 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from wrn_det.engine.errors import WrnDetError, a_type
 from wrn_det.models.convert import backbone_key_map
+
+from .rpn import StridedAnchorGenerator
 
 __all__ = ["is_detectron2_state", "detectron2_key_plan", "detectron2_to_builtin", "DetectronAnchorGenerator",
            "use_detectron2_anchors"]
@@ -185,8 +186,8 @@ def detectron2_to_builtin(state: Dict[str, object], model: nn.Module, path: str 
     return out
 
 
-class DetectronAnchorGenerator(AnchorGenerator):
-    """torchvision's AnchorGenerator with detectron2's cell anchors (``DefaultAnchorGenerator``, offset 0).
+class DetectronAnchorGenerator(StridedAnchorGenerator):
+    """The builtin anchor generator (strides known) with detectron2's cell anchors (``DefaultAnchorGenerator``, offset 0).
 
     For a size ``s`` and ratio ``a``: ``w = sqrt(s * s / a)``, ``h = a * w``, the box
     ``(-w/2, -h/2, w/2, h/2)`` without rounding, listed size-major (all ratios of the
@@ -212,4 +213,4 @@ def use_detectron2_anchors(model: nn.Module) -> None:
         return
     old = rpn.anchor_generator
     # the RPN moves the cell anchors to the features' device and dtype on every call
-    rpn.anchor_generator = DetectronAnchorGenerator(old.sizes, old.aspect_ratios)
+    rpn.anchor_generator = DetectronAnchorGenerator(old.sizes, old.aspect_ratios, old.strides)
