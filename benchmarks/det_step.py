@@ -36,12 +36,18 @@ torchvision's model (torchvision time / builtin time >= 1).
 
     python benchmarks/det_step.py [--size 256 800] [--batch 2] [--iters 3] [--device cpu]
                                   [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16]
+
+Ablation rows, by name only: ``builtin-no-fastconv`` (the builtin row with
+``wrn_det.detection.fast_conv.ENABLED = False``: oneDNN for every convolution) and
+``builtin-tv-roialign`` (``wrn_det.detection.pooling.ENABLED = False``: torchvision's RoIAlign
+kernel); with the plain ``builtin`` row they show what each speed-up gains. Their RESULT lines:
+``det_*_gain_fastconv`` and ``det_*_gain_roialign`` (ablated time / builtin time).
 """
 import argparse
 import logging
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,8 +59,12 @@ from bench_utils import alternate, median, result, timed  # noqa: E402
 
 CONFIG = "COCO-Detection/wrn34_2_frcnn.yaml"
 D2_R50_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
-ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50")
+ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50", "builtin-no-fastconv", "builtin-tv-roialign")
+# rows run when --rows is not given (the ablation rows are asked for by name)
+DEFAULT_ROWS = ROWS[:5]
 LABELS = {"builtin": "builtin, WRN-34-2-FPN", "d2": "detectron2, WRN-34-2-FPN",
+          "builtin-no-fastconv": "builtin WRN-34-2-FPN, oneDNN convs only",
+          "builtin-tv-roialign": "builtin WRN-34-2-FPN, torchvision RoIAlign",
           "builtin-r50": "builtin, ResNet-50-FPN", "torchvision": "torchvision fasterrcnn_resnet50_fpn",
           "d2-r50": "detectron2, its own R50-FPN"}
 GOAL_TRAIN, GOAL_INFER, GOAL_TV = 1.2, 1.5, 1.0
@@ -87,8 +97,25 @@ def _sgd(model):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
 
-def builtin_row(opts, device, autocast) -> Row:
-    """The builtin engine's Faster R-CNN built from CONFIG with ``opts``."""
+@contextmanager
+def switched_off(module):
+    """Set ``module.ENABLED`` False inside the block (None: do nothing)."""
+    if module is None:
+        yield
+        return
+    module.ENABLED = False
+    try:
+        yield
+    finally:
+        module.ENABLED = True
+
+
+def builtin_row(opts, device, autocast, without=None) -> Row:
+    """The builtin engine's Faster R-CNN built from CONFIG with ``opts``.
+
+    ``without``: ``fast_conv`` or ``pooling`` (a module of :mod:`wrn_det.detection`) to run
+    with that speed-up switched off (the ablation rows; same weights as the plain row).
+    """
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.modeling import build_detector
     from wrn_det.engine.config import load_config
@@ -101,16 +128,16 @@ def builtin_row(opts, device, autocast) -> Row:
 
     def train(batch):
         model.train()
-        with autocast():
+        with autocast(), switched_off(without):
             loss = sum(model(batch).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
 
     @torch.no_grad()
     def infer(x):
         model.eval()
-        with autocast():
+        with autocast(), switched_off(without):
             return model([x])[0]
 
     return Row(model, train, infer)
@@ -304,6 +331,14 @@ def build_rows(names, size: int, device, autocast):
         rows["builtin"] = builtin_row([], device, autocast)
     if "d2" in names and d2:
         rows["d2"] = detectron2_row(CONFIG, [], device, autocast, builtin=rows["builtin"])
+    if "builtin-no-fastconv" in names:
+        from wrn_det.detection import fast_conv
+
+        rows["builtin-no-fastconv"] = builtin_row([], device, autocast, without=fast_conv)
+    if "builtin-tv-roialign" in names:
+        from wrn_det.detection import pooling
+
+        rows["builtin-tv-roialign"] = builtin_row([], device, autocast, without=pooling)
     if "builtin-r50" in names or "torchvision" in names or ("d2-r50" in names and d2):
         rows["builtin-r50"] = builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], device, autocast)
     if "torchvision" in names:
@@ -368,7 +403,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--iters", type=int, default=3, help="alternating rounds (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rows", type=lambda s: [r for r in s.split(",") if r], default=list(ROWS),
+    p.add_argument("--rows", type=lambda s: [r for r in s.split(",") if r], default=list(DEFAULT_ROWS),
                    help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for every row")
     p.add_argument("--no-train", action="store_true", help="inference rows only")
@@ -395,6 +430,11 @@ def main() -> int:
                    GOAL_TRAIN, note=note)
         result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
                GOAL_INFER, note=note)
+        for k, what in (("builtin-no-fastconv", "fastconv"), ("builtin-tv-roialign", "roialign")):
+            if k in res and ours:
+                if not a.no_train:
+                    print(f"RESULT det_train_gain_{what}_s{size}{tag} {res[k][0] / ours[0]:.2f}x (no goal)")
+                print(f"RESULT det_infer_gain_{what}_s{size}{tag} {res[k][1] / ours[1]:.2f}x (no goal)")
         tv, r50 = res.get("torchvision"), res.get("builtin-r50")
         result(f"det_infer_torchvision_over_builtin_r50_fpn_s{size}{tag}", tv[1] / r50[1] if tv and r50 else None,
                GOAL_TV, note="" if tv and r50 else "rows not run")

@@ -7,13 +7,13 @@ contiguous label, "iscrowd"}``. Category ids are mapped to contiguous labels
 is stored in the dataset's metadata. Malformed input is reported in one line naming
 the file, the annotation and the value.
 """
-import json
 import logging
 import math
 import os
 from typing import Dict, List, Optional, Tuple
 
 from wrn_det.engine.errors import WrnDetError, a_type
+from wrn_det.engine.fileio import read_json
 
 from .catalog import DatasetCatalog, MetadataCatalog
 
@@ -32,18 +32,6 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _read_json(json_file: str):
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise WrnDetError(f"{json_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise WrnDetError(f"{json_file}: not a JSON text file (it is not UTF-8)") from None
-    except OSError as e:
-        raise WrnDetError(f"{json_file} cannot be read: {e.strerror or e}") from None
-
-
 def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], List[dict], Dict[str, int]]:
     """Read and check a COCO instances file: the one reader of COCO JSON, for training and evaluation.
 
@@ -55,7 +43,7 @@ def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], Li
     :class:`WrnDetError` naming the file, the image or annotation id and what was expected.
     Empty boxes (width or height 0) are dropped and counted, as detectron2 drops them.
     """
-    data = _read_json(json_file)
+    data = read_json(json_file)
     if not isinstance(data, dict):
         raise WrnDetError(f"{json_file}: holds {a_type(data)}; expected a COCO object with 'images', 'annotations' "
                           "and 'categories'")

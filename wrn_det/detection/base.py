@@ -13,11 +13,27 @@ from torchvision.models.detection.image_list import ImageList
 
 from wrn_det.engine.errors import ConfigError
 
-__all__ = ["DetectorBase", "LOSS_NAMES", "check_unsupported"]
+__all__ = ["DetectorBase", "LOSS_NAMES", "check_unsupported", "in_feature_channels"]
 
 # torchvision's loss names -> detectron2's, which metrics.json and plots use
 LOSS_NAMES = {"loss_classifier": "loss_cls", "loss_box_reg": "loss_box_reg",
               "loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_loc"}
+
+
+def in_feature_channels(key: str, in_features, shapes) -> int:
+    """Return the channel count shared by the backbone outputs ``in_features`` (``shapes``: ``output_shape()``).
+
+    Raises :class:`ConfigError` naming ``key`` (``MODEL.RPN.IN_FEATURES``, say) for a name that
+    is not a backbone output, or outputs of different widths (the head is shared across them).
+    """
+    in_features = list(in_features)
+    for f in in_features:
+        if f not in shapes:
+            raise ConfigError(f"{key}: {f!r} is not a backbone output; outputs are {list(shapes)}")
+    channels = {shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ConfigError(f"{key} {in_features} have different channel counts {sorted(channels)}")
+    return channels.pop()
 
 
 def check_unsupported(cfg) -> None:

@@ -17,7 +17,6 @@ folder:
 The precision values are those COCO AP is computed from (101 recall points, all
 areas, 100 detections per image). matplotlib draws; every file is written atomically.
 """
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from wrn_det.engine.fileio import save_figure, write_json
+from wrn_det.engine.fileio import read_json, save_figure, write_json
 from wrn_det.engine.errors import WrnDetError
 
 __all__ = ["CONFUSION_SCORE", "CONFUSION_IOU", "PLOT_FILES", "DATA_FILE", "plot_data_from_eval",
@@ -116,11 +115,7 @@ def read_plot_data(path: str) -> dict:
     """
     if not os.path.isfile(path):
         raise WrnDetError(f"{path} not found: run an evaluation first (it writes inference/{DATA_FILE})")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WrnDetError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise WrnDetError(f"{path}: expected a JSON object, got {type(data).__name__}")
     classes = data.get("classes")

@@ -24,7 +24,7 @@ from wrn_det.engine.errors import ConfigError
 from wrn_det.models.norm import get_norm
 
 from .backbone import build_backbone
-from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .base import LOSS_NAMES, DetectorBase, check_unsupported, in_feature_channels
 from .fast_conv import use_winograd_convs, winograd_convs
 from .pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 from .registry import META_ARCH_REGISTRY
@@ -138,13 +138,7 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
     rh, bh = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
     shapes = backbone.output_shape()
     in_features = list(rh.IN_FEATURES)
-    for f in in_features:
-        if f not in shapes:
-            raise ConfigError(f"MODEL.ROI_HEADS.IN_FEATURES: {f!r} is not a backbone output; outputs are {list(shapes)}")
-    channels = {shapes[f].channels for f in in_features}
-    if len(channels) != 1:
-        raise ConfigError(f"MODEL.ROI_HEADS.IN_FEATURES {in_features} have different channel counts {sorted(channels)}")
-    (c,) = channels
+    c = in_feature_channels("MODEL.ROI_HEADS.IN_FEATURES", in_features, shapes)
     if bh.POOLER_TYPE not in ("ROIAlign", "ROIAlignV2"):
         raise ConfigError(f"MODEL.ROI_BOX_HEAD.POOLER_TYPE {bh.POOLER_TYPE!r} is not supported; use ROIAlignV2 or ROIAlign")
     if bh.CLS_AGNOSTIC_BBOX_REG or not rh.PROPOSAL_APPEND_GT or list(rh.IOU_LABELS) != [0, 1] or len(rh.IOU_THRESHOLDS) != 1:

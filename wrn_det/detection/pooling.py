@@ -11,7 +11,8 @@ and its gradient the transposed ``embedding_bag``. The arithmetic is torchvision
 points, the same clamping at the borders, the same adaptive grid when ``sampling_ratio``
 is 0; results agree to float rounding.
 
-On CUDA, and while tracing or scripting (export), torchvision's kernel runs instead.
+On CUDA, and while tracing or scripting (export), torchvision's kernel runs instead (and
+everywhere with ``ENABLED = False``).
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -21,7 +22,10 @@ from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
 from torchvision.ops.poolers import _onnx_merge_levels
 
-__all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois", "MAX_GRID"]
+__all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois", "MAX_GRID", "ENABLED"]
+
+# switch for the whole process: False makes every pooling call torchvision's kernel (the benchmark's ablation)
+ENABLED = True
 
 # samples per bin side above which a RoI goes to torchvision's kernel (a box inside the image
 # needs at most about 10 on the level the FPN rule gives it, or with a C4 trunk)
@@ -52,7 +56,7 @@ def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
 
 
 def _use_torchvision(features: Sequence[Tensor]) -> bool:
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    if not ENABLED or torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
     return features[0].device.type != "cpu" or features[0].dtype not in (torch.float32, torch.float64, torch.bfloat16)
 

@@ -19,7 +19,7 @@ from torchvision.ops import boxes as box_ops
 from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
-from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .base import LOSS_NAMES, DetectorBase, check_unsupported, in_feature_channels
 from .fast_conv import use_winograd_convs, winograd_convs
 from .registry import META_ARCH_REGISTRY
 
@@ -69,12 +69,7 @@ def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
     """
     rpn_cfg = cfg.MODEL.RPN
     in_features = list(rpn_cfg.IN_FEATURES)
-    for f in in_features:
-        if f not in input_shapes:
-            raise ConfigError(f"MODEL.RPN.IN_FEATURES: {f!r} is not a backbone output; outputs are {list(input_shapes)}")
-    channels = {input_shapes[f].channels for f in in_features}
-    if len(channels) != 1:
-        raise ConfigError(f"MODEL.RPN.IN_FEATURES {in_features} have different channel counts {sorted(channels)}")
+    c = in_feature_channels("MODEL.RPN.IN_FEATURES", in_features, input_shapes)
     ag = cfg.MODEL.ANCHOR_GENERATOR
     if ag.NAME != "DefaultAnchorGenerator" or float(ag.OFFSET) != 0.0:
         raise ConfigError("MODEL.ANCHOR_GENERATOR: only NAME DefaultAnchorGenerator with OFFSET 0.0 is supported")
@@ -86,7 +81,6 @@ def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
     anchor_generator = StridedAnchorGenerator(tuple(tuple(float(v) for v in s) for s in sizes),
                                               tuple(tuple(float(v) for v in r) for r in ratios),
                                               [input_shapes[f].stride for f in in_features])
-    (c,) = channels
     dims = list(rpn_cfg.CONV_DIMS)
     if any(d not in (-1, c) for d in dims):
         raise ConfigError(f"MODEL.RPN.CONV_DIMS {dims}: the builtin RPN head keeps the input width ({c}); use -1")

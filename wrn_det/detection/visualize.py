@@ -6,14 +6,13 @@ with matplotlib) sized to the picture, and small images are enlarged first so th
 labels stay readable. Pictures are written as PNG through the project's atomic writer.
 Also here: :func:`read_coco_results`, the checked reader of a COCO results file.
 """
-import json
 import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from wrn_det.engine.fileio import atomic_write
+from wrn_det.engine.fileio import atomic_write, read_json
 from wrn_det.engine.errors import WrnDetError
 
 __all__ = ["class_colour", "ERROR_COLOUR", "draw_boxes", "detection_labels", "side_by_side", "save_png", "caption",
@@ -163,11 +162,7 @@ def read_coco_results(path: str, image_ids: Optional[set] = None, category_ids: 
     """
     if not os.path.isfile(path):
         raise WrnDetError(f"results file {path} not found (an evaluation writes inference/coco_instances_results.json)")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WrnDetError(f"results file {path}: not valid JSON ({e})") from None
+    data = read_json(path, "results file")
     if not isinstance(data, list):
         raise WrnDetError(f"results file {path}: expected a list of detections, got a {type(data).__name__}")
     by_image: Dict[int, List[dict]] = {}

@@ -15,10 +15,28 @@ from typing import Callable, List, Sequence, Tuple
 
 from .errors import WrnDetError
 
-__all__ = ["atomic_write", "atomic_write_all", "atomic_save", "write_text", "write_json", "save_figure",
+__all__ = ["read_json", "atomic_write", "atomic_write_all", "atomic_save", "write_text", "write_json", "save_figure",
            "check_output_dir"]
 
 Writer = Callable[[str], None]
+
+
+def read_json(path: str, what: str = ""):
+    """Return the parsed contents of the JSON file at ``path``.
+
+    Raises :class:`WrnDetError` in one line starting with ``what`` (say ``results file``) and
+    the path for a file that cannot be read, is not UTF-8 or is not valid JSON.
+    """
+    name = f"{what} {path}" if what else path
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise WrnDetError(f"{name}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise WrnDetError(f"{name}: not a JSON text file (it is not UTF-8)") from None
+    except OSError as e:
+        raise WrnDetError(f"{name} cannot be read: {e.strerror or e}") from None
 
 
 def _umask_mode() -> int:
