@@ -158,3 +158,26 @@ def test_gpu_crop_resize_equals_torchvision_resized_crop():
         hh, ww = rng.randint(1, 300), rng.randint(1, 300)
         t, l, h, w = decode.sample_crop(hh, ww, rng)
         assert 0 <= t and 0 <= l and 0 < h and 0 < w and t + h <= hh and l + w <= ww
+
+
+def test_imagenet_colour_steps_with_every_decoder(tmp_path):
+    """The recipe's colour jitter and lighting run after the crop whichever decoder reads the file."""
+    from torchvision.transforms import v2
+
+    from wrn_det.data.cls_loader import Lighting
+
+    _imagenet(tmp_path)
+    tr, te = imagenet_transforms(32, 40, 32, (0.4, 0.4, 0.4), 0.1)
+    for decoder in ("pil", "torchvision"):
+        train, _ = build_cls_datasets(_cls_cfg(tmp_path, decoder), tr, te)
+        torch.manual_seed(0)
+        x, _ = train[0]
+        assert x.dtype == torch.float32 and x.shape == (3, 32, 32), decoder
+        assert 0 <= float(x.mean()) <= 255 and float(x.std()) > 1, decoder  # the 0-255 scale of PIXEL_MEAN
+    # GPU decoding: the workers draw the crop, the colour steps travel with it to run on the decoded batch
+    train, test = build_cls_datasets(_cls_cfg(tmp_path, "cuda"), tr, te)
+    after = train.transform.after
+    kinds = [type(t) for t in after.transforms]
+    assert v2.ColorJitter in kinds and Lighting in kinds and test.transform.after is None
+    out = after(torch.full((3, 32, 32), 128, dtype=torch.uint8))
+    assert out.dtype == torch.float32 and abs(float(out.mean()) - 128) < 80
