@@ -137,7 +137,7 @@ def test_anchors_equal_torchvision_and_know_each_stride():
     assert sorted(set(centres[:, 0].tolist())) == [0.0, 64.0, 128.0]
 
 
-def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside():
+def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thread):
     if not fast_conv.winograd_available():
         pytest.skip("this PyTorch has no NNPACK")
     torch.manual_seed(0)
@@ -160,6 +160,13 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside():
     y_ref.backward(g)
     # the gradient is the ordinary convolution's, for the whole batch
     assert torch.equal(xw.grad, xr.grad) and torch.equal(conv.weight.grad, ref.weight.grad)
+    # NNPACK runs on one thread: with two, only large maps take it; with more, none
+    for threads, map_size, taken in ((2, (40, 48), False), (2, (112, 120), True), (4, (112, 120), False)):
+        torch.set_num_threads(threads)
+        xt = torch.randn(1, 32, *map_size)
+        with torch.no_grad(), winograd_convs():
+            assert torch.equal(conv(xt), ref(xt)) != taken, (threads, map_size)
+    torch.set_num_threads(1)
     with winograd_convs():
         traced = torch.jit.trace(conv, x, check_trace=False)
     assert "nnpack" not in str(traced.graph)

@@ -5,7 +5,10 @@ CPUs without AVX-512. PyTorch's bundled NNPACK computes the same convolution of 
 image with Winograd's transform, in about half the time once the feature map has a
 thousand pixels or so (measured on a 2-core AVX2 machine, one thread: 1.7x at 64x96 and
 32-64 channels, 2x at 32x32 and 128 channels, 2.9x at 208x272 and 256 channels; slower
-on small maps and under 32 channels, where oneDNN stays). The result is float32 with a
+on small maps and under 32 channels, where oneDNN stays). NNPACK runs that convolution on
+one thread while oneDNN uses all of PyTorch's threads, so with two threads only large maps
+gain (1.15-2.75x from 3,072 pixels at 256 channels) and with more it is left to oneDNN
+(:func:`_worth_it`). The result is float32 with a
 rounding error about ten times that of the direct convolution (relative 2e-5 instead of
 2e-6), as cuDNN's Winograd kernels give on a GPU.
 
@@ -68,10 +71,19 @@ def winograd_convs() -> Iterator[None]:
 
 
 def _worth_it(x: Tensor, weight: Tensor) -> bool:
-    # measured crossover: at least 32 input channels and 768 pixels, and twice as many pixels as
-    # channels (res5's 512-1024 channels need maps of 1000-2000 pixels before NNPACK wins)
+    # NNPACK's convolution runs on one thread here while oneDNN's uses them all, so the crossover
+    # moves with the thread count (measured on the 2-core AVX2 machine, 3x3, stride 1, one image):
+    # one thread: at least 32 input channels and 768 pixels, and twice as many pixels as channels
+    # (1.35-2.1x from there); two threads: 1.15-1.9x from 3,072 pixels at 256 channels or more,
+    # 1.1-1.25x from about 13,000 pixels at 64-128 channels, a loss below; more threads: not
+    # measured, and oneDNN's lead only grows, so oneDNN
     c, pixels = x.shape[1], x.shape[2] * x.shape[3]
-    return c >= 32 and pixels >= max(768, 2 * c)
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return c >= 32 and pixels >= max(768, 2 * c)
+    if threads == 2:
+        return (c >= 256 and pixels >= 3072) or (c >= 32 and pixels >= 12288)
+    return False
 
 
 def _gemm_worth_it(x: Tensor, weight: Tensor) -> bool:
