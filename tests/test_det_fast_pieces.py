@@ -266,7 +266,8 @@ def _matched(a, b):
       "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
       "MODEL.RPN.POST_NMS_TOPK_TRAIN", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "300"], (128, 192)),
 ], ids=["shapes-v2", "shapes-legacy", "imagenet-style-p2-p6"])
-def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch):
+def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch, one_thread):
+    # one thread: the size from which the Winograd path is taken (these maps reach it only there)
     # inputs a multiple of the coarsest stride (8 and 64 here), where the old and new padding agree
     kw = dict(o.split("=") for o in opts if "=" in o)
     torch.manual_seed(0)
@@ -286,7 +287,10 @@ def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch):
         _matched(a, b)
     # Winograd convolutions: float rounding of 1e-5 relative per convolution
     monkeypatch.setattr(fast_conv, "ENABLED", True)
+    calls, nnpack = [], torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or nnpack(*a))
     losses, _, dets = _run(winograd, inputs)
+    assert calls or not fast_conv.winograd_available()  # the Winograd path was taken
     for k in losses:
         assert losses[k] == pytest.approx(ref_losses[k], rel=1e-4, abs=1e-6), k
     for a, b in zip(dets, ref_dets):
