@@ -140,3 +140,22 @@ def test_written_files_get_the_umask_mode(tmp_path):
         os.umask(mask)
     for name in ("a.pth", "c.yaml", "last_checkpoint"):
         assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o644, name
+
+
+def test_restore_ema_loads_the_average_or_restarts_it_with_a_warning(caplog):
+    from wrn_det.engine.ema import ModelEMA, restore_ema
+
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    ema.update(model)
+    saved = {"ema": {k: v.clone() for k, v in ema.state_dict().items()}, "ema_updates": ema.num_updates}
+    other = ModelEMA(torch.nn.Linear(3, 2), 0.5)
+    got = restore_ema(other, saved, model)
+    assert got is other and got.num_updates == 2 and torch.equal(got.module.weight, saved["ema"]["weight"])
+    fresh = restore_ema(other, {"model": model.state_dict()}, model)  # a run without the EMA wrote it
+    assert fresh is not other and fresh.decay == 0.5 and torch.equal(fresh.module.weight, model.weight)
+    assert "no EMA weights" in caplog.text
+    assert restore_ema(None, saved, model) is None

@@ -25,7 +25,7 @@ from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
 from wrn_det.engine import comm
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.device import prepare_device, resolve_device
-from wrn_det.engine.ema import ModelEMA
+from wrn_det.engine.ema import ModelEMA, restore_ema
 from wrn_det.engine.errors import ConfigError, NonFiniteLossError, Preempted, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.fileio import atomic_save, atomic_write, write_json
@@ -275,12 +275,7 @@ class ClsTrainer:
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None:
-            if state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"], state.get("ema_updates", 1))
-            else:
-                logger.warning("the checkpoint has no EMA weights; the EMA restarts from the current weights")
-                self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
+        self.ema = restore_ema(self.ema, state, self.model)
         self.step.load_state_dict(state.get("scaler") or {})
         if state["scheduler"]["max_iter"] != self.max_iter:
             logger.warning("the schedule changed since the checkpoint (%d -> %d iterations); continuing on the new one",

@@ -25,7 +25,7 @@ from wrn_det.engine import comm
 from wrn_det.engine.comm import local_batch_size
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.config import load_config
-from wrn_det.engine.ema import ModelEMA
+from wrn_det.engine.ema import ModelEMA, restore_ema
 from wrn_det.engine.errors import ConfigError, Preempted, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.launch import create_ddp_model
@@ -262,12 +262,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step.load_state_dict(ckpt.get("grad_scaler") or {})
-        if self.ema is not None:
-            if ckpt.get("ema") is not None:
-                self.ema.load_state_dict(ckpt["ema"], ckpt.get("ema_updates", 1))
-            else:
-                logger.warning("the checkpoint has no EMA weights; the EMA restarts from the current weights")
-                self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
+        self.ema = restore_ema(self.ema, ckpt, self.model)
         self.last_checkpoint = path
         self.data_seed = int(ckpt.get("data_seed", max(self.cfg.SEED, 0)))
         self._rng_state = ckpt

@@ -7,13 +7,18 @@ here lerps floating-point tensors and copies the others.
 """
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .errors import ConfigError
 
-__all__ = ["ModelEMA"]
+__all__ = ["ModelEMA", "restore_ema"]
+
+logger = logging.getLogger("wrn_det")
 
 
 def _ema_avg_fn(decay: float):
@@ -62,3 +67,19 @@ class ModelEMA:
         """Load averaged weights saved by :meth:`state_dict`, with the number of updates they had seen."""
         self.module.load_state_dict(state)
         self.averaged.n_averaged.fill_(int(num_updates))
+
+
+def restore_ema(ema: Optional[ModelEMA], checkpoint: dict, model: nn.Module) -> Optional[ModelEMA]:
+    """Return the EMA a resumed run continues with (None when the run keeps none).
+
+    ``checkpoint``: a training checkpoint with ``ema`` and ``ema_updates``. One without EMA
+    weights (the run that wrote it had ``MODEL_EMA.ENABLED False``) gives a fresh average of
+    ``model``'s current weights, with a warning.
+    """
+    if ema is None:
+        return None
+    if checkpoint.get("ema") is not None:
+        ema.load_state_dict(checkpoint["ema"], checkpoint.get("ema_updates", 1))
+        return ema
+    logger.warning("the checkpoint has no EMA weights; the EMA restarts from the current weights")
+    return ModelEMA(model, ema.decay)
