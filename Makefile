@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wrn_det-installed
-PYTEST_ARGS ?= -q
+# two pytest workers (one per core), each taking whole test files so that module fixtures are built once
+PYTEST_ARGS ?= -q -n 2 --dist loadfile
 
 .PHONY: install test demo bench clean help
 

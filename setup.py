@@ -24,7 +24,7 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
         # tools/export_model.py --format onnx (onnx writes the file, onnxruntime checks it)
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
