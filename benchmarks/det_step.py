@@ -207,11 +207,7 @@ def copy_builtin_to_torchvision(builtin, tv) -> None:
         k = k.replace("roi_heads.box_head.1.", "roi_heads.box_head.fc6.").replace("roi_heads.box_head.3.",
                                                                                     "roi_heads.box_head.fc7.")
         sd[k] = v
-    target = tv.state_dict()
-    missing = [k for k in target if k not in sd]
-    if missing:
-        raise RuntimeError(f"torchvision keys without a builtin tensor: {missing[:5]}")
-    tv.load_state_dict({k: sd[k] for k in target})
+    _load_every_key(tv, sd, "torchvision")
 
 
 def _d2_resnet_key(key: str):
@@ -232,42 +228,36 @@ def _d2_resnet_key(key: str):
 def copy_builtin_to_d2(builtin, d2, resnet: bool = False) -> None:
     """Load a builtin FPN detector's weights into detectron2's model of the same network (every tensor).
 
-    Backbone tensors by the protocol key map (``resnet``: by detectron2's own ResNet and
-    FPN names); RPN and box head by name; detectron2 puts the background class last where
-    torchvision puts it first.
+    The keys are the project's detectron2 mapping (:func:`wrn_det.detection.d2_keys.detectron2_key_plan`),
+    written in the other direction: detectron2 puts the background class last and has no
+    background box deltas. ``resnet``: detectron2's own ResNet and FPN names for the backbone.
     """
-    from wrn_det.models.convert import backbone_key_map
+    from wrn_det.detection.d2_keys import detectron2_key_plan
 
-    kmap = backbone_key_map(builtin.backbone.bottom_up.net)
-    if resnet:
-        kmap = {k: _d2_resnet_key(k) for k in kmap}
-    names = {"rpn.head.conv.0.0.": "proposal_generator.rpn_head.conv.",
-             "rpn.head.cls_logits.": "proposal_generator.rpn_head.objectness_logits.",
-             "rpn.head.bbox_pred.": "proposal_generator.rpn_head.anchor_deltas.",
-             "roi_heads.box_head.1.": "roi_heads.box_head.fc1.", "roi_heads.box_head.3.": "roi_heads.box_head.fc2."}
+    own = builtin.state_dict()
     sd = {}
-    for k, v in builtin.state_dict().items():
-        if k.startswith("backbone.bottom_up.net."):
-            key = kmap.get(k[len("backbone.bottom_up.net."):])
-            if key is not None:
-                sd["backbone.bottom_up." + key] = v
-            continue
-        for a, b in names.items():
-            if k.startswith(a):
-                k = b + k[len(a):]
-        if resnet and k.startswith("backbone.fpn."):
-            kind, i = k.split(".")[2:4]
-            k = f"backbone.fpn_{'lateral' if kind == 'inner_blocks' else 'output'}{int(i) + 2}.{k.split('.')[-1]}"
-        if k.startswith("roi_heads.box_predictor.cls_score."):
+    for key, own_key, how in detectron2_key_plan(builtin):
+        v = own[own_key]
+        if how == "cls_score":
             v = torch.cat([v[1:], v[:1]])
-        elif k.startswith("roi_heads.box_predictor.bbox_pred."):
+        elif how == "bbox_pred":
             v = v[4:]
-        sd[k] = v
-    target = d2.state_dict()
-    missing = [k for k in target if k not in sd]
+        if resnet and own_key.startswith("backbone.bottom_up.net."):
+            key = "backbone.bottom_up." + _d2_resnet_key(own_key[len("backbone.bottom_up.net."):])
+        elif resnet and key.startswith("backbone.fpn."):
+            kind, i = key.split(".")[2:4]
+            key = f"backbone.fpn_{'lateral' if kind == 'inner_blocks' else 'output'}{int(i) + 2}.{key.split('.')[-1]}"
+        sd[key] = v
+    _load_every_key(d2, sd, "detectron2")
+
+
+def _load_every_key(model, state: dict, what: str) -> None:
+    """Load ``state`` into ``model``, which must find every one of its keys there (extra keys are ignored)."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
     if missing:
-        raise RuntimeError(f"detectron2 keys without a builtin tensor: {missing[:5]}")
-    d2.load_state_dict({k: sd[k] for k in target})
+        raise RuntimeError(f"{what} keys without a builtin tensor: {missing[:5]}")
+    model.load_state_dict({k: state[k] for k in target})
 
 
 def detectron2_row(config: str, opts, device, autocast, builtin: Row) -> Row:
