@@ -63,14 +63,15 @@ def _cv2_as_rgb_tensor(path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1])).permute(2, 0, 1).contiguous()
 
 
-def _read_torchvision(path: str) -> torch.Tensor:
+def _read_torchvision(path: str) -> Tuple[torch.Tensor, Optional[bytes]]:
+    """Return the decoded image and the file's bytes (None when OpenCV read the file instead)."""
     try:
         # deprecated in torchvision 0.29 in favour of TorchCodec; OpenCV gives the same pixels when it is gone
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     except ImportError:
-        return _cv2_as_rgb_tensor(path)
+        return _cv2_as_rgb_tensor(path), None
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -82,12 +83,12 @@ def _read_torchvision(path: str) -> torch.Tensor:
     try:
         with warnings.catch_warnings():  # the deprecation notice, once per image otherwise
             warnings.simplefilter("ignore", DeprecationWarning)
-            if bytes(data[:2].numpy()) == _JPEG_MAGIC:
-                return decode_jpeg(data, mode=ImageReadMode.RGB)
-            return decode_image(data, mode=ImageReadMode.RGB)
+            if raw[:2] == _JPEG_MAGIC:
+                return decode_jpeg(data, mode=ImageReadMode.RGB), raw
+            return decode_image(data, mode=ImageReadMode.RGB), raw
     except RuntimeError:
         # formats or JPEG flavours torchvision refuses; OpenCV reads more (and reports what it cannot)
-        return _cv2_as_rgb_tensor(path)
+        return _cv2_as_rgb_tensor(path), raw
 
 
 # how an image file must end: the JPEG end-of-image marker, PNG's IEND chunk (a truncated
@@ -109,6 +110,11 @@ def check_complete(path: str, where: str = "") -> None:
             tail = f.read()
     except OSError:
         raise _unreadable(path) from None
+    _check_ends(path, head, tail, where)
+
+
+def _check_ends(path: str, head: bytes, tail: bytes, where: str = "") -> None:
+    """:func:`check_complete` on a file's first 8 and last 4096 bytes, already read."""
     fmt = "JPEG" if head[:2] == _JPEG_MAGIC else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else None
     if fmt and _IMAGE_ENDS[fmt] not in tail:
         at = f" ({where})" if where else ""
@@ -122,15 +128,19 @@ def read_image(path: str, fmt: str = "BGR", decoder: str = "torchvision") -> tor
     Raises :class:`WrnDetError` for a missing or unreadable file, and for a JPEG or PNG that is
     cut short (which the decoders would return with grey rows and a warning).
     """
+    if decoder == "torchvision":
+        img, raw = _read_torchvision(path)
+        if raw is None:
+            check_complete(path)
+        else:  # the bytes are in memory already
+            _check_ends(path, raw[:8], raw[-4096:])
+        return img.flip(0) if fmt == "BGR" else img
     img = _decode(path, fmt, decoder)
     check_complete(path)
     return img
 
 
 def _decode(path: str, fmt: str, decoder: str) -> torch.Tensor:
-    if decoder == "torchvision":
-        img = _read_torchvision(path)
-        return img.flip(0) if fmt == "BGR" else img
     if decoder == "pil":
         arr = np.array(_open_pil(path))  # a writable copy
         arr = np.ascontiguousarray(arr[:, :, ::-1]) if fmt == "BGR" else arr
