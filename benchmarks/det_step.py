@@ -38,10 +38,14 @@ torchvision's model (torchvision time / builtin time >= 1).
                                   [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16]
 
 Ablation rows, by name only: ``builtin-no-fastconv`` (the builtin row with
-``wrn_det.detection.fast_conv.ENABLED = False``: oneDNN for every convolution) and
-``builtin-tv-roialign`` (``wrn_det.detection.pooling.ENABLED = False``: torchvision's RoIAlign
+``wrn_det.detection.fast_conv.ENABLED = False``: plain oneDNN for every convolution),
+``builtin-no-packing`` (``fast_conv.PACK_WEIGHTS = False``: inference without the packed weights)
+and ``builtin-tv-roialign`` (``wrn_det.detection.pooling.ENABLED = False``: torchvision's RoIAlign
 kernel); with the plain ``builtin`` row they show what each speed-up gains. Their RESULT lines:
-``det_*_gain_fastconv`` and ``det_*_gain_roialign`` (ablated time / builtin time).
+``det_*_gain_fastconv``, ``det_*_gain_packing`` and ``det_*_gain_roialign`` (ablated time /
+builtin time). Every image of a run has one size, so from its second image the builtin engine's
+inference runs on packed weights (see :mod:`wrn_det.detection.fast_conv`); ``--vary-sizes``
+gives each inference image its own padded size instead (a stream with no size twice: no packing).
 """
 import argparse
 import logging
@@ -59,24 +63,29 @@ from bench_utils import alternate, median, result, timed  # noqa: E402
 
 CONFIG = "COCO-Detection/wrn34_2_frcnn.yaml"
 D2_R50_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
-ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50", "builtin-no-fastconv", "builtin-tv-roialign")
+ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50", "builtin-no-fastconv", "builtin-no-packing",
+        "builtin-tv-roialign")
 # rows run when --rows is not given (the ablation rows are asked for by name)
 DEFAULT_ROWS = ROWS[:5]
 LABELS = {"builtin": "builtin, WRN-34-2-FPN", "d2": "detectron2, WRN-34-2-FPN",
           "builtin-no-fastconv": "builtin WRN-34-2-FPN, oneDNN convs only",
+          "builtin-no-packing": "builtin WRN-34-2-FPN, unpacked weights",
           "builtin-tv-roialign": "builtin WRN-34-2-FPN, torchvision RoIAlign",
           "builtin-r50": "builtin, ResNet-50-FPN", "torchvision": "torchvision fasterrcnn_resnet50_fpn",
           "d2-r50": "detectron2, its own R50-FPN"}
 GOAL_TRAIN, GOAL_INFER, GOAL_TV = 1.2, 1.5, 1.0
 
 
-def make_inputs(n: int, size: int, seed: int = 0):
+def make_inputs(n: int, size: int, seed: int = 0, vary: bool = False):
     """Return ``n`` dicts with a uint8 image of short side ``size`` (4:3, long side at most 1333),
-    XYXY ``boxes`` and ``classes``."""
+    XYXY ``boxes`` and ``classes``. ``vary``: every image of another padded size (32 pixels
+    less in height for every other image, 32 less in width every two images)."""
     g = torch.Generator().manual_seed(seed)
-    h, w = size, min(size * 4 // 3, 1333)
     out = []
-    for _ in range(n):
+    for i in range(n):
+        h, w = size, min(size * 4 // 3, 1333)
+        if vary:
+            h, w = h - 32 * (i % 2), w - 32 * (i // 2)
         k = 6
         xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
         wh = 16 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
@@ -100,23 +109,25 @@ def _sgd(model):
 
 
 @contextmanager
-def switched_off(module):
-    """Set ``module.ENABLED`` False inside the block (None: do nothing)."""
-    if module is None:
+def switched_off(switch):
+    """Set the switch ``(module, name)`` False inside the block (None: do nothing)."""
+    if switch is None:
         yield
         return
-    module.ENABLED = False
+    module, name = switch
+    setattr(module, name, False)
     try:
         yield
     finally:
-        module.ENABLED = True
+        setattr(module, name, True)
 
 
 def builtin_row(opts, device, autocast, without=None) -> Row:
     """The builtin engine's Faster R-CNN built from CONFIG with ``opts``.
 
-    ``without``: ``fast_conv`` or ``pooling`` (a module of :mod:`wrn_det.detection`) to run
-    with that speed-up switched off (the ablation rows; same weights as the plain row).
+    ``without``: ``(module, switch)`` of :mod:`wrn_det.detection` (``fast_conv.ENABLED``,
+    ``fast_conv.PACK_WEIGHTS``, ``pooling.ENABLED``) to run with that speed-up switched off
+    (the ablation rows; same weights as the plain row).
     """
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.modeling import build_detector
@@ -326,11 +337,15 @@ def build_rows(names, size: int, device, autocast):
     if "builtin-no-fastconv" in names:
         from wrn_det.detection import fast_conv
 
-        rows["builtin-no-fastconv"] = builtin_row([], device, autocast, without=fast_conv)
+        rows["builtin-no-fastconv"] = builtin_row([], device, autocast, without=(fast_conv, "ENABLED"))
+    if "builtin-no-packing" in names:
+        from wrn_det.detection import fast_conv
+
+        rows["builtin-no-packing"] = builtin_row([], device, autocast, without=(fast_conv, "PACK_WEIGHTS"))
     if "builtin-tv-roialign" in names:
         from wrn_det.detection import pooling
 
-        rows["builtin-tv-roialign"] = builtin_row([], device, autocast, without=pooling)
+        rows["builtin-tv-roialign"] = builtin_row([], device, autocast, without=(pooling, "ENABLED"))
     if "builtin-r50" in names or "torchvision" in names or ("d2-r50" in names and d2):
         rows["builtin-r50"] = builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], device, autocast)
     if "torchvision" in names:
@@ -342,16 +357,19 @@ def build_rows(names, size: int, device, autocast):
 
 def run_size(size: int, a, device, autocast) -> dict:
     """Time every row at one size; print the table; return ``name -> (s/iter, s/image, detections/image)``."""
-    inputs = make_inputs(a.batch * max(a.iters, 1), size)
+    # --vary-sizes: the warm-up round has images of its own, so that no size comes twice
+    first = 1 if a.vary_sizes else 0
+    inputs = make_inputs(a.batch * (max(a.iters, 1) + first), size, vary=a.vary_sizes)
     rows = build_rows(a.rows, size, device, autocast)
     h, w = inputs[0]["image"].shape[-2:]
+    sizes = " and smaller, each its own size" if a.vary_sizes else ""
     print(f"\n{device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'bf16 autocast' if a.amp == 'bf16' else 'fp32'}; images {h}x{w}, batch {a.batch}, "
-          f"median of {a.iters} alternating rounds", flush=True)
+          f"{'bf16 autocast' if a.amp == 'bf16' else 'fp32'}; images {h}x{w}{sizes}, "
+          f"batch {a.batch}, median of {a.iters} alternating rounds", flush=True)
 
     def train_side(row):
         def run(r):
-            b = inputs[(max(r, 0) * a.batch) % len(inputs):][:a.batch]
+            b = inputs[(max(r + first, 0) * a.batch) % len(inputs):][:a.batch]
             return timed(lambda: row.train(b), device)
         return run
 
@@ -359,7 +377,7 @@ def run_size(size: int, a, device, autocast) -> dict:
 
     def infer_side(name, row):
         def run(r):
-            b = inputs[(max(r, 0) * a.batch) % len(inputs):][:a.batch]
+            b = inputs[(max(r + first, 0) * a.batch) % len(inputs):][:a.batch]
             outs = []
             t = sum(timed(lambda: outs.append(row.infer(x)), device) for x in b)
             dets.setdefault(name, []).extend(len(_boxes(o)) for o in outs)
@@ -399,6 +417,8 @@ def main() -> int:
                    help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for every row")
     p.add_argument("--no-train", action="store_true", help="inference rows only")
+    p.add_argument("--vary-sizes", action="store_true",
+                   help="every image of its own padded size (no packed weights: see the module docstring)")
     a = p.parse_args()
     bad = [r for r in a.rows if r not in ROWS]
     if bad:
@@ -412,7 +432,7 @@ def main() -> int:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    tag = "" if a.amp == "none" else f"_{a.amp}"
+    tag = ("" if a.amp == "none" else f"_{a.amp}") + ("_varied" if a.vary_sizes else "")
     for size in a.size:
         res = run_size(size, a, device, autocast)
         ours, d2 = res.get("builtin"), res.get("d2")
@@ -422,7 +442,8 @@ def main() -> int:
                    GOAL_TRAIN, note=note)
         result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
                GOAL_INFER, note=note)
-        for k, what in (("builtin-no-fastconv", "fastconv"), ("builtin-tv-roialign", "roialign")):
+        for k, what in (("builtin-no-fastconv", "fastconv"), ("builtin-no-packing", "packing"),
+                        ("builtin-tv-roialign", "roialign")):
             if k in res and ours:
                 if not a.no_train:
                     print(f"RESULT det_train_gain_{what}_s{size}{tag} {res[k][0] / ours[0]:.2f}x (no goal)")

@@ -18,7 +18,7 @@ from torchvision.ops.poolers import LevelMapper
 
 from wrn_det.detection import fast_conv, pooling
 from wrn_det.detection.config import get_det_cfg
-from wrn_det.detection.fast_conv import WinogradConv2d, use_winograd_convs, winograd_convs
+from wrn_det.detection.fast_conv import FastConv2d, use_fast_convs, fast_convs
 from wrn_det.detection.modeling import ROIPooler, build_detector
 from wrn_det.detection.pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 from wrn_det.detection.rpn import StridedAnchorGenerator
@@ -137,46 +137,75 @@ def test_anchors_equal_torchvision_and_know_each_stride():
     assert sorted(set(centres[:, 0].tolist())) == [0.0, 64.0, 128.0]
 
 
-def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thread):
+def _nnpack_calls(monkeypatch) -> list:
+    """Count the calls of NNPACK's convolution (appends one item per call)."""
+    calls, nnpack = [], torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or nnpack(*a))
+    return calls
+
+
+def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thread, monkeypatch):
     if not fast_conv.winograd_available():
         pytest.skip("this PyTorch has no NNPACK")
     torch.manual_seed(0)
     ref = nn.Conv2d(32, 48, 3, padding=1)
     conv = copy.deepcopy(ref)
-    assert use_winograd_convs(nn.Sequential(conv, nn.Conv2d(32, 32, 3, stride=2), nn.Conv2d(32, 32, 1))) == 2
-    assert isinstance(conv, WinogradConv2d) and list(conv.state_dict()) == list(ref.state_dict())
+    assert use_fast_convs(nn.Sequential(conv, nn.Conv2d(32, 32, 3, stride=2), nn.Conv2d(32, 32, 1),
+                                        nn.Conv2d(32, 32, 3, padding_mode="reflect"))) == 3
+    assert isinstance(conv, FastConv2d) and list(conv.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 32, 40, 48)
-    assert torch.equal(conv(x), ref(x))  # outside winograd_convs(): exactly nn.Conv2d
+    assert torch.equal(conv(x), ref(x))  # outside fast_convs(): exactly nn.Conv2d
     xr, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref = ref(xr)
     small = torch.randn(1, 32, 8, 8)
-    with winograd_convs():
+    calls = _nnpack_calls(monkeypatch)
+    with fast_convs():
         y = conv(xw)
         assert torch.equal(conv(small), ref(small))  # too small a map: the direct convolution
+    assert len(calls) == 2  # one per image
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    assert not torch.equal(y, y_ref)  # it did take the Winograd path
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
-    # the gradient is the ordinary convolution's, for the whole batch
-    assert torch.equal(xw.grad, xr.grad) and torch.equal(conv.weight.grad, ref.weight.grad)
+    # the input's gradient: NNPACK's convolution of the output gradient with the flipped kernel,
+    # one per image; the weight's and bias's: the ordinary convolution's, for the whole batch
+    assert len(calls) == 4
+    torch.testing.assert_close(xw.grad, xr.grad, rtol=1e-4, atol=1e-4 * xr.grad.abs().max().item())
+    assert torch.equal(conv.weight.grad, ref.weight.grad) and torch.equal(conv.bias.grad, ref.bias.grad)
+    # padding 0: the input's gradient takes padding 2
+    valid = nn.Conv2d(32, 32, 3)
+    valid_ref = copy.deepcopy(valid)
+    use_fast_convs(valid)
+    xv = torch.randn(2, 32, 40, 48, requires_grad=True)
+    xv_ref = xv.detach().clone().requires_grad_()
+    with fast_convs():
+        yv = valid(xv)
+    yv_ref = valid_ref(xv_ref)
+    gv = torch.randn_like(yv)
+    yv.backward(gv)
+    yv_ref.backward(gv)
+    assert len(calls) == 8 and xv.grad.shape == xv.shape
+    torch.testing.assert_close(xv.grad, xv_ref.grad, rtol=1e-4, atol=1e-4 * xv_ref.grad.abs().max().item())
     # NNPACK runs on one thread: with two, only large maps take it; with more, none
     for threads, map_size, taken in ((2, (40, 48), False), (2, (112, 120), True), (4, (112, 120), False)):
         torch.set_num_threads(threads)
         xt = torch.randn(1, 32, *map_size)
-        with torch.no_grad(), winograd_convs():
-            assert torch.equal(conv(xt), ref(xt)) != taken, (threads, map_size)
+        before = len(calls)
+        with torch.no_grad(), fast_convs():
+            conv(xt)
+        assert (len(calls) > before) == taken, (threads, map_size)
     torch.set_num_threads(1)
-    with winograd_convs():
+    with fast_convs():
         traced = torch.jit.trace(conv, x, check_trace=False)
-    assert "nnpack" not in str(traced.graph)
-    # a small map with many channels: im2col + GEMM, the direct convolution's rounding, and its gradient
+    assert "nnpack" not in str(traced.graph) and "mkldnn" not in str(traced.graph)
+    # a small map with many channels in training: im2col + GEMM, the direct convolution's rounding,
+    # and its gradient
     wide = nn.Conv2d(256, 256, 3, stride=2, padding=1)
     plain = copy.deepcopy(wide)
-    use_winograd_convs(wide)
+    use_fast_convs(wide)
     xg = torch.randn(2, 256, 7, 8, requires_grad=True)  # 56 pixels: at most a quarter of the channels
     xp = xg.detach().clone().requires_grad_()
-    with winograd_convs():
+    with fast_convs():
         yg = wide(xg)
     yp = plain(xp)
     torch.testing.assert_close(yg, yp, rtol=1e-5, atol=1e-5)
@@ -186,6 +215,52 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thr
     yp.backward(g)
     torch.testing.assert_close(xg.grad, xp.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wide.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1, bias=False), dict(kernel_size=1),
+                                dict(kernel_size=7, stride=2, padding=3), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, padding=2, dilation=2, groups=4)],
+                         ids=["3x3", "1x1", "7x7-s2", "3x3-s2", "dilated-grouped"])
+def test_packed_weights_in_inference(kw, monkeypatch):
+    if not fast_conv.packing_available():
+        pytest.skip("this PyTorch has no oneDNN weight packing")
+    fast_conv.clear_packed_weights()
+    torch.manual_seed(0)
+    ref = nn.Conv2d(64, 32, **kw)
+    conv = copy.deepcopy(ref)
+    use_fast_convs(conv)
+    x = torch.randn(2, 64, 20, 24)
+    with torch.no_grad(), fast_convs():
+        first, second, third = conv(x), conv(x), conv(x)
+    expected = ref(x)
+    assert torch.equal(first, expected)  # a shape's first call: the plain convolution
+    assert len(fast_conv._PACKED.entries) == 1  # made on the second
+    for y in (second, third):  # oneDNN's rounding on its own layout, channels-last
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    # the entry follows the weight: an in-place write (an optimizer step) and a load replace it
+    with torch.no_grad():
+        ref.weight.mul_(-2.0)
+    conv.load_state_dict(ref.state_dict())
+    with torch.no_grad(), fast_convs():
+        conv(x)
+        after = conv(x)
+    torch.testing.assert_close(after, ref(x), rtol=1e-5, atol=1e-5)
+    assert len(fast_conv._PACKED.entries) == 1  # the stale entry is gone
+    # with gradients (training), never the packed weight
+    with fast_convs():
+        assert torch.equal(conv(x), ref(x)) or kw["kernel_size"] == 3 and kw.get("stride", 1) == 1
+    # a budget: the least recently used entries go
+    monkeypatch.setattr(fast_conv, "PACKED_WEIGHT_BYTES", conv.weight.numel() * 4 * 2)
+    with torch.no_grad(), fast_convs():
+        for h in (21, 22, 23):
+            xs = torch.randn(1, 64, h, 24)
+            conv(xs)
+            torch.testing.assert_close(conv(xs), ref(xs), rtol=1e-5, atol=1e-5)
+    assert len(fast_conv._PACKED.entries) == 2 and fast_conv._PACKED.bytes <= fast_conv.PACKED_WEIGHT_BYTES
+    del conv
+    fast_conv.clear_packed_weights()
+    assert fast_conv._PACKED.bytes == 0 and not fast_conv._PACKED.entries
 
 
 def _cfg(*opts, config="shapes_wrn_frcnn.yaml", net="wrn_10_1"):
@@ -220,7 +295,7 @@ def _reference_detector(model):
     ag = model.rpn.anchor_generator
     ref.rpn.anchor_generator = AnchorGenerator(ag.sizes, ag.aspect_ratios)
     for m in ref.modules():
-        if isinstance(m, WinogradConv2d):
+        if isinstance(m, FastConv2d):
             m.__class__ = nn.Conv2d
     return ref
 
@@ -287,8 +362,7 @@ def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch, one_thr
         _matched(a, b)
     # Winograd convolutions: float rounding of 1e-5 relative per convolution
     monkeypatch.setattr(fast_conv, "ENABLED", True)
-    calls, nnpack = [], torch._nnpack_spatial_convolution
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or nnpack(*a))
+    calls = _nnpack_calls(monkeypatch)
     losses, _, dets = _run(winograd, inputs)
     assert calls or not fast_conv.winograd_available()  # the Winograd path was taken
     for k in losses:

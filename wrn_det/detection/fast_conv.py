@@ -1,4 +1,4 @@
-"""Faster 3x3 convolutions for the builtin detectors on the CPU: Winograd (NNPACK) and GEMM.
+"""Faster convolutions for the builtin detectors on the CPU: Winograd (NNPACK), packed oneDNN weights, GEMM.
 
 oneDNN, which PyTorch runs for CPU convolutions, computes 3x3 convolutions directly on
 CPUs without AVX-512. PyTorch's bundled NNPACK computes the same convolution of one
@@ -10,39 +10,52 @@ one thread while oneDNN uses all of PyTorch's threads, so with two threads only 
 gain (1.15-2.75x from 3,072 pixels at 256 channels) and with more it is left to oneDNN
 (:func:`_worth_it`). The result is float32 with a
 rounding error about ten times that of the direct convolution (relative 2e-5 instead of
-2e-6), as cuDNN's Winograd kernels give on a GPU.
+2e-6), as cuDNN's Winograd kernels give on a GPU. In training, the gradient of such a
+convolution's input is itself a stride-1 3x3 convolution (of the output gradient, with the
+kernel flipped and its channels swapped) and takes the same path (2x faster than oneDNN's
+at 100x136 and 256 channels, batch of two, two threads); the weight's gradient stays oneDNN's.
 
-The opposite case, a small map with many channels (res5 of a WRN-34-2 on a 256-pixel image:
-1024 channels on 8x11 pixels), is slow in oneDNN too (it reorders the 38 MB of weights for a
-few dozen output pixels); there one image's convolution as im2col and one MKL matrix product
-(PyTorch's ``_slow_conv2d_forward``, whose gradient is its own im2col products) is faster
-(2.3x at 8x11 and 1024 channels for one image, 1.45x for a training step of two, measured as
-above), with the direct convolution's rounding. It is taken for maps of at most a quarter
-as many pixels as channels.
+In inference, oneDNN spends part of every call reordering the weight into its blocked
+layout (38 MB for a 1024-channel 3x3 kernel: 2.5x the convolution itself at 8x11 pixels;
+15% at 16x22 and 512 channels). Without gradients, a convolution that comes again with the
+same input shape runs on a weight kept in that layout (:class:`_PackedWeights`; at most
+:data:`PACKED_WEIGHT_BYTES`), with oneDNN's rounding. Images of one size after another (a
+video, a benchmark, a resized dataset) gain; a stream where no two images share a padded
+size runs the plain calls.
 
-:func:`use_winograd_convs` switches the eligible ``nn.Conv2d`` modules of a model (3x3,
-stride 1, no dilation, one group) to :class:`WinogradConv2d`; the module keeps its
-parameters, names and state-dict keys, and computes exactly what ``nn.Conv2d`` computes
-unless it runs inside :func:`winograd_convs` (the builtin detectors' ``forward``), so a
-backbone used on its own, or by detectron2, is untouched. Inside it, a float32 CPU input
-whose maps are large enough (:func:`_worth_it`) is convolved one image at a time by
-NNPACK (its inference algorithm; its batch algorithm is slower than oneDNN); the gradient
-is the ordinary convolution's, for the whole batch at once. Small maps with many channels
-(:func:`_gemm_worth_it`) take the GEMM path. Tracing, scripting and
-compilation see a plain convolution, so export is unaffected.
+For training, a small map with many channels (res5 of a WRN-34-2 on a 256-pixel image:
+1024 channels on 8x11 pixels) runs as im2col and one MKL matrix product per image
+(PyTorch's ``_slow_conv2d_forward``, whose gradient is its own im2col products; 1.45x for
+a training step of two, measured as above), with the direct convolution's rounding. It is
+taken for maps of at most a quarter as many pixels as channels.
+
+:func:`use_fast_convs` switches the eligible ``nn.Conv2d`` modules of a model (zero or no
+padding) to :class:`FastConv2d`; the module keeps its parameters, names and state-dict
+keys, and computes exactly what ``nn.Conv2d`` computes unless it runs inside
+:func:`fast_convs` (the builtin detectors' ``forward``), so a backbone used on its own, or
+by detectron2, is untouched. Inside it, float32 CPU inputs take the paths above where they
+pay. Tracing, scripting and compilation see a plain convolution, so export is unaffected.
 """
 import threading
+import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["WinogradConv2d", "use_winograd_convs", "winograd_convs", "winograd_available", "ENABLED"]
+__all__ = ["FastConv2d", "use_fast_convs", "fast_convs", "winograd_available", "packing_available",
+           "clear_packed_weights", "ENABLED", "PACK_WEIGHTS", "PACKED_WEIGHT_BYTES"]
 
-# switch for the whole process: False makes every WinogradConv2d a plain convolution
+# switch for the whole process: False makes every FastConv2d a plain convolution
 ENABLED = True
+# switch for the packed weights alone (inference): False leaves those convolutions to plain oneDNN calls
+PACK_WEIGHTS = True
+# most bytes of packed convolution weights kept at once (inference on the CPU; about 360 MB
+# hold every convolution of a WRN-34-2-FPN detector for one image size)
+PACKED_WEIGHT_BYTES = 1 << 30
 
 _STATE = threading.local()
 _AVAILABLE: Optional[bool] = None
@@ -60,8 +73,8 @@ def winograd_available() -> bool:
 
 
 @contextmanager
-def winograd_convs() -> Iterator[None]:
-    """Within this context (this thread), :class:`WinogradConv2d` modules take the Winograd path where it pays."""
+def fast_convs() -> Iterator[None]:
+    """Within this context (this thread), :class:`FastConv2d` modules take their faster paths where they pay."""
     before = getattr(_STATE, "on", False)
     _STATE.on = True
     try:
@@ -94,63 +107,179 @@ def _gemm_worth_it(x: Tensor, weight: Tensor) -> bool:
 
 
 class _PerImageWinograd(torch.autograd.Function):
-    """NNPACK forward one image at a time; the ordinary convolution's gradient for the batch."""
+    """NNPACK forward one image at a time; the gradient of the input as NNPACK's convolution of the
+    output gradient with the flipped, transposed kernel (where it pays), the weight's and bias's
+    as the ordinary convolution's, for the whole batch."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
-        return torch.cat([torch._nnpack_spatial_convolution(x[i:i + 1], weight, bias, [padding, padding])
-                          for i in range(x.shape[0])])
+        return _nnpack_per_image(x, weight, bias, padding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         p = ctx.padding
-        gx, gw, gb = torch.ops.aten.convolution_backward(
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        gx = None
+        if need_x and p <= 2:
+            # d(input) of a stride-1 3x3 convolution with padding p: the output gradient convolved
+            # with the kernel flipped in space, input and output channels swapped, padding 2 - p
+            flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+            if _worth_it(grad, flipped):
+                gx = _nnpack_per_image(grad, flipped, grad.new_zeros(flipped.shape[0]), 2 - p)
+        gx_aten, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
-        return gx, gw, gb, None
+            [need_x and gx is None, need_w, need_b])
+        return gx if gx is not None else gx_aten, gw, gb, None
 
 
-class WinogradConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (3x3) that runs NNPACK's Winograd convolution (stride 1) or im2col + GEMM
-    where they are faster, inside :func:`winograd_convs`."""
+def _nnpack_per_image(x: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
+    # NNPACK's inference algorithm, one image at a time (its batch algorithm is slower than oneDNN)
+    if x.shape[0] == 1:
+        return torch._nnpack_spatial_convolution(x, weight, bias, [padding, padding])
+    return torch.cat([torch._nnpack_spatial_convolution(x[i:i + 1], weight, bias, [padding, padding])
+                      for i in range(x.shape[0])])
+
+
+class _PackedWeights:
+    """Process-wide cache of convolution weights in oneDNN's own layout, least recently used first out.
+
+    oneDNN reorders a plain weight into its blocked layout on every call; for a small map
+    with many channels that is most of the call (38 MB for a 1024-channel 3x3 kernel, 3x the
+    convolution at 8x11 pixels). The layout oneDNN picks depends on the input's shape, and a
+    weight packed for another shape is reordered again (slower than a plain call), so an
+    entry is made the second time a (weight, input shape) comes, and holds for that shape.
+    At most :data:`PACKED_WEIGHT_BYTES` are kept. An entry is found only while the weight is
+    the same tensor at the same version: an optimizer step or ``load_state_dict`` (in-place
+    writes) makes every entry of that weight stale; stale entries and those of freed weights
+    are dropped when the next entry is made, or by :func:`clear_packed_weights`.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries: "OrderedDict[tuple, Tuple[weakref.ref, Tensor, int]]" = OrderedDict()
+        self.seen: "OrderedDict[tuple, bool]" = OrderedDict()  # False: oneDNN refused to pack it
+        self.bytes = 0
+
+    def get(self, conv: nn.Conv2d, x: Tensor, weight: Tensor) -> Optional[Tensor]:
+        """Return ``weight`` packed for ``x``'s shape, or None (this shape's first call, or packing unavailable)."""
+        key = (id(weight), weight._version, tuple(x.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None and hit[0]() is weight:
+                self.entries.move_to_end(key)
+                return hit[1]
+            if hit is not None:  # a freed weight's id, reused
+                self._drop(key)
+            state = self.seen.get(key)
+            if state is None:  # first call with this shape: the plain convolution
+                self.seen[key] = True
+                if len(self.seen) > 4096:
+                    self.seen.popitem(last=False)
+                return None
+            if state is False:  # oneDNN could not pack it
+                return None
+        try:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.detach().contiguous().to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation),
+                conv.groups, list(x.shape))
+        except RuntimeError:  # a convolution oneDNN does not pack: the plain call, from now on
+            with self.lock:
+                self.seen[key] = False
+            return None
+        nbytes = weight.numel() * weight.element_size()
+        with self.lock:
+            self.seen.pop(key, None)
+            # entries that can never be found again: this weight's older versions (before an optimizer
+            # step or a load), and freed weights' (a deleted model's)
+            stale = [k for k, e in self.entries.items() if (k[0] == key[0] and k[1] != key[1]) or e[0]() is None]
+            for old in stale:
+                self._drop(old)
+            self.entries[key] = (weakref.ref(weight), packed, nbytes)
+            self.bytes += nbytes
+            while self.bytes > PACKED_WEIGHT_BYTES and self.entries:
+                self._drop(next(iter(self.entries)))
+        return packed
+
+    def _drop(self, key) -> None:
+        self.bytes -= self.entries.pop(key)[2]
+
+    def clear(self) -> None:
+        """Forget every packed weight."""
+        with self.lock:
+            self.entries.clear()
+            self.seen.clear()
+            self.bytes = 0
+
+
+_PACKED = _PackedWeights()
+_PACKING: Optional[bool] = None
+
+
+def packing_available() -> bool:
+    """Return True when this PyTorch build runs oneDNN convolutions on packed weights."""
+    global _PACKING
+    if _PACKING is None:
+        _PACKING = bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                        and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+    return _PACKING
+
+
+def clear_packed_weights() -> None:
+    """Free the memory of every packed weight (they are made again as images come)."""
+    _PACKED.clear()
+
+
+class FastConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that, inside :func:`fast_convs`, runs NNPACK's Winograd convolution (3x3,
+    stride 1), oneDNN on packed weights (inference) or im2col + GEMM where they are faster."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if not torch.jit.is_scripting():
             if (ENABLED and getattr(_STATE, "on", False) and not torch.jit.is_tracing()
                     and not torch.compiler.is_compiling() and input.dim() == 4 and input.device.type == "cpu"
                     and input.dtype == torch.float32 and weight.dtype == torch.float32):
-                if self.stride == (1, 1) and _worth_it(input, weight) and winograd_available():
+                grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                                    or (bias is not None and bias.requires_grad))
+                k3 = self.kernel_size == (3, 3) and self.dilation == (1, 1) and self.groups == 1
+                if k3 and self.stride == (1, 1) and _worth_it(input, weight) and winograd_available():
                     if bias is None:
                         bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
                     x, w = input.contiguous(), weight.contiguous()
-                    if x.shape[0] == 1:
-                        return torch._nnpack_spatial_convolution(x, w, bias, [self.padding[0], self.padding[1]])
+                    if not grad:
+                        return _nnpack_per_image(x, w, bias, self.padding[0])
                     return _PerImageWinograd.apply(x, w, bias, self.padding[0])
-                if _gemm_worth_it(input, weight):
+                # packed weights in inference only (not for the frozen layers of a model in training:
+                # their channels-last outputs slow the layers that train)
+                if PACK_WEIGHTS and not torch.is_grad_enabled() and packing_available():
+                    packed = _PACKED.get(self, input, weight)
+                    if packed is not None:
+                        # (the output is channels-last, oneDNN's layout: the next layers read it as it is)
+                        return torch.ops.mkldnn._convolution_pointwise(
+                            input, packed, bias, list(self.padding), list(self.stride), list(self.dilation),
+                            self.groups, "none", [], "")
+                if k3 and _gemm_worth_it(input, weight):
                     return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight.contiguous(), [3, 3], bias,
                                                                list(self.stride), list(self.padding))
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def _eligible(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride in ((1, 1), (2, 2))
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1])
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.padding[0] == conv.padding[1])
 
 
-def use_winograd_convs(module: nn.Module) -> int:
-    """Switch every eligible ``nn.Conv2d`` (3x3, stride 1 or 2) under ``module`` to :class:`WinogradConv2d`, in place.
-
-    Returns how many were switched.
-    """
+def use_fast_convs(module: nn.Module) -> int:
+    """Switch every eligible ``nn.Conv2d`` (zero or no padding, the same on both sides) under
+    ``module`` to :class:`FastConv2d`, in place. Returns how many were switched."""
     winograd_available()  # initialise NNPACK where there is one
     n = 0
     for m in module.modules():
         if _eligible(m):
-            m.__class__ = WinogradConv2d
+            m.__class__ = FastConv2d
             n += 1
     return n

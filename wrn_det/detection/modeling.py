@@ -25,7 +25,7 @@ from wrn_det.models.norm import get_norm
 
 from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported, in_feature_channels
-from .fast_conv import use_winograd_convs, winograd_convs
+from .fast_conv import use_fast_convs, fast_convs
 from .pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 from .registry import META_ARCH_REGISTRY
 from .rpn import build_rpn
@@ -199,11 +199,11 @@ class GeneralizedRCNN(DetectorBase):
             "loss_cls": 1.0,
             "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
         }
-        use_winograd_convs(self)
+        use_fast_convs(self)
 
     def forward(self, batched_inputs: List[dict]):
         """Return the loss dict (training) or the detections of every image (inference)."""
-        with winograd_convs():
+        with fast_convs():
             return self._forward(batched_inputs)
 
     def _forward(self, batched_inputs: List[dict]):

@@ -20,7 +20,7 @@ from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported, in_feature_channels
-from .fast_conv import use_winograd_convs, winograd_convs
+from .fast_conv import use_fast_convs, fast_convs
 from .registry import META_ARCH_REGISTRY
 
 __all__ = ["build_rpn", "ProposalNetwork", "select_top_proposals", "StridedAnchorGenerator"]
@@ -161,11 +161,11 @@ class ProposalNetwork(DetectorBase):
         self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
         w = cfg.MODEL.RPN.LOSS_WEIGHT
         self.loss_weights = {"loss_rpn_cls": w, "loss_rpn_loc": w * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT}
-        use_winograd_convs(self)
+        use_fast_convs(self)
 
     def forward(self, batched_inputs: List[dict]):
         """Return the RPN losses (training) or the proposals and objectness logits of every image (inference)."""
-        with winograd_convs():
+        with fast_convs():
             return self._forward(batched_inputs)
 
     def _forward(self, batched_inputs: List[dict]):
