@@ -17,11 +17,12 @@ at 100x136 and 256 channels, batch of two, two threads); the weight's gradient s
 
 In inference, oneDNN spends part of every call reordering the weight into its blocked
 layout (38 MB for a 1024-channel 3x3 kernel: 2.5x the convolution itself at 8x11 pixels;
-15% at 16x22 and 512 channels). Without gradients, a convolution that comes again with the
-same input shape runs on a weight kept in that layout (:class:`_PackedWeights`; at most
-:data:`PACKED_WEIGHT_BYTES`), with oneDNN's rounding. Images of one size after another (a
-video, a benchmark, a resized dataset) gain; a stream where no two images share a padded
-size runs the plain calls.
+10% at 16x22 and 512 channels). Without gradients, such a convolution (a kernel of at least
+twelve times the elements of one image's input: :func:`_pack_worth_it`) that comes again with
+the same input shape runs on a weight kept in that layout (:class:`_PackedWeights`; at most
+:data:`PACKED_WEIGHT_BYTES`), with oneDNN's rounding (relative 1e-6). Images of one size
+after another (a video, a benchmark, a resized dataset) gain; a stream where no two images
+share a padded size runs the plain calls.
 
 For training, a small map with many channels (res5 of a WRN-34-2 on a 256-pixel image:
 1024 channels on 8x11 pixels) runs as im2col and one MKL matrix product per image
@@ -53,8 +54,8 @@ __all__ = ["FastConv2d", "use_fast_convs", "fast_convs", "winograd_available", "
 ENABLED = True
 # switch for the packed weights alone (inference): False leaves those convolutions to plain oneDNN calls
 PACK_WEIGHTS = True
-# most bytes of packed convolution weights kept at once (inference on the CPU; about 360 MB
-# hold every convolution of a WRN-34-2-FPN detector for one image size)
+# most bytes of packed convolution weights kept at once (inference on the CPU; a WRN-34-2-FPN
+# detector packs 304 MiB of weights at 256x341, none at 800x1066)
 PACKED_WEIGHT_BYTES = 1 << 30
 
 _STATE = threading.local()
@@ -97,6 +98,15 @@ def _worth_it(x: Tensor, weight: Tensor) -> bool:
     if threads == 2:
         return (c >= 256 and pixels >= 3072) or (c >= 32 and pixels >= 12288)
     return False
+
+
+def _pack_worth_it(x: Tensor, weight: Tensor) -> bool:
+    # a packed weight pays where reordering it is a large part of the call: a kernel of at least
+    # twelve times the elements of one image's input (measured on the 2-core AVX2 machine, two
+    # threads, one image: 2.5x at 8x11 pixels and 1024 channels, 1.5x for the stride-2 3x3 from 512
+    # channels at 16x22, 1.1x at 16x22 and 512 channels (13x); even at 25x34 and 1024 channels
+    # (10.8x), slower below)
+    return weight.numel() >= 12 * x[0].numel()
 
 
 def _gemm_worth_it(x: Tensor, weight: Tensor) -> bool:
@@ -255,13 +265,15 @@ class FastConv2d(nn.Conv2d):
                     return _PerImageWinograd.apply(x, w, bias, self.padding[0])
                 # packed weights in inference only (not for the frozen layers of a model in training:
                 # their channels-last outputs slow the layers that train)
-                if PACK_WEIGHTS and not torch.is_grad_enabled() and packing_available():
+                if PACK_WEIGHTS and not torch.is_grad_enabled() and _pack_worth_it(input, weight) \
+                        and packing_available():
                     packed = _PACKED.get(self, input, weight)
                     if packed is not None:
-                        # (the output is channels-last, oneDNN's layout: the next layers read it as it is)
-                        return torch.ops.mkldnn._convolution_pointwise(
+                        out = torch.ops.mkldnn._convolution_pointwise(
                             input, packed, bias, list(self.padding), list(self.stride), list(self.dilation),
                             self.groups, "none", [], "")
+                        # oneDNN writes channels-last; a small map goes back to the input's layout
+                        return out.contiguous() if input.is_contiguous() else out
                 if k3 and _gemm_worth_it(input, weight):
                     return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight.contiguous(), [3, 3], bias,
                                                                list(self.stride), list(self.padding))
