@@ -48,6 +48,7 @@ inference runs on packed weights (see :mod:`wrn_det.detection.fast_conv`); ``--v
 gives each inference image its own padded size instead (a stream with no size twice: no packing).
 """
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -63,8 +64,12 @@ from bench_utils import alternate, median, result, timed  # noqa: E402
 
 CONFIG = "COCO-Detection/wrn34_2_frcnn.yaml"
 D2_R50_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
-ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50", "builtin-no-fastconv", "builtin-no-packing",
-        "builtin-tv-roialign")
+# ablation rows: the builtin row with one speed-up switched off,
+# name -> (module of wrn_det.detection, its switch, the name in the RESULT line)
+ABLATIONS = {"builtin-no-fastconv": ("fast_conv", "ENABLED", "fastconv"),
+             "builtin-no-packing": ("fast_conv", "PACK_WEIGHTS", "packing"),
+             "builtin-tv-roialign": ("pooling", "ENABLED", "roialign")}
+ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50") + tuple(ABLATIONS)
 # rows run when --rows is not given (the ablation rows are asked for by name)
 DEFAULT_ROWS = ROWS[:5]
 LABELS = {"builtin": "builtin, WRN-34-2-FPN", "d2": "detectron2, WRN-34-2-FPN",
@@ -334,18 +339,10 @@ def build_rows(names, size: int, device, autocast):
         rows["builtin"] = builtin_row([], device, autocast)
     if "d2" in names and d2:
         rows["d2"] = detectron2_row(CONFIG, [], device, autocast, builtin=rows["builtin"])
-    if "builtin-no-fastconv" in names:
-        from wrn_det.detection import fast_conv
-
-        rows["builtin-no-fastconv"] = builtin_row([], device, autocast, without=(fast_conv, "ENABLED"))
-    if "builtin-no-packing" in names:
-        from wrn_det.detection import fast_conv
-
-        rows["builtin-no-packing"] = builtin_row([], device, autocast, without=(fast_conv, "PACK_WEIGHTS"))
-    if "builtin-tv-roialign" in names:
-        from wrn_det.detection import pooling
-
-        rows["builtin-tv-roialign"] = builtin_row([], device, autocast, without=(pooling, "ENABLED"))
+    for name, (module, switch, _) in ABLATIONS.items():
+        if name in names:
+            rows[name] = builtin_row([], device, autocast,
+                                     without=(importlib.import_module(f"wrn_det.detection.{module}"), switch))
     if "builtin-r50" in names or "torchvision" in names or ("d2-r50" in names and d2):
         rows["builtin-r50"] = builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], device, autocast)
     if "torchvision" in names:
@@ -442,8 +439,7 @@ def main() -> int:
                    GOAL_TRAIN, note=note)
         result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
                GOAL_INFER, note=note)
-        for k, what in (("builtin-no-fastconv", "fastconv"), ("builtin-no-packing", "packing"),
-                        ("builtin-tv-roialign", "roialign")):
+        for k, (_, _, what) in ABLATIONS.items():
             if k in res and ours:
                 if not a.no_train:
                     print(f"RESULT det_train_gain_{what}_s{size}{tag} {res[k][0] / ours[0]:.2f}x (no goal)")

@@ -135,12 +135,11 @@ class _PerImageWinograd(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         gx = None
-        if need_x and p <= 2:
+        if need_x and p <= 2 and _worth_it(grad, weight):
             # d(input) of a stride-1 3x3 convolution with padding p: the output gradient convolved
             # with the kernel flipped in space, input and output channels swapped, padding 2 - p
             flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
-            if _worth_it(grad, flipped):
-                gx = _nnpack_per_image(grad, flipped, grad.new_zeros(flipped.shape[0]), 2 - p)
+            gx = _nnpack_per_image(grad, flipped, grad.new_zeros(flipped.shape[0]), 2 - p)
         gx_aten, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1,
             [need_x and gx is None, need_w, need_b])
