@@ -38,13 +38,13 @@ torchvision's model (torchvision time / builtin time >= 1).
                                   [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16]
 
 Ablation rows, by name only: ``builtin-no-fastconv`` (the builtin row with
-``wrn_det.detection.fast_conv.ENABLED = False``: plain oneDNN for every convolution),
+``wrn_det.detection.modeling.fast_conv.ENABLED = False``: plain oneDNN for every convolution),
 ``builtin-no-packing`` (``fast_conv.PACK_WEIGHTS = False``: inference without the packed weights)
-and ``builtin-tv-roialign`` (``wrn_det.detection.pooling.ENABLED = False``: torchvision's RoIAlign
+and ``builtin-tv-roialign`` (``wrn_det.detection.modeling.poolers.ENABLED = False``: torchvision's RoIAlign
 kernel); with the plain ``builtin`` row they show what each speed-up gains. Their RESULT lines:
 ``det_*_gain_fastconv``, ``det_*_gain_packing`` and ``det_*_gain_roialign`` (ablated time /
 builtin time). Every image of a run has one size, so from its second image the builtin engine's
-inference runs on packed weights (see :mod:`wrn_det.detection.fast_conv`); ``--vary-sizes``
+inference runs on packed weights (see :mod:`wrn_det.detection.modeling.fast_conv`); ``--vary-sizes``
 gives each inference image its own padded size instead (a stream with no size twice: no packing).
 """
 import argparse
@@ -66,9 +66,9 @@ CONFIG = "COCO-Detection/wrn34_2_frcnn.yaml"
 D2_R50_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
 # ablation rows: the builtin row with one speed-up switched off,
 # name -> (module of wrn_det.detection, its switch, the name in the RESULT line)
-ABLATIONS = {"builtin-no-fastconv": ("fast_conv", "ENABLED", "fastconv"),
-             "builtin-no-packing": ("fast_conv", "PACK_WEIGHTS", "packing"),
-             "builtin-tv-roialign": ("pooling", "ENABLED", "roialign")}
+ABLATIONS = {"builtin-no-fastconv": ("modeling.fast_conv", "ENABLED", "fastconv"),
+             "builtin-no-packing": ("modeling.fast_conv", "PACK_WEIGHTS", "packing"),
+             "builtin-tv-roialign": ("modeling.poolers", "ENABLED", "roialign")}
 ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50") + tuple(ABLATIONS)
 # rows run when --rows is not given (the ablation rows are asked for by name)
 DEFAULT_ROWS = ROWS[:5]
@@ -244,11 +244,11 @@ def _d2_resnet_key(key: str):
 def copy_builtin_to_d2(builtin, d2, resnet: bool = False) -> None:
     """Load a builtin FPN detector's weights into detectron2's model of the same network (every tensor).
 
-    The keys are the project's detectron2 mapping (:func:`wrn_det.detection.d2_keys.detectron2_key_plan`),
+    The keys are the project's detectron2 mapping (:func:`wrn_det.detection.weights.d2_keys.detectron2_key_plan`),
     written in the other direction: detectron2 puts the background class last and has no
     background box deltas. ``resnet``: detectron2's own ResNet and FPN names for the backbone.
     """
-    from wrn_det.detection.d2_keys import detectron2_key_plan
+    from wrn_det.detection.weights.d2_keys import detectron2_key_plan
 
     own = builtin.state_dict()
     sd = {}

@@ -17,7 +17,7 @@ def test_wrn_det_and_builtin_engine_do_not_import_detectron2():
         import sys
         import wrn_det
         import wrn_det.models, wrn_det.models.convert, wrn_det.engine, wrn_det.classification
-        import wrn_det.detection.config, wrn_det.detection.backbone, wrn_det.detection.modeling, wrn_det.detection.train
+        import wrn_det.detection.config, wrn_det.detection.modeling.backbone, wrn_det.detection.modeling, wrn_det.detection.train
         import wrn_det.data.catalog, wrn_det.data.coco, wrn_det.data.shapes
         from wrn_det.detection.config import get_det_cfg
         from wrn_det.detection.modeling import build_detector

@@ -32,7 +32,7 @@ def _model(name, opts):
 
 def to_detectron2(model):
     """A detectron2-style state dict of ``model``: the inverse of the mapping, written out in the test."""
-    from wrn_det.detection.d2_keys import detectron2_key_plan
+    from wrn_det.detection.weights.d2_keys import detectron2_key_plan
 
     own = model.state_dict()
     out = {}
@@ -51,7 +51,7 @@ CASES = [("shapes_wrn_frcnn.yaml", TINY_FPN), ("Base-WRN-RCNN-C4.yaml", TINY_C4)
 
 @pytest.mark.parametrize("name, opts", CASES, ids=["fpn", "c4"])
 def test_detectron2_state_loads_every_tensor_of_the_detector(name, opts, tmp_path):
-    from wrn_det.detection.d2_keys import DetectronAnchorGenerator, is_detectron2_state
+    from wrn_det.detection.weights.d2_keys import DetectronAnchorGenerator, is_detectron2_state
     from wrn_det.detection.weights import load_inference_weights as load_detector_weights
 
     src = _model(name, opts)
@@ -83,7 +83,7 @@ def test_detectron2_state_loads_every_tensor_of_the_detector(name, opts, tmp_pat
 
 
 def test_detectron2_class_order_and_class_agnostic_deltas(tmp_path):
-    from wrn_det.detection.d2_keys import detectron2_to_builtin
+    from wrn_det.detection.weights.d2_keys import detectron2_to_builtin
 
     model = _model(*CASES[0])
     state = to_detectron2(model)
@@ -100,7 +100,7 @@ def test_detectron2_class_order_and_class_agnostic_deltas(tmp_path):
 def test_detectron2_anchors():
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-    from wrn_det.detection.d2_keys import DetectronAnchorGenerator
+    from wrn_det.detection.weights.d2_keys import DetectronAnchorGenerator
 
     ours = DetectronAnchorGenerator(((32, 64),), ((0.5, 1.0),), (16,)).cell_anchors[0]
     expected = []
@@ -169,7 +169,7 @@ def test_mapping_covers_detectron2s_own_model(name, opts):
     from detectron2.modeling import build_model
 
     from wrn_det.d2.train import build_config
-    from wrn_det.detection.d2_keys import detectron2_key_plan
+    from wrn_det.detection.weights.d2_keys import detectron2_key_plan
 
     d2 = build_model(build_config(name, opts))
     plan = {d2_key for d2_key, _, _ in detectron2_key_plan(_model(name, opts))}

@@ -68,7 +68,7 @@ def _shipped_detection_configs():
 
 
 def test_c4_builds_the_network_once_and_the_head_runs_its_next_stage(monkeypatch):
-    from wrn_det.detection import backbone as builtin
+    from wrn_det.detection.modeling import backbone as builtin
 
     built = []
     real = builtin.build_wrn_net

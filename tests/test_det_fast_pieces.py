@@ -16,12 +16,14 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from wrn_det.detection import fast_conv, pooling
+from wrn_det.detection.modeling import fast_conv
+from wrn_det.detection.modeling import poolers as pooling
 from wrn_det.detection.config import get_det_cfg
-from wrn_det.detection.fast_conv import FastConv2d, use_fast_convs, fast_convs
-from wrn_det.detection.modeling import ROIPooler, build_detector
-from wrn_det.detection.pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
-from wrn_det.detection.rpn import StridedAnchorGenerator
+from wrn_det.detection.modeling.fast_conv import FastConv2d, use_fast_convs, fast_convs
+from wrn_det.detection.modeling import build_detector
+from wrn_det.detection.modeling.roi_heads import ROIPooler
+from wrn_det.detection.modeling.poolers import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
+from wrn_det.detection.modeling.rpn import StridedAnchorGenerator
 from wrn_det.engine.config import load_config
 
 STRIDES = [4, 8, 16, 32]

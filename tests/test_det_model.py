@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from wrn_det.detection.backbone import WRNBackbone, build_backbone
+from wrn_det.detection.modeling.backbone import WRNBackbone, build_backbone
 from wrn_det.detection.config import get_det_cfg
 from wrn_det.detection.modeling import build_detector
 from wrn_det.detection.weights import load_detector_weights

@@ -156,7 +156,7 @@ def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trai
     import shutil
 
     from wrn_det.detection import plot
-    from wrn_det.detection.eval_plots import PLOT_FILES, read_plot_data
+    from wrn_det.detection.evaluation.plots import PLOT_FILES, read_plot_data
 
     run = trained_shapes_detector
     inference = run.dir / "inference"
@@ -188,7 +188,7 @@ def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trai
     (lambda d: d["confusion"]["matrix"][0].append(1), "confusion['matrix'] must be 3 rows of 5"),
 ])
 def test_hostile_plot_data_is_one_line(trained_shapes_detector, tmp_path, edit, expected):
-    from wrn_det.detection.eval_plots import read_plot_data
+    from wrn_det.detection.evaluation.plots import read_plot_data
     from wrn_det.engine.errors import WrnDetError
 
     data = json.loads((trained_shapes_detector.dir / "inference" / "pr_data.json").read_text())
@@ -220,7 +220,7 @@ class _Evaluator:
 
 
 def test_evaluation_progress_log_lines_and_terminal_bar(monkeypatch, caplog, capsys):
-    from wrn_det.detection import evaluation
+    from wrn_det.detection.evaluation import evaluator as evaluation
 
     loader = [[{"image_id": i}] for i in range(6)]
     monkeypatch.setattr(evaluation, "PROGRESS_LOG_SECONDS", 0.0)

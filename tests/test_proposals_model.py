@@ -14,8 +14,8 @@ from wrn_det.data.det_loader import DetectionMapper
 from wrn_det.data.proposals import load_proposal_file, save_proposal_file
 from wrn_det.detection.config import get_det_cfg
 from wrn_det.detection.modeling import build_detector
-from wrn_det.detection.proposal_eval import ProposalEvaluator, average_recall, load_gt_boxes
-from wrn_det.detection.rpn import select_top_proposals
+from wrn_det.detection.evaluation.proposals import ProposalEvaluator, average_recall, load_gt_boxes
+from wrn_det.detection.modeling.rpn import select_top_proposals
 from wrn_det.engine.config import load_config
 
 TINY = ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",

@@ -13,7 +13,7 @@ ImageNet family.
 With ``--config-file`` the detector of the config is built and described: its parameters
 (total, and trainable after ``MODEL.BACKBONE.FREEZE_AT``) and GFLOPs for one image of
 ``--input-size H W`` (default 800 x 1333), each split into backbone, FPN, RPN and RoI
-heads (:mod:`wrn_det.detection.model_analysis`: fvcore's count, one multiply-add = one
+heads (:mod:`wrn_det.detection.analysis`: fvcore's count, one multiply-add = one
 flop, as detectron2's analyze_model); ``--benchmark N`` adds the median seconds per image
 of N inference passes on the current device after warm-up (``MODEL.WEIGHTS`` loaded when set).
 """
@@ -109,7 +109,7 @@ def detector_info(config_file: str, opts, input_size=(800, 1333), benchmark: int
     the network input size and, with ``benchmark`` runs, the median inference seconds per image."""
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.weights import load_inference_weights
-    from wrn_det.detection.model_analysis import (benchmark_inference, detector_gflops, detector_parameters,
+    from wrn_det.detection.analysis import (benchmark_inference, detector_gflops, detector_parameters,
                                                   network_input_size)
     from wrn_det.detection.modeling import build_detector
     from wrn_det.engine.config import load_config

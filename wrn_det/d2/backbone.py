@@ -3,7 +3,7 @@
 ``build_wrn_backbone`` (C4: the trunk up to the last of ``MODEL.WRN.OUT_FEATURES``) and
 ``build_wrn_fpn_backbone`` (FPN over ``MODEL.FPN.IN_FEATURES``, levels ``p<log2 stride>``
 plus a max-pooled top level). Both are built by the builtin engine's builders
-(:mod:`wrn_det.detection.backbone`), so the configuration checks, ``FREEZE_AT``,
+(:mod:`wrn_det.detection.modeling.backbone`), so the configuration checks, ``FREEZE_AT``,
 ``MODEL.WRN.NORM`` (FrozenBN / BN / SyncBN) and the modules themselves are the
 builtin engine's: identical weights give identical features on both engines.
 
@@ -20,7 +20,7 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
-from wrn_det.detection import backbone as builtin
+from wrn_det.detection.modeling import backbone as builtin
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models.convert import protocol_stem
 
@@ -41,7 +41,7 @@ class TrunkShapes(dict):
 class WRNTrunk(Backbone):
     """The bottom-up part of a WRN: ``stem`` and the stages up to the last returned one.
 
-    Built from the builtin engine's :class:`~wrn_det.detection.backbone.WRNBackbone`
+    Built from the builtin engine's :class:`~wrn_det.detection.modeling.backbone.WRNBackbone`
     (after its BatchNorm conversion and freezing), sharing its modules. ``forward(images)``
     returns a dict ``stage name -> feature`` for the stages in ``out_features``.
     ``network_stages`` lists every stage of the network, also those not run here.

@@ -6,7 +6,7 @@
 
 Every evaluation leaves ``inference/pr_data.json`` (``inference/<dataset>/`` with several
 test datasets); from it the precision-recall curves, the per-class AP bars and the
-confusion matrix are drawn again into the same folder (:mod:`wrn_det.detection.eval_plots`).
+confusion matrix are drawn again into the same folder (:mod:`wrn_det.detection.evaluation.plots`).
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 from wrn_det.engine.errors import WrnDetError, cli_main
 from wrn_det.engine.fileio import save_figure
 
-from .eval_plots import find_plot_data, redraw
+from .evaluation.plots import find_plot_data, redraw
 
 __all__ = ["read_metrics", "eval_keys", "plot_run"]
 

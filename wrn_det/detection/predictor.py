@@ -10,7 +10,7 @@ The test-time resize is the evaluation's own: every image goes through
 loader calls after reading a file, so one image gives the evaluation's detections.
 Class names and dataset category ids come from the checkpoint
 (:mod:`wrn_det.detection.weights`), so no dataset needs to be registered.
-Checkpoints of the detectron2 engine load too (:mod:`wrn_det.detection.d2_keys`).
+Checkpoints of the detectron2 engine load too (:mod:`wrn_det.detection.weights.d2_keys`).
 """
 import logging
 import os

@@ -36,9 +36,8 @@ from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
 from .config import get_det_cfg
 
-from .evaluation import COCOEvaluator, flatten_results, inference_on_dataset
+from .evaluation import COCOEvaluator, ProposalEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
-from .proposal_eval import ProposalEvaluator
 from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
 __all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test"]
@@ -103,7 +102,7 @@ def _proposal_files(cfg, split: str) -> Optional[List[str]]:
 def build_evaluator(cfg, dataset_name: str, output_dir: str):
     """Return the evaluator of the configured detector for one test dataset.
 
-    A ``ProposalNetwork`` gets a :class:`~wrn_det.detection.proposal_eval.ProposalEvaluator`
+    A ``ProposalNetwork`` gets a :class:`~wrn_det.detection.evaluation.proposals.ProposalEvaluator`
     (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors a
     :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP).
     """

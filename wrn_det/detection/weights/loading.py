@@ -7,7 +7,7 @@ A file is one of:
   names and its contiguous id -> dataset category id map, so that a predictor needs no
   registered dataset;
 * a detector checkpoint of the detectron2 engine (``.pth``, or a ``.pkl`` read through the
-  restricted unpickler), whose keys :mod:`wrn_det.detection.d2_keys` maps to the builtin ones;
+  restricted unpickler), whose keys :mod:`wrn_det.detection.weights.d2_keys` maps to the builtin ones;
 * a backbone (classification network) file: ``tools/convert_weights.py`` output, our
   classification checkpoints, torchvision / timm state dicts.
 

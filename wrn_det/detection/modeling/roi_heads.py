@@ -1,16 +1,7 @@
-"""Detectors of the builtin engine, assembled from torchvision's detection pieces.
-
-``GeneralizedRCNN`` (``MODEL.META_ARCHITECTURE``) = a WRN backbone (C4 or FPN) +
-torchvision's ``RegionProposalNetwork`` + torchvision's ``RoIHeads`` with a RoIAlign
-pooler, a box head (two FC layers for FPN, the network's res5 stage for C4) and a
-``FastRCNNPredictor``. Inputs and outputs follow detectron2: the model takes a list of
-dicts (``image``: uint8 CHW tensor in ``INPUT.FORMAT``, ``boxes``/``classes`` for
-training, ``height``/``width`` of the original image) and returns a loss dict in
-training and, in inference, one dict per image with ``boxes`` (XYXY, original image
-coordinates), ``scores`` and ``classes`` (contiguous ids 0..K-1).
+"""The box RoI heads of the builtin detectors: the pooler, the box heads (FC for FPN, the network's next
+stage for C4) and :func:`build_roi_heads`, which assembles them into torchvision's ``RoIHeads``.
 """
 import math
-from collections import OrderedDict
 from typing import Dict, List
 
 import torch
@@ -19,18 +10,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
 
-from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models.norm import get_norm
 
-from .backbone import build_backbone
-from .base import LOSS_NAMES, DetectorBase, check_unsupported, in_feature_channels
-from .fast_conv import use_fast_convs, fast_convs
-from .pooling import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
-from .registry import META_ARCH_REGISTRY
-from .rpn import build_rpn
+from .base import in_feature_channels
+from .poolers import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 
-__all__ = ["META_ARCH_REGISTRY", "build_detector", "GeneralizedRCNN", "ROIPooler", "build_rpn", "build_roi_heads"]
+__all__ = ["ROIPooler", "FCBoxHead", "Res5BoxHead", "RES5_HEAD_NAMES", "build_roi_heads"]
 
 
 class ROIPooler(MultiScaleRoIAlign):
@@ -39,7 +25,7 @@ class ROIPooler(MultiScaleRoIAlign):
     As torchvision's MultiScaleRoIAlign (same level assignment: canonical box 224 on
     level 4) but with the scales taken from the backbone's strides instead of guessed
     from the first batch, ``aligned`` (detectron2's ``ROIAlignV2``: half-pixel offset)
-    selectable, and all levels pooled in one pass by :mod:`wrn_det.detection.pooling`
+    selectable, and all levels pooled in one pass by :mod:`wrn_det.detection.modeling.poolers`
     (its CPU kernel; torchvision's on CUDA). Calling it returns pooled features (R, C, out, out).
     """
 
@@ -174,73 +160,3 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
         score_thresh=rh.SCORE_THRESH_TEST, nms_thresh=rh.NMS_THRESH_TEST,
         detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
     )
-
-
-@META_ARCH_REGISTRY.register()
-class GeneralizedRCNN(DetectorBase):
-    """Faster R-CNN: backbone, RPN and box RoI heads; Fast R-CNN without the RPN.
-
-    ``forward(batched_inputs)`` returns, in training, a dict of losses with detectron2's
-    names (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``), and in
-    inference a list of ``{"boxes", "scores", "classes"}`` per image in original coordinates.
-    With ``MODEL.PROPOSAL_GENERATOR.NAME PrecomputedProposals`` there is no RPN (and no
-    RPN loss): the box head runs on each input's ``"proposals"`` (network-input XYXY
-    coordinates, as the mapper returns them with ``MODEL.LOAD_PROPOSALS``).
-    """
-
-    def __init__(self, cfg):
-        check_unsupported(cfg)
-        super().__init__(cfg, build_backbone(cfg))
-        self.rpn = build_rpn(cfg, self.backbone.output_shape()) if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN" else None
-        self.roi_heads = build_roi_heads(cfg, self.backbone)
-        self.loss_weights = {
-            "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
-            "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
-            "loss_cls": 1.0,
-            "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
-        }
-        use_fast_convs(self)
-
-    def forward(self, batched_inputs: List[dict]):
-        """Return the loss dict (training) or the detections of every image (inference)."""
-        with fast_convs():
-            return self._forward(batched_inputs)
-
-    def _forward(self, batched_inputs: List[dict]):
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensors)
-        targets = self.targets(batched_inputs) if self.training else None
-        if self.rpn is not None:
-            rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
-            proposals, rpn_losses = self.rpn(images, rpn_features, targets)
-        else:
-            proposals, rpn_losses = self.given_proposals(batched_inputs), {}
-        detections, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
-        if self.training:
-            losses = {**rpn_losses, **det_losses}
-            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
-        results = []
-        for x, det, size in zip(batched_inputs, detections, images.image_sizes):
-            h, w = x.get("height", size[0]), x.get("width", size[1])
-            results.append({"boxes": self.rescale(det["boxes"], size, h, w), "scores": det["scores"],
-                            "classes": det["labels"] - 1})
-        return results
-
-    def given_proposals(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
-        """Return each input's precomputed ``"proposals"`` (float XYXY boxes) on the model's device."""
-        if any("proposals" not in x for x in batched_inputs):
-            raise ConfigError("MODEL.PROPOSAL_GENERATOR.NAME PrecomputedProposals: the inputs carry no 'proposals'; "
-                              "set MODEL.LOAD_PROPOSALS True and DATASETS.PROPOSAL_FILES_TRAIN / _TEST")
-        return [x["proposals"].to(self.device, torch.float32) for x in batched_inputs]
-
-
-def build_detector(cfg) -> nn.Module:
-    """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present)."""
-    name = cfg.MODEL.META_ARCHITECTURE
-    try:
-        cls = META_ARCH_REGISTRY.get(name)
-    except KeyError:
-        raise ConfigError(f"MODEL.META_ARCHITECTURE {name!r} is unknown; expected one of "
-                          f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from None
-    model = cls(cfg)
-    return model.to(prepare_device(resolve_device(cfg.MODEL.DEVICE)))

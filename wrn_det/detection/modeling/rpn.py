@@ -1,29 +1,22 @@
-"""The region proposal network: its builder, proposal selection, and the RPN-only detector.
+"""The region proposal network: its builder and proposal selection.
 
 :func:`build_rpn` configures torchvision's ``RegionProposalNetwork`` from ``MODEL.RPN`` and
-``MODEL.ANCHOR_GENERATOR``; both detectors use it, so an RPN's weights load into a Faster
-R-CNN and back. :class:`ProposalNetwork` (``MODEL.META_ARCHITECTURE: ProposalNetwork``) is a
-WRN backbone (C4 or FPN) and that RPN: training returns the RPN losses; inference returns,
-per image, the proposals in original-image XYXY pixels with their objectness logits, which
-is what detectron2's proposal files hold.
+``MODEL.ANCHOR_GENERATOR``; both detectors of :mod:`.meta_arch` use it, so an RPN's weights
+load into a Faster R-CNN and back.
 """
-from collections import OrderedDict
 from typing import List, Sequence, Tuple
 
 import torch
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import boxes as box_ops
 
 from wrn_det.engine.errors import ConfigError
 
-from .backbone import build_backbone
-from .base import LOSS_NAMES, DetectorBase, check_unsupported, in_feature_channels
-from .fast_conv import use_fast_convs, fast_convs
-from .registry import META_ARCH_REGISTRY
+from .base import in_feature_channels
 
-__all__ = ["build_rpn", "ProposalNetwork", "select_top_proposals", "StridedAnchorGenerator"]
+__all__ = ["build_rpn", "select_top_proposals", "StridedAnchorGenerator"]
 
 
 class StridedAnchorGenerator(AnchorGenerator):
@@ -138,65 +131,3 @@ def select_top_proposals(proposals: torch.Tensor, logits: torch.Tensor, num_per_
         keep = box_ops.batched_nms(boxes, scores, lvl, nms_thresh)[: int(post_nms_topk)]
         out.append((boxes[keep], scores[keep]))
     return out
-
-
-@META_ARCH_REGISTRY.register()
-class ProposalNetwork(DetectorBase):
-    """RPN-only detector: backbone + region proposal network.
-
-    ``forward(batched_inputs)`` returns, in training, ``{"loss_rpn_cls", "loss_rpn_loc"}``
-    and, in inference, one ``{"proposals": (K, 4) XYXY boxes in original-image pixels,
-    "objectness_logits": (K,)}`` per image, best first, at most
-    ``MODEL.RPN.POST_NMS_TOPK_TEST`` of them.
-    """
-
-    def __init__(self, cfg):
-        if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "RPN" or cfg.MODEL.LOAD_PROPOSALS:
-            raise ConfigError(f"MODEL.META_ARCHITECTURE ProposalNetwork needs MODEL.PROPOSAL_GENERATOR.NAME 'RPN' "
-                              f"and MODEL.LOAD_PROPOSALS False; got {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} and "
-                              f"{cfg.MODEL.LOAD_PROPOSALS}")
-        check_unsupported(cfg)
-        super().__init__(cfg, build_backbone(cfg))
-        self.rpn = build_rpn(cfg, self.backbone.output_shape())
-        self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
-        w = cfg.MODEL.RPN.LOSS_WEIGHT
-        self.loss_weights = {"loss_rpn_cls": w, "loss_rpn_loc": w * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT}
-        use_fast_convs(self)
-
-    def forward(self, batched_inputs: List[dict]):
-        """Return the RPN losses (training) or the proposals and objectness logits of every image (inference)."""
-        with fast_convs():
-            return self._forward(batched_inputs)
-
-    def _forward(self, batched_inputs: List[dict]):
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensors)
-        feats = OrderedDict((f, features[f]) for f in self.rpn.in_features)
-        if self.training:
-            # torchvision's RPN also selects proposals in training; they are not needed here (as in detectron2)
-            _, losses = self.rpn(images, feats, self.targets(batched_inputs))
-            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
-        results = []
-        for (boxes, logits), x, size in zip(self.propose(images, list(feats.values())), batched_inputs,
-                                            images.image_sizes):
-            boxes = self.rescale(boxes, size, x.get("height", size[0]), x.get("width", size[1]))
-            # boxes squeezed to nothing by the clip in the original image are no proposals
-            keep = ((boxes[:, 2:] - boxes[:, :2]) > 0).all(dim=1)
-            results.append({"proposals": boxes[keep], "objectness_logits": logits[keep]})
-        return results
-
-    def propose(self, images, feats: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Return ``(boxes, logits)`` per image in network-input coordinates (inference settings of the RPN).
-
-        torchvision's RPN returns boxes only; the logits are what detectron2 stores in
-        proposal files, so the selection is redone here keeping them.
-        """
-        rpn = self.rpn
-        objectness, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(images, feats)
-        num_per_level = [o[0].numel() for o in objectness]  # A * H * W per level
-        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        return select_top_proposals(proposals, objectness.detach().view(len(anchors), -1), num_per_level,
-                                    images.image_sizes, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"],
-                                    rpn.nms_thresh, max(self.min_size, 0.0))

@@ -24,7 +24,7 @@ from wrn_det.data.coco import read_coco_file
 from wrn_det.data.proposals import save_proposal_file
 from wrn_det.engine import comm
 
-from .evaluation import format_table
+from .evaluator import format_table
 
 __all__ = ["ProposalEvaluator", "average_recall", "AREAS", "LIMITS", "IOU_THRESHOLDS"]
 

@@ -40,7 +40,7 @@ from torch import nn
 from wrn_det.engine.errors import WrnDetError, a_type
 from wrn_det.models.convert import backbone_key_map
 
-from .rpn import StridedAnchorGenerator
+from ..modeling.rpn import StridedAnchorGenerator
 
 __all__ = ["is_detectron2_state", "detectron2_key_plan", "detectron2_to_builtin", "DetectronAnchorGenerator",
            "use_detectron2_anchors"]

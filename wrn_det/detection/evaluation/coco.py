@@ -1,4 +1,4 @@
-"""COCO box evaluation: inference over a dataset, results file, AP table.
+"""COCO box evaluation: results file, AP table.
 
 Predictions of every process are gathered to rank 0, written to
 ``<output>/inference/coco_instances_results.json`` and scored once with
@@ -6,16 +6,13 @@ faster-coco-eval (the default; the same numbers as pycocotools, computed in C++)
 pycocotools (``TEST.COCO_EVAL_BACKEND``). Metrics are returned in percent under
 detectron2's names: ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class>"...}}``.
 Each evaluation also draws its precision-recall curves, per-class AP and confusion matrix
-into the same folder (:mod:`wrn_det.detection.eval_plots`); inference shows its progress.
+into the same folder (:mod:`wrn_det.detection.evaluation.plots`).
 """
 import contextlib
 import io
 import logging
 import os
-import sys
-import time
 from collections import OrderedDict
-from datetime import timedelta
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -27,9 +24,10 @@ from wrn_det.engine import comm
 from wrn_det.engine.errors import ConfigError, WrnDetError
 from wrn_det.engine.fileio import write_json
 
-from .eval_plots import write_evaluation_plots
+from .evaluator import format_table
+from .plots import write_evaluation_plots
 
-__all__ = ["COCOEvaluator", "inference_on_dataset", "evaluate_coco_results", "format_table", "BACKENDS"]
+__all__ = ["COCOEvaluator", "evaluate_coco_results", "BACKENDS", "METRICS"]
 
 logger = logging.getLogger("wrn_det")
 
@@ -51,16 +49,6 @@ def _coco_api(backend: str):
     raise ConfigError(f"TEST.COCO_EVAL_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-def format_table(rows: List[List], headers: List[str]) -> str:
-    """Return a Markdown pipe table of ``rows`` (numbers with 3 decimals), as detectron2 prints."""
-    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    out = [line(headers), "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"]
-    out += [line(r) for r in cells]
-    return "\n".join(out)
-
-
 def evaluate_coco_results(json_file: str, results: List[dict], backend: str = "faster_coco_eval",
                           class_names: Optional[List[str]] = None,
                           plot_dir: Optional[str] = None) -> "OrderedDict[str, float]":
@@ -69,7 +57,7 @@ def evaluate_coco_results(json_file: str, results: List[dict], backend: str = "f
     Returns an OrderedDict of AP, AP50, AP75, APs, APm, APl and ``AP-<category name>``,
     in percent (NaN where undefined, all NaN when there are no results). With
     ``plot_dir``, the precision-recall curves, per-class AP and confusion matrix are
-    drawn there too (:mod:`wrn_det.detection.eval_plots`).
+    drawn there too (:mod:`wrn_det.detection.evaluation.plots`).
     """
     COCO, COCOeval = _coco_api(backend)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -168,67 +156,3 @@ class COCOEvaluator:
                                         plot_dir=self.output_dir)
         logger.info("%s (%s, %d detections)\n%s", self.dataset_name, self.backend, len(results), _summary_tables(metrics))
         return {"bbox": metrics}
-
-
-# without a terminal, inference logs its progress this often (seconds), as detectron2's inference loop does
-PROGRESS_LOG_SECONDS = 5.0
-
-
-def _progress_bar(total: int, name: str):
-    """Return a tqdm bar over ``total`` images when rank 0 writes to a terminal, else None."""
-    if comm.is_main_process() and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=f"inference on {name}", unit="img", dynamic_ncols=True, leave=False)
-    return None
-
-
-def inference_on_dataset(model: torch.nn.Module, loader, evaluator: COCOEvaluator) -> Dict[str, Dict[str, float]]:
-    """Run ``model`` in eval mode over ``loader``, feed ``evaluator``; returns ``evaluator.evaluate()``.
-
-    Progress: a tqdm bar with the ETA on a terminal, otherwise a log line every
-    :data:`PROGRESS_LOG_SECONDS` (rank 0). The model's training mode is restored afterwards.
-    """
-    evaluator.reset()
-    was_training = model.training
-    model.eval()
-    total = len(loader)  # this process's images: the test loader yields one per batch
-    bar = _progress_bar(total, evaluator.dataset_name)
-    redirect = contextlib.nullcontext()
-    if bar is not None:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        redirect = logging_redirect_tqdm([logger])
-    n, t0 = 0, time.perf_counter()
-    last_log = t0
-    try:
-        with torch.no_grad(), redirect:
-            for inputs in loader:
-                evaluator.process(inputs, model(inputs))
-                n += len(inputs)
-                if bar is not None:
-                    bar.update(len(inputs))
-                elif comm.is_main_process() and time.perf_counter() - last_log >= PROGRESS_LOG_SECONDS and n < total:
-                    last_log = time.perf_counter()
-                    per = (last_log - t0) / n
-                    logger.info("inference on %s: %d/%d images, %.4f s / image, ETA %s", evaluator.dataset_name,
-                                n, total, per, timedelta(seconds=int(per * (total - n))))
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    dt = time.perf_counter() - t0
-    logger.info("inference on %d images of %s: %.1f s (%.4f s / image)", n, evaluator.dataset_name, dt, dt / max(n, 1))
-    return evaluator.evaluate()
-
-
-def flatten_results(results: Dict[str, Dict[str, float]], prefix: str = "") -> Dict[str, float]:
-    """Return ``{"bbox/AP": ...}`` from ``{"bbox": {"AP": ...}}``, and ``{"<dataset>/bbox/AP": ...}``
-    from ``{dataset: {"bbox": {...}}}`` (several test datasets)."""
-    flat = {}
-    for key, value in results.items():
-        if isinstance(value, dict):
-            flat.update(flatten_results(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -1,0 +1,162 @@
+"""The detectors of the builtin engine (``MODEL.META_ARCHITECTURE``), assembled from torchvision's detection pieces.
+
+``GeneralizedRCNN`` = a WRN backbone (C4 or FPN) + torchvision's ``RegionProposalNetwork`` +
+torchvision's ``RoIHeads`` with a RoIAlign pooler, a box head (two FC layers for FPN, the
+network's res5 stage for C4) and a ``FastRCNNPredictor``. ``ProposalNetwork`` = the backbone and
+the RPN alone. Inputs and outputs follow detectron2: the model takes a list of dicts (``image``:
+uint8 CHW tensor in ``INPUT.FORMAT``, ``boxes``/``classes`` for training, ``height``/``width`` of
+the original image) and returns a loss dict in training and, in inference, one dict per image
+with ``boxes`` (XYXY, original image coordinates), ``scores`` and ``classes`` (contiguous ids
+0..K-1), or, for the RPN alone, its proposals in original-image XYXY pixels with their
+objectness logits (what detectron2's proposal files hold).
+"""
+from collections import OrderedDict
+from typing import List, Tuple
+
+import torch
+from torch import nn
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+from wrn_det.engine.device import prepare_device, resolve_device
+from wrn_det.engine.errors import ConfigError
+
+from .backbone import build_backbone
+from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .fast_conv import fast_convs, use_fast_convs
+from .registry import META_ARCH_REGISTRY
+from .roi_heads import build_roi_heads
+from .rpn import build_rpn, select_top_proposals
+
+__all__ = ["GeneralizedRCNN", "ProposalNetwork", "build_detector"]
+
+
+@META_ARCH_REGISTRY.register()
+class GeneralizedRCNN(DetectorBase):
+    """Faster R-CNN: backbone, RPN and box RoI heads; Fast R-CNN without the RPN.
+
+    ``forward(batched_inputs)`` returns, in training, a dict of losses with detectron2's
+    names (``loss_rpn_cls``, ``loss_rpn_loc``, ``loss_cls``, ``loss_box_reg``), and in
+    inference a list of ``{"boxes", "scores", "classes"}`` per image in original coordinates.
+    With ``MODEL.PROPOSAL_GENERATOR.NAME PrecomputedProposals`` there is no RPN (and no
+    RPN loss): the box head runs on each input's ``"proposals"`` (network-input XYXY
+    coordinates, as the mapper returns them with ``MODEL.LOAD_PROPOSALS``).
+    """
+
+    def __init__(self, cfg):
+        check_unsupported(cfg)
+        super().__init__(cfg, build_backbone(cfg))
+        self.rpn = build_rpn(cfg, self.backbone.output_shape()) if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN" else None
+        self.roi_heads = build_roi_heads(cfg, self.backbone)
+        self.loss_weights = {
+            "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
+            "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
+            "loss_cls": 1.0,
+            "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
+        }
+        use_fast_convs(self)
+
+    def forward(self, batched_inputs: List[dict]):
+        """Return the loss dict (training) or the detections of every image (inference)."""
+        with fast_convs():
+            return self._forward(batched_inputs)
+
+    def _forward(self, batched_inputs: List[dict]):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensors)
+        targets = self.targets(batched_inputs) if self.training else None
+        if self.rpn is not None:
+            rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
+            proposals, rpn_losses = self.rpn(images, rpn_features, targets)
+        else:
+            proposals, rpn_losses = self.given_proposals(batched_inputs), {}
+        detections, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        if self.training:
+            losses = {**rpn_losses, **det_losses}
+            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
+        results = []
+        for x, det, size in zip(batched_inputs, detections, images.image_sizes):
+            h, w = x.get("height", size[0]), x.get("width", size[1])
+            results.append({"boxes": self.rescale(det["boxes"], size, h, w), "scores": det["scores"],
+                            "classes": det["labels"] - 1})
+        return results
+
+    def given_proposals(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
+        """Return each input's precomputed ``"proposals"`` (float XYXY boxes) on the model's device."""
+        if any("proposals" not in x for x in batched_inputs):
+            raise ConfigError("MODEL.PROPOSAL_GENERATOR.NAME PrecomputedProposals: the inputs carry no 'proposals'; "
+                              "set MODEL.LOAD_PROPOSALS True and DATASETS.PROPOSAL_FILES_TRAIN / _TEST")
+        return [x["proposals"].to(self.device, torch.float32) for x in batched_inputs]
+
+
+def build_detector(cfg) -> nn.Module:
+    """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present)."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    try:
+        cls = META_ARCH_REGISTRY.get(name)
+    except KeyError:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE {name!r} is unknown; expected one of "
+                          f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from None
+    model = cls(cfg)
+    return model.to(prepare_device(resolve_device(cfg.MODEL.DEVICE)))
+
+
+@META_ARCH_REGISTRY.register()
+class ProposalNetwork(DetectorBase):
+    """RPN-only detector: backbone + region proposal network.
+
+    ``forward(batched_inputs)`` returns, in training, ``{"loss_rpn_cls", "loss_rpn_loc"}``
+    and, in inference, one ``{"proposals": (K, 4) XYXY boxes in original-image pixels,
+    "objectness_logits": (K,)}`` per image, best first, at most
+    ``MODEL.RPN.POST_NMS_TOPK_TEST`` of them.
+    """
+
+    def __init__(self, cfg):
+        if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "RPN" or cfg.MODEL.LOAD_PROPOSALS:
+            raise ConfigError(f"MODEL.META_ARCHITECTURE ProposalNetwork needs MODEL.PROPOSAL_GENERATOR.NAME 'RPN' "
+                              f"and MODEL.LOAD_PROPOSALS False; got {cfg.MODEL.PROPOSAL_GENERATOR.NAME!r} and "
+                              f"{cfg.MODEL.LOAD_PROPOSALS}")
+        check_unsupported(cfg)
+        super().__init__(cfg, build_backbone(cfg))
+        self.rpn = build_rpn(cfg, self.backbone.output_shape())
+        self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
+        w = cfg.MODEL.RPN.LOSS_WEIGHT
+        self.loss_weights = {"loss_rpn_cls": w, "loss_rpn_loc": w * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT}
+        use_fast_convs(self)
+
+    def forward(self, batched_inputs: List[dict]):
+        """Return the RPN losses (training) or the proposals and objectness logits of every image (inference)."""
+        with fast_convs():
+            return self._forward(batched_inputs)
+
+    def _forward(self, batched_inputs: List[dict]):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensors)
+        feats = OrderedDict((f, features[f]) for f in self.rpn.in_features)
+        if self.training:
+            # torchvision's RPN also selects proposals in training; they are not needed here (as in detectron2)
+            _, losses = self.rpn(images, feats, self.targets(batched_inputs))
+            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
+        results = []
+        for (boxes, logits), x, size in zip(self.propose(images, list(feats.values())), batched_inputs,
+                                            images.image_sizes):
+            boxes = self.rescale(boxes, size, x.get("height", size[0]), x.get("width", size[1]))
+            # boxes squeezed to nothing by the clip in the original image are no proposals
+            keep = ((boxes[:, 2:] - boxes[:, :2]) > 0).all(dim=1)
+            results.append({"proposals": boxes[keep], "objectness_logits": logits[keep]})
+        return results
+
+    def propose(self, images, feats: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Return ``(boxes, logits)`` per image in network-input coordinates (inference settings of the RPN).
+
+        torchvision's RPN returns boxes only; the logits are what detectron2 stores in
+        proposal files, so the selection is redone here keeping them.
+        """
+        rpn = self.rpn
+        objectness, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(images, feats)
+        num_per_level = [o[0].numel() for o in objectness]  # A * H * W per level
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        return select_top_proposals(proposals, objectness.detach().view(len(anchors), -1), num_per_level,
+                                    images.image_sizes, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"],
+                                    rpn.nms_thresh, max(self.min_size, 0.0))
