@@ -144,7 +144,8 @@ def test_names_classes_from_the_checkpoint_with_no_dataset_registered(trained_sh
             "                  'classes': p.thing_classes, 'ids': p.contiguous_id_to_thing_dataset_id,\n"
             "                  'from': p.weights['classes_from'],\n"
             "                  'meta': MetadataCatalog.get('coco_2017_train').get('thing_classes')}))\n")
-    r = subprocess.run([sys.executable, "-c", code], env=tool_env(tmp_path / "empty"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], env=tool_env(tmp_path / "empty"), capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got == {"heavy": [], "same": True, "listed": True, "classes": ["square", "circle", "triangle"],

@@ -37,7 +37,7 @@ from torch import nn
 from wrn_det.engine.errors import a_type
 
 from .registry import build_model
-from .weights import ConversionError
+from .weights import ConversionError, short_list
 from .wide_resnet import IMAGENET_DEPTHS
 
 __all__ = ["FUNCTIONAL_ZOO", "PYTORCH_PORT", "FOLDED_BN_WARNING", "read_original_weights",
@@ -55,11 +55,6 @@ _ZOO_NAME = "the functional-zoo WRN-50-2 export layout (wide-resnet-50-2-export-
 _PORT_NAME = "a checkpoint of the authors' PyTorch WRN code (pytorch/main.py: {'params': ...})"
 _ZOO_KEY = re.compile(r"group(\d+)\.block(\d+)\.(conv[012]|conv_dim)\.(weight|bias)")
 _PORT_KEY = re.compile(r"group(\d+)\.block(\d+)\.(conv[01]|convdim|bn[01]\.\w+)")
-
-
-def _examples(keys: List[str], n: int = 3) -> str:
-    keys = sorted(map(str, keys))
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def _blocks_per_group(keys, pattern: re.Pattern, first: str) -> Dict[int, List[int]]:
@@ -81,11 +76,11 @@ def _check_tensors(params: dict, expected: Dict[str, Tuple[int, ...]], source: s
     missing = [k for k in expected if k not in params]
     if missing:
         raise ConversionError(f"{source} looks like {layout} but lacks {len(missing)} of its {len(expected)} "
-                              f"tensors: {_examples(missing)}")
+                              f"tensors: {short_list(missing, sort=True)}")
     extra = [k for k in params if k not in expected]
     if extra:
         raise ConversionError(f"{source} looks like {layout} but has {len(extra)} tensors that layout does not "
-                              f"have: {_examples(extra)}")
+                              f"have: {short_list(extra, sort=True)}")
     for k, shape in expected.items():
         v = params[k]
         if not torch.is_tensor(v) or not v.is_floating_point():

@@ -38,9 +38,11 @@ def is_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def short_list(keys: Iterable[str], n: int = 3) -> str:
-    """Return up to ``n`` of ``keys`` joined by commas, and how many more there are."""
-    keys = list(keys)
+def short_list(keys: Iterable, n: int = 3, sort: bool = False) -> str:
+    """Return up to ``n`` of ``keys`` (sorted first when ``sort``) joined by commas, and how many more there are."""
+    keys = [str(k) for k in keys]
+    if sort:
+        keys.sort()
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
