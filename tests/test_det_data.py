@@ -108,6 +108,51 @@ def test_shapes_generated_once_with_exact_boxes(tmp_path):
                 assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
 
 
+def test_shapes_of_an_older_version_are_replaced_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "SPLITS", {"train": (3, 1), "val": (2, 2)})  # small: only the folder's fate counts
+    folder = shapes.ensure_shapes(str(tmp_path))
+    path = os.path.join(folder, "annotations", "instances_val.json")
+    data = json.load(open(path))
+    data["info"]["version"] = "0"
+    with open(path, "w") as f:
+        json.dump(data, f)
+    open(os.path.join(folder, "left_over.txt"), "w").write("from the old version")
+    assert shapes.ensure_shapes(str(tmp_path)) == folder
+    assert json.load(open(path))["info"]["version"] == str(shapes.VERSION)
+    assert not os.path.exists(os.path.join(folder, "left_over.txt"))
+    assert os.listdir(tmp_path) == ["shapes"]  # no temporary or old folder left beside it
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path):
+    from wrn_det.engine.fileio import atomic_write_dir
+
+    target = tmp_path / "data" / "shapes"
+
+    def write(name):
+        return lambda tmp: open(os.path.join(tmp, name), "w").write(name)
+
+    def half(tmp):
+        write("a.jpg")(tmp)
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError, match="the writer failed"):
+        atomic_write_dir(str(target), half)
+    assert os.listdir(tmp_path / "data") == []
+    assert atomic_write_dir(str(target), write("new.txt")) == str(target)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.listdir(target) == ["new.txt"] and os.stat(target).st_mode & 0o777 == 0o777 & ~mask  # as mkdir makes it
+    # a finished copy already there (another process's) is kept; one that is not is replaced
+    atomic_write_dir(str(target), write("other.txt"), is_complete=lambda p: True)
+    assert os.listdir(target) == ["new.txt"]
+    atomic_write_dir(str(target), write("other.txt"), is_complete=lambda p: False)
+    assert os.listdir(target) == ["other.txt"] and os.listdir(tmp_path / "data") == ["shapes"]
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(WrnDetError, match=f"cannot write {tmp_path / 'file'}"):
+        atomic_write_dir(str(tmp_path / "file"), write("x"))
+    assert (tmp_path / "file").read_text() == "in the way"
+
+
 def test_mapper_resizes_and_flips_boxes(tmp_path):
     root = str(tmp_path)
     anns = [ann(1, 1, 5, [10, 4, 20, 8]), ann(2, 1, 9, [0, 0, 60, 40], 1)]
