@@ -103,10 +103,6 @@ class PreActResNet(FeatureNet):
         init_original(self, bn_weight_init="ones", conv_init=conv_init)
         self.memory_efficient = memory_efficient
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the activated last stage output: pool, then Linear."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
 
 class ConvBNReLU(nn.Sequential):
     """Convolution (stride 1, 'same' padding), BatchNorm, ReLU: the ``Block`` of the authors' Lua files.
@@ -178,10 +174,6 @@ class NIN(FeatureNet):
         _init_as_lua_baselines(self)
         self.memory_efficient = memory_efficient
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the stage3 output: global average pooling, then ``fc``."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
 
 class VGGCIFAR(FeatureNet):
     """VGG as the authors' ``models/vgg.lua``; calling it returns logits (N, num_classes).
@@ -225,7 +217,3 @@ class VGGCIFAR(FeatureNet):
         self.fc = nn.Linear(512, num_classes)
         _init_as_lua_baselines(self)
         self.memory_efficient = memory_efficient
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the stage5 output: global average pooling, then ``fc``."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -106,7 +106,8 @@ class FeatureNet(nn.Module):
     Subclasses set ``family``, ``default_input_size``, ``_stage_attrs`` (stage
     name -> attribute name of a :class:`Stage`), ``_out_specs`` (stage name ->
     :class:`ShapeSpec`), provide ``stem`` (a submodule or a property returning
-    a module: image -> input of the first stage) and implement ``forward_head``.
+    a module: image -> input of the first stage) and the head's ``avgpool`` and
+    ``fc`` (or their own ``forward_head``).
     """
 
     family: str = "cifar"
@@ -141,9 +142,9 @@ class FeatureNet(nn.Module):
             out[name] = x
         return out
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        """Return class logits computed from the last stage output ``x``."""
-        raise NotImplementedError
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits (N, num_classes) from the last stage output ``x``: ``avgpool``, then the Linear ``fc``."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class logits of shape (N, num_classes) for images ``x`` (N, 3, H, W)."""

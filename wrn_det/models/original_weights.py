@@ -37,7 +37,7 @@ from torch import nn
 from wrn_det.engine.errors import a_type
 
 from .registry import build_model
-from .weights import ConversionError, short_list
+from .weights import ConversionError, blocks_per_stage, short_list
 from .wide_resnet import IMAGENET_DEPTHS
 
 __all__ = ["FUNCTIONAL_ZOO", "PYTORCH_PORT", "FOLDED_BN_WARNING", "read_original_weights",
@@ -55,16 +55,6 @@ _ZOO_NAME = "the functional-zoo WRN-50-2 export layout (wide-resnet-50-2-export-
 _PORT_NAME = "a checkpoint of the authors' PyTorch WRN code (pytorch/main.py: {'params': ...})"
 _ZOO_KEY = re.compile(r"group(\d+)\.block(\d+)\.(conv[012]|conv_dim)\.(weight|bias)")
 _PORT_KEY = re.compile(r"group(\d+)\.block(\d+)\.(conv[01]|convdim|bn[01]\.\w+)")
-
-
-def _blocks_per_group(keys, pattern: re.Pattern, first: str) -> Dict[int, List[int]]:
-    """Return ``{group: sorted block indices}`` of the keys ``group{g}.block{b}.<first>``."""
-    groups: Dict[int, set] = {}
-    for k in keys:
-        m = pattern.fullmatch(k)
-        if m and k.endswith(first):
-            groups.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    return {g: sorted(b) for g, b in sorted(groups.items())}
 
 
 def _check_tensors(params: dict, expected: Dict[str, Tuple[int, ...]], source: str, layout: str) -> None:
@@ -134,7 +124,7 @@ def _looks_like_functional_zoo(obj) -> bool:
 
 
 def _zoo_name(params: dict, source: str) -> str:
-    blocks = _blocks_per_group(params, _ZOO_KEY, "conv0.weight")
+    blocks = blocks_per_stage(params, r"group(\d+)\.block(\d+)\.conv0\.weight\Z")
     counts = tuple(len(b) for b in blocks.values())
     depth = next((d for d, (kind, c) in IMAGENET_DEPTHS.items() if kind == "bottleneck" and c == counts), None)
     if sorted(blocks) != [0, 1, 2, 3] or depth is None:
@@ -226,7 +216,7 @@ def _port_key(key: str) -> Optional[str]:
 
 
 def _port_name(params: dict, source: str) -> str:
-    blocks = _blocks_per_group(params, _PORT_KEY, "conv0")
+    blocks = blocks_per_stage(params, r"group(\d+)\.block(\d+)\.conv0\Z")
     counts = [len(b) for b in blocks.values()]
     if sorted(blocks) != [0, 1, 2] or len(set(counts)) != 1:
         raise ConversionError(f"{source} looks like {_PORT_NAME} but has {counts} blocks in groups {sorted(blocks)}; "

@@ -174,7 +174,3 @@ class WideResNetCIFAR(FeatureNet):
 
         init_original(self, bn_weight_init, conv_init)
         self.memory_efficient = memory_efficient
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the (activated) last stage output: pool, then Linear."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))
