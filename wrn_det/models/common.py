@@ -143,7 +143,7 @@ class FeatureNet(nn.Module):
         return out
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return class logits (N, num_classes) from the last stage output ``x``: ``avgpool``, then the Linear ``fc``."""
+        """Return class logits (N, num_classes) from the last stage output ``x``: ``avgpool``, then ``fc``."""
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
