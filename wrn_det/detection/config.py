@@ -2,8 +2,8 @@
 
 The keys are detectron2's names with detectron2's defaults, restricted to those this
 engine honours, so a shipped config runs on both engines and a key this engine would
-silently ignore is an error instead. The project's own keys live under ``MODEL.WRN``
-(and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
+silently ignore is an error instead. The project's own keys live under ``MODEL.WRN`` and
+``MODEL.FAST_CPU`` (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
 including detectron2's ``get_cfg()``.
 """
 import re
@@ -47,6 +47,17 @@ def add_wrn_config(cfg: CN) -> CN:
     ``MODEL.WRN.STRICT_WEIGHTS``: backbone weights in ``MODEL.WEIGHTS`` must hold every
     stem and stage tensor of the network and no unknown one (else an error); False loads
     what fits and warns.
+    ``MODEL.FAST_CPU``: the builtin detector's fast CPU pieces, chosen when it is built
+    (detectron2's engine runs its own kernels and plain convolutions whatever they say).
+    ``CONV`` (True): every convolution of the detector (backbone, FPN, RPN head, box head)
+    is a ``FastConv2d``, which inside the detector's ``forward`` runs float32 CPU inputs by
+    Winograd (NNPACK), im2col + GEMM or packed oneDNN weights where those are faster (float
+    rounding of about 1e-5 relative); False: ``nn.Conv2d``. ``PACK_WEIGHTS`` (True): with
+    ``CONV``, inference reuses convolution weights packed in oneDNN's layout (memory: at most
+    1 GiB per process); False: plain oneDNN calls there. ``ROI_ALIGN`` (True): the box
+    pooler's own CPU RoIAlign kernel (torchvision's arithmetic, vectorised); False:
+    torchvision's ``roi_align``. Same weights and state-dict keys either way; on a GPU the
+    three change nothing (those paths are the CPU's).
     ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
     ``DATALOADER.DECODE``: the builtin engine's JPEG decoder, ``torchvision`` (default) or
     ``cv2``/``pil`` (:mod:`wrn_det.data.decode`); detectron2's engine reads images with its own mapper.
@@ -58,6 +69,10 @@ def add_wrn_config(cfg: CN) -> CN:
     cfg.MODEL.WRN.OUT_FEATURES = ["res4"]
     cfg.MODEL.WRN.DROPOUT = 0.0
     cfg.MODEL.WRN.STRICT_WEIGHTS = True
+    cfg.MODEL.FAST_CPU = type(cfg)()
+    cfg.MODEL.FAST_CPU.CONV = True
+    cfg.MODEL.FAST_CPU.PACK_WEIGHTS = True
+    cfg.MODEL.FAST_CPU.ROI_ALIGN = True
     cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
     cfg.DATALOADER.DECODE = "torchvision"
     return cfg
