@@ -6,35 +6,10 @@ silently ignore is an error instead. The project's own keys live under ``MODEL.W
 (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
 including detectron2's ``get_cfg()``.
 """
-import re
-from typing import List, Sequence, Tuple
-
 from wrn_det.engine.config import CfgNode as CN
 from wrn_det.engine.config import add_run_config
 
-__all__ = ["get_det_cfg", "add_wrn_config", "split_overrides"]
-
-_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")  # a config key such as MODEL.WEIGHTS
-
-
-def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """Return ``(other arguments, KEY VALUE overrides)`` of a command line.
-
-    Every config key (upper case, dotted: ``MODEL.WEIGHTS``) takes the token after it as its
-    value, wherever the pair stands, so overrides may follow a flag that takes several
-    values (``--input a.jpg b.jpg MODEL.WEIGHTS w.pth``).
-    """
-    rest, opts, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        if _KEY.match(argv[i]) and i + 1 < len(argv):
-            opts += argv[i:i + 2]
-            i += 2
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest, opts
-
+__all__ = ["get_det_cfg", "add_wrn_config"]
 
 def add_wrn_config(cfg: CN) -> CN:
     """Add the project's keys to ``cfg`` (in place) and return it.
