@@ -8,7 +8,7 @@ from conftest import load_tool
 
 from wrn_det.data.classification import read_cifar
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
-from wrn_det.engine.errors import cli_main
+from wrn_det.engine.cli import cli_main
 
 
 
@@ -34,7 +34,8 @@ def test_wrn_learns_synthetic_cifar10_to_90_percent(tmp_path, one_thread):
     argv = ["MODEL.NAME", "wrn_10_1", "DATASETS.NAME", "cifar10", "DATASETS.ROOT", root,
             "DATASETS.VERIFY_CHECKSUMS", "False", "OUTPUT_DIR", str(out), "SEED", "0",
             "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(3,)", "SOLVER.IMS_PER_BATCH", "64", "TEST.IMS_PER_BATCH", "250"]
-    assert cli_main(load_tool("train_cls").run, argv) == 0
+    tool = load_tool("train_cls")
+    assert cli_main(tool.main, tool.parse_args(argv)) == 0
 
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]

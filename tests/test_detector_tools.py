@@ -1,5 +1,5 @@
 """What a user does with a trained detector: tools/demo.py, tools/visualize_data.py, the evaluation's pictures and
-progress, and their redrawing by wrn_det.detection.plot; on the session's trained shapes detector."""
+progress, and their redrawing by tools/plot_logs.py; on the session's trained shapes detector."""
 import importlib.util
 import json
 import logging
@@ -20,7 +20,7 @@ def _tool(name):
 
 
 def _run(name, argv, capsys):
-    from wrn_det.engine.errors import cli_main
+    from wrn_det.engine.cli import cli_main
 
     tool = _tool(name)
     status = cli_main(tool.main, tool.parse_args(argv))
@@ -151,11 +151,10 @@ def test_hostile_results_file_is_one_line_exit_2(trained_shapes_detector, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trained_shapes_detector, tmp_path):
-    """The session run's final evaluation left its pictures in inference/; the plot command draws them again."""
+def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trained_shapes_detector, tmp_path, capsys):
+    """The session run's final evaluation left its pictures in inference/; tools/plot_logs.py draws them again."""
     import shutil
 
-    from wrn_det.detection import plot
     from wrn_det.detection.evaluation.plots import PLOT_FILES, read_plot_data
 
     run = trained_shapes_detector
@@ -175,7 +174,8 @@ def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trai
     assert matrix[:, :3].sum() + matrix[:, 4].sum() == n_objects and np.trace(matrix[:, :3]) > 0.7 * n_objects
     copy = tmp_path / "run"
     shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns("*.pth", "*.png"))
-    plot.main([str(copy)])
+    status, _, err = _run("plot_logs", [str(copy)], capsys)
+    assert status == 0, err
     assert (copy / "curves.png").is_file()
     assert all((copy / "inference" / name).is_file() for name in PLOT_FILES)
 

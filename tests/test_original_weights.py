@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 from wrn_det.models.norm import convert_norm
-from wrn_det.engine.errors import cli_main
+from wrn_det.engine.cli import cli_main
 from wrn_det.models import build_model
 from wrn_det.models.convert import read_classifier_state, read_d2_pickle
 
@@ -38,7 +38,7 @@ def _convert_main():
     spec = importlib.util.spec_from_file_location("convert_weights_cli", REPO / "tools" / "convert_weights.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main
+    return lambda argv: mod.main(mod.parse_args(argv))
 
 
 def _close(a, b, what):

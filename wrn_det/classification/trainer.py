@@ -27,8 +27,8 @@ from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.ema import ModelEMA, restore_ema
 from wrn_det.engine.errors import ConfigError, NonFiniteLossError, Preempted, WrnDetError
-from wrn_det.engine.events import MetricsWriter
-from wrn_det.engine.fileio import atomic_save, atomic_write, write_json
+from wrn_det.engine.events import MetricsWriter, trim_metrics
+from wrn_det.engine.fileio import atomic_save, write_json
 from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
 from wrn_det.engine.preempt import PreemptionWatch, resume_requested
@@ -315,18 +315,8 @@ class ClsTrainer:
 
     def _trim_metrics(self, last_epoch: int) -> None:
         """Drop metrics.json rows of epochs after ``last_epoch`` (written before an interruption)."""
-        path = os.path.join(self.output_dir, "metrics.json")
-        if not comm.is_main_process() or not os.path.isfile(path):
-            return
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
-        if len(kept) != len(lines):
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-
-            atomic_write(path, write)
+        if comm.is_main_process():
+            trim_metrics(self.output_dir, lambda row: row.get("epoch", 0) <= last_epoch)
 
     # ------------------------------------------------------------------ training
 

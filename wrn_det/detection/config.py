@@ -6,34 +6,10 @@ silently ignore is an error instead. The project's own keys live under ``MODEL.W
 ``MODEL.FAST_CPU`` (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
 including detectron2's ``get_cfg()``.
 """
-import re
-from typing import List, Sequence, Tuple
-
 from wrn_det.engine.config import CfgNode as CN
+from wrn_det.engine.config import add_run_config
 
-__all__ = ["get_det_cfg", "add_wrn_config", "split_overrides"]
-
-_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")  # a config key such as MODEL.WEIGHTS
-
-
-def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """Return ``(other arguments, KEY VALUE overrides)`` of a command line.
-
-    Every config key (upper case, dotted: ``MODEL.WEIGHTS``) takes the token after it as its
-    value, wherever the pair stands, so overrides may follow a flag that takes several
-    values (``--input a.jpg b.jpg MODEL.WEIGHTS w.pth``).
-    """
-    rest, opts, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        if _KEY.match(argv[i]) and i + 1 < len(argv):
-            opts += argv[i:i + 2]
-            i += 2
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest, opts
-
+__all__ = ["get_det_cfg", "add_wrn_config"]
 
 def add_wrn_config(cfg: CN) -> CN:
     """Add the project's keys to ``cfg`` (in place) and return it.
@@ -210,28 +186,13 @@ def get_det_cfg() -> CN:
     _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
     _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
-    # mixed precision on the run's device: float16 (with a gradient scaler; CUDA) or bfloat16 (CUDA or CPU)
-    _C.SOLVER.AMP = CN({"ENABLED": False})
-    _C.SOLVER.AMP.DTYPE = "float16"
-
-    # exponential moving average of the weights (d2go's keys): evaluated beside the model,
-    # saved in the checkpoints, and chosen for --eval-only with USE_EMA_WEIGHTS_FOR_EVAL_ONLY
-    _C.MODEL_EMA = CN()
-    _C.MODEL_EMA.ENABLED = False
-    _C.MODEL_EMA.DECAY = 0.999
-    _C.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False
 
     _C.TEST = CN()
     _C.TEST.EVAL_PERIOD = 0
     _C.TEST.DETECTIONS_PER_IMAGE = 100
 
     _C.OUTPUT_DIR = "./output"
-    # log line, metrics.json row and TensorBoard point every LOG_PERIOD iterations (detectron2 writes every 20)
-    _C.LOG_PERIOD = 20
-    # signals that stop the run after the current step with a checkpoint (exit status 3; SLURM sends
-    # SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none
-    _C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
-    _C.SEED = -1
-    _C.CUDNN_BENCHMARK = False
-
+    # SEED, CUDNN_BENCHMARK, LOG_PERIOD, PREEMPT_SIGNALS, MODEL_EMA.*, SOLVER.AMP.*: the run keys both
+    # trainers share, with detection's defaults (detectron2's, d2go's EMA)
+    add_run_config(_C, "detection")
     return add_wrn_config(_C)

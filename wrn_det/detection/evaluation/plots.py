@@ -11,7 +11,7 @@ folder:
   matched (IoU >= 0.5, any class, score >= :data:`CONFUSION_SCORE`) by a detection of
   each class, how many were missed, and how many detections of the class matched no
   object (faster-coco-eval's ``PreviewResults.compute_confusion_matrix``);
-* ``pr_data.json``: the numbers behind them, so ``python -m wrn_det.detection.plot RUN``
+* ``pr_data.json``: the numbers behind them, so ``tools/plot_logs.py RUN``
   can draw them again without the dataset.
 
 The precision values are those COCO AP is computed from (101 recall points, all
