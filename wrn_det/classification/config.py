@@ -116,8 +116,9 @@ _C.SOLVER.WARMUP_FACTOR = 0.001
 _C.SOLVER.WARMUP_METHOD = "linear"
 # Final rate of WarmupCosineLR, as a fraction of BASE_LR.
 _C.SOLVER.COSINE_END = 0.0
-# How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint.
-_C.SOLVER.CHECKPOINT_KEEP = 1
+# How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint. Two, so that
+# --resume can fall back to the previous one when the newest is broken (a node died while writing it).
+_C.SOLVER.CHECKPOINT_KEEP = 2
 # Mixed precision (autocast) on the run's device: bfloat16 (CUDA or CPU) or float16 (CUDA,
 # with a gradient scaler). Off by default, as in detectron2 and timm; the shipped GPU recipes
 # (Base-CIFAR.yaml, imagenet_*.yaml) turn it on.
