@@ -77,6 +77,13 @@ def test_classification_checkpoint_of_the_old_schema_resumes_and_finishes(tmp_pa
     assert (new["schema"], new["task"], new["iteration"], new["seed"]) == (SCHEMA, "classification", 11, old["seed"])
     assert new["epoch"] == 3 and "config" in new
 
+    # --eval-only --resume: the newest checkpoint of the run folder, evaluated as the run's last epoch was
+    evaluation = ClsTrainer(load_config(get_cls_cfg(), None, _cls_opts(root, out)), eval_only=True)
+    assert evaluation.resume_or_load(resume=True) == 12
+    res = evaluation.test()
+    assert res["weights"] == str(out / "model_epoch_0003.pth") and res["test_top1_err"] == last["test_top1_err"]
+    assert (out / "eval_metrics.json").is_file()
+
 
 def _det_opts(out):
     return ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
@@ -108,6 +115,14 @@ def test_detection_checkpoint_of_the_old_schema_resumes_and_finishes(tmp_path, m
     assert (new["schema"], new["task"], new["iteration"], new["seed"]) == (SCHEMA, "detection", 7, old["data_seed"])
     assert new["ema_updates"] == 8  # the old average's 3 updates and the 5 iterations after it
     assert new["metadata"] == old["metadata"]
+
+    # --eval-only --resume with MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY: the newest checkpoint's EMA weights
+    cfg = load_config(get_det_cfg(), "shapes_wrn_frcnn.yaml", _det_opts(out) + [
+        "DATASETS.TEST", "('coco_2017_train',)", "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY", "True"])
+    evaluation = Trainer(cfg, eval_only=True)
+    assert evaluation.resume_or_load(resume=True) == 8
+    assert _same_tensors(evaluation.model.state_dict(), new["ema"])
+    assert "AP" in evaluation.test()["bbox"] and (out / "inference" / "coco_instances_results.json").is_file()
 
 
 def test_unusable_checkpoints_are_one_line(tmp_path):
