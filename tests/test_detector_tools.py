@@ -229,14 +229,16 @@ def test_evaluation_progress_log_lines_and_terminal_bar(monkeypatch, caplog, cap
     progress = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
     assert progress[0].startswith("inference on fake_set: 1/6 images") and len(progress) == 5  # not after the last
 
-    def bar(total, name):  # what _progress_bar returns on a terminal, written where capsys sees it
+    def bar(total, desc, unit="it"):  # what progress_bar returns on a terminal, written where capsys sees it
         import sys
 
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=f"inference on {name}", file=sys.stderr, mininterval=0)
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0)
 
-    monkeypatch.setattr(evaluation, "_progress_bar", bar)
+    from wrn_det.engine import progress
+
+    monkeypatch.setattr(progress, "progress_bar", bar)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="wrn_det"):
         evaluation.inference_on_dataset(_Slow(), loader, _Evaluator())

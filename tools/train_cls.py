@@ -34,11 +34,10 @@ def train(cfg, args):
     """Run training (or evaluation with --eval-only) in this process; returns the final metrics."""
     setup_run(cfg, seed_per_rank=False)
     # data, model, weights and the checkpoint to resume are checked before OUTPUT_DIR is written to
-    trainer = ClsTrainer(cfg, resume=args.resume, eval_only=args.eval_only)
+    trainer = ClsTrainer(cfg, eval_only=args.eval_only)
+    trainer.resume_or_load(args.resume)
     open_output_dir(cfg)
-    if args.eval_only:
-        return trainer.evaluate_only()
-    return trainer.train()
+    return trainer.test() if args.eval_only else trainer.train()
 
 
 def main(args) -> int:

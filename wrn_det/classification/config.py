@@ -105,8 +105,9 @@ _C.SOLVER.WARMUP_FACTOR = 0.001
 _C.SOLVER.WARMUP_METHOD = "linear"
 # Final rate of WarmupCosineLR, as a fraction of BASE_LR.
 _C.SOLVER.COSINE_END = 0.0
-# How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint.
-_C.SOLVER.CHECKPOINT_KEEP = 1
+# How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint. Two, so that
+# --resume can fall back to the previous one when the newest is broken (a node died while writing it).
+_C.SOLVER.CHECKPOINT_KEEP = 2
 
 _C.TEST = CN()
 # Images per evaluation step over all processes.
