@@ -28,7 +28,7 @@ test: $(STAMP)
 # one OpenMP thread: on a small machine shared with other work, spinning threads cost more than they give
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file configs/demo/shapes_wrn_frcnn.yaml
-	$(PY) -m wrn_det.detection.plot output/demo
+	$(PY) tools/plot_logs.py output/demo
 	$(PY) tools/demo.py --config-file configs/demo/shapes_wrn_frcnn.yaml --input 'datasets/shapes/val/00000[0-7].jpg' \
 		--output output/demo/predictions MODEL.WEIGHTS output/demo/model_final.pth
 

@@ -37,22 +37,21 @@ torchvision's model (torchvision time / builtin time >= 1).
     python benchmarks/det_step.py [--size 256 800] [--batch 2] [--iters 3] [--device cpu]
                                   [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16]
 
-Ablation rows, by name only: ``builtin-no-fastconv`` (the builtin row with
-``wrn_det.detection.modeling.fast_conv.ENABLED = False``: plain oneDNN for every convolution),
-``builtin-no-packing`` (``fast_conv.PACK_WEIGHTS = False``: inference without the packed weights)
-and ``builtin-tv-roialign`` (``wrn_det.detection.modeling.poolers.ENABLED = False``: torchvision's RoIAlign
-kernel); with the plain ``builtin`` row they show what each speed-up gains. Their RESULT lines:
+Ablation rows, by name only: the builtin row built with one fast CPU piece off by its
+config key (same weights): ``builtin-no-fastconv`` (``MODEL.FAST_CPU.CONV False``: ``nn.Conv2d``,
+plain oneDNN, for every convolution), ``builtin-no-packing`` (``MODEL.FAST_CPU.PACK_WEIGHTS False``:
+inference without the packed weights) and ``builtin-tv-roialign`` (``MODEL.FAST_CPU.ROI_ALIGN False``:
+torchvision's RoIAlign kernel); with the plain ``builtin`` row they show what each speed-up gains. Their RESULT lines:
 ``det_*_gain_fastconv``, ``det_*_gain_packing`` and ``det_*_gain_roialign`` (ablated time /
 builtin time). Every image of a run has one size, so from its second image the builtin engine's
 inference runs on packed weights (see :mod:`wrn_det.detection.modeling.fast_conv`); ``--vary-sizes``
 gives each inference image its own padded size instead (a stream with no size twice: no packing).
 """
 import argparse
-import importlib
 import logging
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -64,11 +63,11 @@ from bench_utils import alternate, median, result, timed  # noqa: E402
 
 CONFIG = "COCO-Detection/wrn34_2_frcnn.yaml"
 D2_R50_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"
-# ablation rows: the builtin row with one speed-up switched off,
-# name -> (module of wrn_det.detection, its switch, the name in the RESULT line)
-ABLATIONS = {"builtin-no-fastconv": ("modeling.fast_conv", "ENABLED", "fastconv"),
-             "builtin-no-packing": ("modeling.fast_conv", "PACK_WEIGHTS", "packing"),
-             "builtin-tv-roialign": ("modeling.poolers", "ENABLED", "roialign")}
+# ablation rows: the builtin row built with one speed-up off,
+# name -> (its config overrides, the name in the RESULT line)
+ABLATIONS = {"builtin-no-fastconv": (["MODEL.FAST_CPU.CONV", "False"], "fastconv"),
+             "builtin-no-packing": (["MODEL.FAST_CPU.PACK_WEIGHTS", "False"], "packing"),
+             "builtin-tv-roialign": (["MODEL.FAST_CPU.ROI_ALIGN", "False"], "roialign")}
 ROWS = ("builtin", "d2", "builtin-r50", "torchvision", "d2-r50") + tuple(ABLATIONS)
 # rows run when --rows is not given (the ablation rows are asked for by name)
 DEFAULT_ROWS = ROWS[:5]
@@ -113,26 +112,11 @@ def _sgd(model):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
 
 
-@contextmanager
-def switched_off(switch):
-    """Set the switch ``(module, name)`` False inside the block (None: do nothing)."""
-    if switch is None:
-        yield
-        return
-    module, name = switch
-    setattr(module, name, False)
-    try:
-        yield
-    finally:
-        setattr(module, name, True)
+def builtin_row(opts, device, autocast) -> Row:
+    """The builtin engine's Faster R-CNN built from CONFIG with the ``KEY VALUE`` overrides ``opts``.
 
-
-def builtin_row(opts, device, autocast, without=None) -> Row:
-    """The builtin engine's Faster R-CNN built from CONFIG with ``opts``.
-
-    ``without``: ``(module, switch)`` of :mod:`wrn_det.detection` (``fast_conv.ENABLED``,
-    ``fast_conv.PACK_WEIGHTS``, ``pooling.ENABLED``) to run with that speed-up switched off
-    (the ablation rows; same weights as the plain row).
+    Every row is built from the same seed, so rows of one network have the same weights
+    (the ablation rows' ``MODEL.FAST_CPU`` keys change no weight).
     """
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.modeling import build_detector
@@ -146,7 +130,7 @@ def builtin_row(opts, device, autocast, without=None) -> Row:
 
     def train(batch):
         model.train()
-        with autocast(), switched_off(without):
+        with autocast():
             loss = sum(model(batch).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,7 +139,7 @@ def builtin_row(opts, device, autocast, without=None) -> Row:
     @torch.no_grad()
     def infer(x):
         model.eval()
-        with autocast(), switched_off(without):
+        with autocast():
             return model([x])[0]
 
     return Row(model, train, infer)
@@ -339,10 +323,9 @@ def build_rows(names, size: int, device, autocast):
         rows["builtin"] = builtin_row([], device, autocast)
     if "d2" in names and d2:
         rows["d2"] = detectron2_row(CONFIG, [], device, autocast, builtin=rows["builtin"])
-    for name, (module, switch, _) in ABLATIONS.items():
+    for name, (overrides, _) in ABLATIONS.items():
         if name in names:
-            rows[name] = builtin_row([], device, autocast,
-                                     without=(importlib.import_module(f"wrn_det.detection.{module}"), switch))
+            rows[name] = builtin_row(overrides, device, autocast)
     if "builtin-r50" in names or "torchvision" in names or ("d2-r50" in names and d2):
         rows["builtin-r50"] = builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], device, autocast)
     if "torchvision" in names:
@@ -439,7 +422,7 @@ def main() -> int:
                    GOAL_TRAIN, note=note)
         result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
                GOAL_INFER, note=note)
-        for k, (_, _, what) in ABLATIONS.items():
+        for k, (_, what) in ABLATIONS.items():
             if k in res and ours:
                 if not a.no_train:
                     print(f"RESULT det_train_gain_{what}_s{size}{tag} {res[k][0] / ours[0]:.2f}x (no goal)")

@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from wrn_det.data.builtin import BUILTIN_COCO  # noqa: E402
 from wrn_det.data.catalog import datasets_root  # noqa: E402
-from wrn_det.engine.errors import WrnDetError, cli_main  # noqa: E402
+from wrn_det.engine.cli import cli_main  # noqa: E402
+from wrn_det.engine.errors import WrnDetError  # noqa: E402
 from wrn_det.engine.fileio import atomic_write_all  # noqa: E402
 
 VAL2014 = "annotations/instances_val2014.json"

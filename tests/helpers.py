@@ -61,19 +61,21 @@ def run_tool(name: str, *args, datasets_root: Optional[str] = None, env: Optiona
 
 
 def run_tool_in_process(name: str, argv: List[str], capsys) -> Tuple[int, str]:
-    """Run ``tools/<name>.py``'s entry point in this process as the script does; returns (exit status, stderr).
+    """Run ``tools/<name>.py`` in this process as the script does; returns (exit status, stderr).
 
-    The entry point is ``run(parse_args(argv))`` where the tool parses its own arguments
-    (train_net), else ``run(argv)`` or ``main(argv)``, all through ``cli_main``.
+    Every tool is ``cli_main(main, parse_args(argv))``; a command line argparse refuses gives
+    argparse's exit status, as the script would.
     """
-    from wrn_det.engine.errors import cli_main
+    from wrn_det.engine import cli_main
 
     tool = load_tool(name)
     capsys.readouterr()
-    if hasattr(tool, "parse_args") and hasattr(tool, "run"):
-        status = cli_main(tool.run, tool.parse_args(argv))
+    try:
+        args = tool.parse_args(argv)
+    except SystemExit as e:
+        status = e.code
     else:
-        status = cli_main(getattr(tool, "run", None) or tool.main, argv)
+        status = cli_main(tool.main, args)
     logging.getLogger("wrn_det").handlers.clear()  # the run's log file handlers
     return status, capsys.readouterr().err
 

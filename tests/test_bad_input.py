@@ -18,7 +18,8 @@ import torch
 from helpers import TINY_DET, load_tool, run_tool, run_tool_in_process, write_coco_split
 
 from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_synthetic_cifar
-from wrn_det.engine.errors import WrnDetError, cli_main
+from wrn_det.engine.cli import cli_main
+from wrn_det.engine.errors import WrnDetError
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -61,6 +62,12 @@ def refused(status, err, *expected):
     for e in expected:
         assert str(e) in lines[0], (e, lines[0])
     return lines[0]
+
+
+def _tool_status(name, argv):
+    """Return the exit status of ``tools/<name>.py ARGV`` run in this process (its output stays in capsys)."""
+    tool = load_tool(name)
+    return cli_main(tool.main, tool.parse_args(argv))
 
 
 def train_net(argv, root, monkeypatch, capsys):
@@ -291,7 +298,7 @@ def test_text_file_as_weights_is_one_line_in_every_tool(root, tmp_path, monkeypa
                                                     "DATASETS.VERIFY_CHECKSUMS", "False", "MODEL.WEIGHTS", str(text),
                                                     "OUTPUT_DIR", str(tmp_path / "o2"), *CLS_BATCH], capsys)
     refused(status, err, text, "not a file written by torch.save")
-    assert cli_main(load_tool("convert_weights").main, [str(text), str(tmp_path / "o3")]) == 2
+    assert _tool_status("convert_weights", [str(text), str(tmp_path / "o3")]) == 2
     refused(2, capsys.readouterr().err, text, "not a file written by torch.save")
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3.pth", "o3.pkl"))
 
@@ -311,11 +318,11 @@ def test_output_paths_in_the_way_of_a_file(root, tmp_path, monkeypatch, capsys):
     import torchvision
 
     torch.save(torchvision.models.resnet18().state_dict(), src)
-    assert cli_main(load_tool("convert_weights").main, [str(src), str(blocker / "w")]) == 2
+    assert _tool_status("convert_weights", [str(src), str(blocker / "w")]) == 2
     refused(2, capsys.readouterr().err, f"{blocker} is not a folder")
     rows = tmp_path / "metrics.json"
     rows.write_text(json.dumps({"epoch": 1, "train_top1_err": 50.0}) + "\n")
-    assert cli_main(load_tool("plot_logs").run, [str(rows), "-o", str(blocker / "c.png")]) == 2
+    assert _tool_status("plot_logs", [str(rows), "-o", str(blocker / "c.png")]) == 2
     refused(2, capsys.readouterr().err, f"{blocker} is not a folder")
     assert blocker.read_text() == "x"
 
@@ -325,19 +332,19 @@ def test_plot_logs_with_values_of_the_wrong_type(tmp_path, capsys):
     log.write_text("\n".join(json.dumps(r) for r in [
         {"epoch": 1, "train_top1_err": "lots", "test_top1_err": None, "train_loss": [1]},
         {"epoch": 2, "train_top1_err": 40.0, "test_top1_err": 45.0, "train_loss": 1.5, "test_acc": "x"}]) + "\n")
-    assert cli_main(load_tool("plot_logs").run, [str(log), "-o", str(tmp_path / "ok.png")]) == 0
+    assert _tool_status("plot_logs", [str(log), "-o", str(tmp_path / "ok.png")]) == 0
     capsys.readouterr()
     log.write_text(json.dumps({"epoch": "one", "train_loss": 1.0}) + "\n")
-    assert cli_main(load_tool("plot_logs").run, [str(log), "-o", str(tmp_path / "bad.png")]) == 2
+    assert _tool_status("plot_logs", [str(log), "-o", str(tmp_path / "bad.png")]) == 2
     refused(2, capsys.readouterr().err, log, "epoch is 'one'; expected a number")
     assert not (tmp_path / "bad.png").exists()
-    from wrn_det.detection.plot import plot_run
+    from wrn_det.engine.curves import read_run
 
     det = tmp_path / "det"
     det.mkdir()
     (det / "metrics.json").write_text(json.dumps({"iteration": "x", "total_loss": "y"}) + "\n[1, 2]\n")
     with pytest.raises(WrnDetError, match=r"metrics.json, line 2: not a JSON object"):
-        plot_run(str(det))
+        read_run(str(det))
 
 
 # ------------------------------------------------------------------ 6. failures that used to come late
@@ -376,7 +383,7 @@ def test_weight_conversion_writes_both_files_or_neither(tmp_path, capsys):
     src = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), src)
     (tmp_path / "w.pkl").mkdir()  # the second output cannot be written
-    assert cli_main(load_tool("convert_weights").main, [str(src), str(tmp_path / "w")]) == 2
+    assert _tool_status("convert_weights", [str(src), str(tmp_path / "w")]) == 2
     refused(2, capsys.readouterr().err, tmp_path / "w.pkl", "it is a folder")
     assert not (tmp_path / "w.pth").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]

@@ -10,7 +10,8 @@ from helpers import REPO, load_tool, tool_env
 
 from wrn_det.data.classification import read_cifar, read_mnist, read_svhn
 from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_mnist, write_svhn, write_synthetic_cifar
-from wrn_det.engine.errors import WrnDetError, cli_main
+from wrn_det.engine.cli import cli_main
+from wrn_det.engine.errors import WrnDetError
 
 TRAIN_CLS = REPO / "tools" / "train_cls.py"
 
@@ -18,7 +19,8 @@ TRAIN_CLS = REPO / "tools" / "train_cls.py"
 def _one_error_line(capsys, argv, tmp_path):
     """Run tools/train_cls.py's entry point as the script does; returns (exit status, stderr)."""
     capsys.readouterr()
-    status = cli_main(load_tool("train_cls").run, ["MODEL.NAME", "wrn_10_1", "OUTPUT_DIR", str(tmp_path / "out"), *argv])
+    tool = load_tool("train_cls")
+    status = cli_main(tool.main, tool.parse_args(["MODEL.NAME", "wrn_10_1", "OUTPUT_DIR", str(tmp_path / "out"), *argv]))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     return status, err
@@ -76,7 +78,8 @@ def test_unknown_config_key(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("SOLVER:\n  BASE_LR: 0.1\n  LR_STEPS: [60, 120]\n")
     capsys.readouterr()
-    status = cli_main(load_tool("train_cls").run, ["--config-file", str(cfg)])
+    tool = load_tool("train_cls")
+    status = cli_main(tool.main, tool.parse_args(["--config-file", str(cfg)]))
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "LR_STEPS" in err and str(cfg) in err
     status, err = _one_error_line(capsys, ["SOLVER.BASE_RL", "0.1"], tmp_path)

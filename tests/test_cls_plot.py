@@ -8,9 +8,10 @@ from PIL import Image
 from helpers import load_tool, run_tool
 
 from wrn_det.classification import ClsTrainer, get_cls_cfg
-from wrn_det.classification.curves import legend_labels, read_run
+from wrn_det.classification.curves import legend_labels
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
-from wrn_det.engine.errors import cli_main
+from wrn_det.engine.cli import cli_main
+from wrn_det.engine.curves import read_run
 
 
 # Lines as the original Torch code printed them (a trailing tab included) and as its PyTorch code wrote them.
@@ -23,6 +24,12 @@ json_stats: {"loss":0.701,"epoch":3,"test_acc":72.40,"lr":0.1,"train_time":292.1
 PYTORCH_LOG = "".join(
     "json_stats: " + json.dumps({"train_loss": 2.0 / e, "train_acc": 50 + 10 * e, "test_loss": 2.2 / e,
                                  "test_acc": 45 + 10 * e, "epoch": e, "depth": 16}) + "\n" for e in range(1, 5))
+
+
+def _plot(argv):
+    """Return the exit status of ``tools/plot_logs.py ARGV`` run in this process."""
+    tool = load_tool("plot_logs")
+    return cli_main(tool.main, tool.parse_args(argv))
 
 
 def _assert_png(path):
@@ -42,7 +49,7 @@ def test_json_stats_logs_are_parsed_and_plotted(tmp_path):
     assert abs(rows[3]["train_err"] - 10.0) < 1e-9 and abs(rows[3]["test_loss"] - 0.55) < 1e-9
 
     out = tmp_path / "orig.png"
-    assert cli_main(load_tool("plot_logs").run, [str(tmp_path / "wrn40_4.log"), str(tmp_path / "pytorch_log.txt"), "-o", str(out)]) == 0
+    assert _plot([str(tmp_path / "wrn40_4.log"), str(tmp_path / "pytorch_log.txt"), "-o", str(out)]) == 0
     _assert_png(out)
 
 
@@ -58,13 +65,12 @@ def test_plot_of_a_finished_run_and_bad_input(tmp_path, capsys, one_thread):
     assert label == "tiny_run" and [r["epoch"] for r in rows] == [1, 2]
     assert all(r["test_err"] is not None and r["train_loss"] is not None for r in rows)
 
-    plot = load_tool("plot_logs").run
-    assert cli_main(plot, [str(run), "-o", str(tmp_path / "curves.png")]) == 0
+    assert _plot([str(run), "-o", str(tmp_path / "curves.png")]) == 0
     _assert_png(tmp_path / "curves.png")
 
     capsys.readouterr()
     (tmp_path / "empty.log").write_text("nothing to see\n")
-    assert cli_main(plot, [str(tmp_path / "empty.log"), "-o", str(tmp_path / "x.png")]) == 2
+    assert _plot([str(tmp_path / "empty.log"), "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "empty.log" in err
     assert not (tmp_path / "x.png").exists()
@@ -104,13 +110,43 @@ def test_train_cls_writes_the_original_json_stats_lines(tmp_path, capsys):
     assert legend_labels([str(run), str(tmp_path / "wrn40_4.log")], ["MODEL.NAME", "model"]) == [
         "MODEL.NAME=wrn_10_1, model=not present", "MODEL.NAME=not present, model=wide-resnet"]
     assert legend_labels([str(run), str(other)], ["auto"]) == ["SOLVER.BASE_LR=0.05", "SOLVER.BASE_LR=0.1"]
-    plot = load_tool("plot_logs").run
     capsys.readouterr()
     out = tmp_path / "legend.png"
-    assert cli_main(plot, [str(run), str(other), "--legend", "MODEL.NAME,SOLVER.BASE_LR", "-o", str(out)]) == 0
+    assert _plot([str(run), str(other), "--legend", "MODEL.NAME,SOLVER.BASE_LR", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "MODEL.NAME=wrn_10_1, SOLVER.BASE_LR=0.05" in printed and "SOLVER.BASE_LR=0.1" in printed
     _assert_png(out)
-    assert cli_main(plot, [str(run), "--legend", "MODEL.NAM", "-o", str(tmp_path / "y.png")]) == 2
+    assert _plot([str(run), "--legend", "MODEL.NAM", "-o", str(tmp_path / "y.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "MODEL.NAM" in err and not (tmp_path / "y.png").exists()
+
+
+def test_plot_logs_reads_detection_runs_too(tmp_path, capsys):
+    """A run of tools/train_net.py (rows per iteration) gets its own figure of losses, learning rate and AP."""
+    det = tmp_path / "det_run"
+    det.mkdir()
+    rows = [{"total_loss": 2.0 / (it + 1), "loss_cls": 1.0 / (it + 1), "lr": 0.02, "iteration": it} for it in range(0, 100, 20)]
+    rows += [{"bbox/AP": 31.5, "bbox/AP50": 60.0, "bbox/APl": None, "iteration": 99}]
+    (det / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    label, read = read_run(str(det))
+    assert label == "det_run" and read == rows  # a detection run's rows are kept as written
+    capsys.readouterr()
+    assert _plot([str(det)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {det / 'curves.png'}"
+    _assert_png(det / "curves.png")
+    assert _plot([str(det / "metrics.json"), "-o", str(tmp_path / "det.png"), "--title", "shapes"]) == 0
+    _assert_png(tmp_path / "det.png")
+
+    # runs of both kinds, --legend or one -o for several detection runs: one line, nothing written
+    (tmp_path / "wrn40_4.log").write_text(LUA_LOG)
+    other = tmp_path / "other_det"
+    shutil.copytree(det, other, ignore=shutil.ignore_patterns("*.png"))
+    capsys.readouterr()
+    for argv, expected in (([str(det), str(tmp_path / "wrn40_4.log")], "plot them in separate calls"),
+                           ([str(det), "--legend", "auto"], "--legend labels overlaid classification runs"),
+                           ([str(det), str(other), "-o", str(tmp_path / "both.png")], "-o names one PNG")):
+        assert _plot(argv + ["-o", str(tmp_path / "no.png")] if "-o" not in argv else argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "no.png").exists() and not (tmp_path / "both.png").exists()
+    assert not (other / "curves.png").exists()

@@ -8,7 +8,7 @@ from helpers import cls_cfg, load_tool
 
 from wrn_det.classification import ClsTrainer, NonFiniteLossError
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
-from wrn_det.engine.errors import cli_main
+from wrn_det.engine.cli import cli_main
 
 
 
@@ -64,14 +64,14 @@ def test_learning_rate_step_resets_momentum(tmp_path, data_root, one_thread):
 def test_eval_only_reproduces_the_final_test_error(tmp_path, data_root, one_thread, capsys):
     tool = load_tool("train_cls")
     run = tmp_path / "run"
-    assert cli_main(tool.run, _opts(data_root, run, "SOLVER.EPOCHS", "1")) == 0
+    assert cli_main(tool.main, tool.parse_args(_opts(data_root, run, "SOLVER.EPOCHS", "1"))) == 0
     last = json.loads((run / "metrics.json").read_text().splitlines()[-1])
     ev = tmp_path / "eval"
-    assert cli_main(tool.run, ["--eval-only", *_opts(data_root, ev, "MODEL.WEIGHTS", str(run / "model_final.pth"))]) == 0
+    assert cli_main(tool.main, tool.parse_args(["--eval-only", *_opts(data_root, ev, "MODEL.WEIGHTS", str(run / "model_final.pth"))])) == 0
     res = json.loads((ev / "eval_metrics.json").read_text())
     assert res["test_top1_err"] == pytest.approx(last["test_top1_err"]) and res["test_loss"] == pytest.approx(last["test_loss"])
     capsys.readouterr()
-    assert cli_main(tool.run, ["--eval-only", *_opts(data_root, tmp_path / "none")]) == 2
+    assert cli_main(tool.main, tool.parse_args(["--eval-only", *_opts(data_root, tmp_path / "none")])) == 2
     assert "MODEL.WEIGHTS" in capsys.readouterr().err
 
 

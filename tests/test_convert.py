@@ -17,7 +17,8 @@ from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.detection.config import get_det_cfg
 from wrn_det.detection.modeling import build_detector
 from wrn_det.engine.config import load_config
-from wrn_det.engine.errors import WrnDetError, cli_main
+from wrn_det.engine.cli import cli_main
+from wrn_det.engine.errors import WrnDetError
 from wrn_det.models import build_model
 from wrn_det.models.convert import (
     ConversionError,
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _convert_main():
-    return load_tool("convert_weights").main
+    tool = load_tool("convert_weights")
+    return lambda argv: tool.main(tool.parse_args(argv))
 
 
 def _run_convert(*args):

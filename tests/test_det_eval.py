@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -67,6 +68,20 @@ def test_same_ap_as_pycocotools(gt_and_results, backend):
         assert ours[f"AP-{name}"] == pytest.approx(p[p > -1].mean() * 100, abs=1e-9)
 
 
+def _model_outputs(res_file):
+    """Return (inputs, outputs) per image as a detector gives them (XYXY boxes, contiguous classes), from a results file."""
+    by_image = {}
+    for r in json.load(open(res_file)):
+        by_image.setdefault(r["image_id"], []).append(r)
+    batches = []
+    for img, rs in by_image.items():
+        boxes = torch.tensor([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
+                              for r in rs], dtype=torch.float64)
+        batches.append(([{"image_id": img}], [{"boxes": boxes, "scores": torch.tensor([r["score"] for r in rs]),
+                                               "classes": torch.tensor([r["category_id"] - 1 for r in rs])}]))
+    return batches
+
+
 def test_evaluator_writes_results_and_maps_ids(gt_and_results, tmp_path):
     json_file, res_file = gt_and_results
     coco.register_coco_instances("t_eval", json_file, os.path.dirname(json_file))
@@ -75,15 +90,8 @@ def test_evaluator_writes_results_and_maps_ids(gt_and_results, tmp_path):
 
         load_coco_json(json_file, os.path.dirname(json_file), "t_eval")
         ev = COCOEvaluator("t_eval", str(tmp_path))
-        # model-style outputs: XYXY boxes and contiguous classes, from the results file
-        by_image = {}
-        for r in json.load(open(res_file)):
-            by_image.setdefault(r["image_id"], []).append(r)
-        for img, rs in by_image.items():
-            boxes = torch.tensor([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
-                                  for r in rs], dtype=torch.float64)
-            ev.process([{"image_id": img}], [{"boxes": boxes, "scores": torch.tensor([r["score"] for r in rs]),
-                                              "classes": torch.tensor([r["category_id"] - 1 for r in rs])}])
+        for inputs, outputs in _model_outputs(res_file):
+            ev.process(inputs, outputs)
         out = ev.evaluate()["bbox"]
     finally:
         catalog.DatasetCatalog.remove("t_eval")
@@ -91,3 +99,39 @@ def test_evaluator_writes_results_and_maps_ids(gt_and_results, tmp_path):
     assert len(written) == len(json.load(open(res_file)))
     ref = plain_pycocotools(json_file, res_file)
     assert out["AP"] == pytest.approx(ref.stats[0] * 100, abs=1e-3)  # results are rounded to 1e-3 px
+
+
+@pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
+def test_one_evaluator_serves_every_evaluation_with_the_ground_truth_read_once(gt_and_results, tmp_path, backend):
+    """As in a run: one evaluator per test set, reset between evaluations (every TEST.EVAL_PERIOD, the EMA weights)."""
+    from wrn_det.data.coco import load_coco_json
+    from wrn_det.detection.evaluation.plots import confusion_matrix, read_plot_data
+
+    json_file, res_file = gt_and_results
+    own = str(tmp_path / "instances.json")
+    shutil.copy(json_file, own)
+    name = f"t_reuse_{backend}"
+    coco.register_coco_instances(name, own, os.path.dirname(json_file))
+    try:
+        load_coco_json(own, os.path.dirname(json_file), name)
+        ev = COCOEvaluator(name, None, backend)
+        os.remove(own)  # read once, when the evaluator was built: the evaluations need the file no more
+        metrics = []
+        for folder in ("first", "ema"):
+            ev.output_dir = str(tmp_path / folder)
+            ev.reset()
+            for inputs, outputs in _model_outputs(res_file):
+                ev.process(inputs, outputs)
+            metrics.append(ev.evaluate()["bbox"])
+    finally:
+        catalog.DatasetCatalog.remove(name)
+    assert 20 < metrics[0]["AP"] < 95
+    results = json.load(open(tmp_path / "first" / "coco_instances_results.json"))
+    assert json.load(open(tmp_path / "ema" / "coco_instances_results.json")) == results
+    fresh = evaluate_coco_results(json_file, results, backend)  # the file read anew
+    for m in metrics:
+        assert m.keys() == fresh.keys()
+        assert all(m[k] == fresh[k] or (np.isnan(m[k]) and np.isnan(fresh[k])) for k in m), (m, fresh)
+    pictures = [read_plot_data(str(tmp_path / folder / "pr_data.json")) for folder in ("first", "ema")]
+    assert pictures[0] == pictures[1]
+    assert pictures[0]["confusion"] == confusion_matrix(json_file, results)

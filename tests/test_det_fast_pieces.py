@@ -3,7 +3,8 @@
 RoIAlign (CPU kernel) against torchvision's ``roi_align`` and detectron2's ``ROIPooler``;
 anchors against torchvision's ``AnchorGenerator``; Winograd convolutions against
 ``nn.Conv2d``; whole detectors (losses, boxes, scores) against the same detector assembled
-from torchvision's pieces, as the engine was before them.
+from torchvision's pieces, as the engine was before them. The pieces are chosen when a
+detector is built (``MODEL.FAST_CPU``): with the keys off it is made of torchvision's.
 """
 import copy
 import math
@@ -12,16 +13,21 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import box_iou, roi_align
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FeaturePyramidNetwork, box_iou, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import LevelMapper
 
 from wrn_det.detection.modeling import fast_conv
 from wrn_det.detection.modeling import poolers as pooling
 from wrn_det.detection.config import get_det_cfg
-from wrn_det.detection.modeling.fast_conv import FastConv2d, use_fast_convs, fast_convs
+from wrn_det.detection.modeling.backbone import FeaturePyramid
+from wrn_det.detection.modeling.fast_conv import FastConv2d, fast_convs
 from wrn_det.detection.modeling import build_detector
-from wrn_det.detection.modeling.roi_heads import ROIPooler
+from wrn_det.detection.modeling.roi_heads import FCBoxHead, ROIPooler
+from wrn_det.detection.modeling.rpn import RPNConvHead
 from wrn_det.detection.modeling.poolers import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 from wrn_det.detection.modeling.rpn import StridedAnchorGenerator
 from wrn_det.engine.config import load_config
@@ -151,17 +157,23 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thr
         pytest.skip("this PyTorch has no NNPACK")
     torch.manual_seed(0)
     ref = nn.Conv2d(32, 48, 3, padding=1)
-    conv = copy.deepcopy(ref)
-    assert use_fast_convs(nn.Sequential(conv, nn.Conv2d(32, 32, 3, stride=2), nn.Conv2d(32, 32, 1),
-                                        nn.Conv2d(32, 32, 3, padding_mode="reflect"))) == 3
-    assert isinstance(conv, FastConv2d) and list(conv.state_dict()) == list(ref.state_dict())
+    torch.manual_seed(0)
+    conv = FastConv2d(32, 48, 3, padding=1)
+    # nn.Conv2d's parameters, keys and initial draws
+    assert list(conv.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(conv.state_dict().values(), ref.state_dict().values()))
     x = torch.randn(2, 32, 40, 48)
     assert torch.equal(conv(x), ref(x))  # outside fast_convs(): exactly nn.Conv2d
+    # a padding the fast paths do not take (reflect) is nn.Conv2d's computation inside the context too
+    reflect = FastConv2d(32, 32, 3, padding=1, padding_mode="reflect")
+    reflect_ref = nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect")
+    reflect_ref.load_state_dict(reflect.state_dict())
     xr, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref = ref(xr)
     small = torch.randn(1, 32, 8, 8)
     calls = _nnpack_calls(monkeypatch)
     with fast_convs():
+        assert torch.equal(reflect(x), reflect_ref(x)) and not calls
         y = conv(xw)
         assert torch.equal(conv(small), ref(small))  # too small a map: the direct convolution
     assert len(calls) == 2  # one per image
@@ -175,9 +187,9 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thr
     torch.testing.assert_close(xw.grad, xr.grad, rtol=1e-4, atol=1e-4 * xr.grad.abs().max().item())
     assert torch.equal(conv.weight.grad, ref.weight.grad) and torch.equal(conv.bias.grad, ref.bias.grad)
     # padding 0: the input's gradient takes padding 2
-    valid = nn.Conv2d(32, 32, 3)
-    valid_ref = copy.deepcopy(valid)
-    use_fast_convs(valid)
+    valid = FastConv2d(32, 32, 3)
+    valid_ref = nn.Conv2d(32, 32, 3)
+    valid_ref.load_state_dict(valid.state_dict())
     xv = torch.randn(2, 32, 40, 48, requires_grad=True)
     xv_ref = xv.detach().clone().requires_grad_()
     with fast_convs():
@@ -202,9 +214,9 @@ def test_winograd_conv_is_nn_conv2d_outside_the_context_and_close_inside(one_thr
     assert "nnpack" not in str(traced.graph) and "mkldnn" not in str(traced.graph)
     # a small map with many channels in training: im2col + GEMM, the direct convolution's rounding,
     # and its gradient
-    wide = nn.Conv2d(256, 256, 3, stride=2, padding=1)
-    plain = copy.deepcopy(wide)
-    use_fast_convs(wide)
+    wide = FastConv2d(256, 256, 3, stride=2, padding=1)
+    plain = nn.Conv2d(256, 256, 3, stride=2, padding=1)
+    plain.load_state_dict(wide.state_dict())
     xg = torch.randn(2, 256, 7, 8, requires_grad=True)  # 56 pixels: at most a quarter of the channels
     xp = xg.detach().clone().requires_grad_()
     with fast_convs():
@@ -229,8 +241,8 @@ def test_packed_weights_in_inference(kw, monkeypatch):
     fast_conv.clear_packed_weights()
     torch.manual_seed(0)
     ref = nn.Conv2d(128, 128, **kw)
-    conv = copy.deepcopy(ref)
-    use_fast_convs(conv)
+    conv = FastConv2d(128, 128, **kw)
+    conv.load_state_dict(ref.state_dict())
     x = torch.randn(2, 128, 3, 3)  # a small map: the kernel has at least 12x one image's elements
     with torch.no_grad(), fast_convs():
         first, second, third = conv(x), conv(x), conv(x)
@@ -254,6 +266,12 @@ def test_packed_weights_in_inference(kw, monkeypatch):
     # with gradients (training), never the packed weight
     with fast_convs():
         assert torch.equal(conv(x), ref(x))
+    # built with pack_weights=False (MODEL.FAST_CPU.PACK_WEIGHTS False): plain calls, no entry
+    unpacked = FastConv2d(128, 128, **kw, pack_weights=False)
+    unpacked.load_state_dict(ref.state_dict())
+    with torch.no_grad(), fast_convs():
+        assert all(torch.equal(unpacked(x), ref(x)) for _ in range(3))
+    assert len(fast_conv._PACKED.entries) == 1
     # a budget: the least recently used entries go
     monkeypatch.setattr(fast_conv, "PACKED_WEIGHT_BYTES", conv.weight.numel() * 4 * 2)
     with torch.no_grad(), fast_convs():
@@ -293,14 +311,12 @@ class _TorchvisionPooler(nn.Module):
 
 
 def _reference_detector(model):
-    """The same detector (same weights) with torchvision's pooler, anchor generator and convolutions."""
+    """The same detector (same weights) with torchvision's pooler and anchor generator (``model`` has plain convs)."""
+    assert not any(isinstance(m, FastConv2d) for m in model.modules())
     ref = copy.deepcopy(model)
     ref.roi_heads.box_roi_pool = _TorchvisionPooler(model.roi_heads.box_roi_pool)
     ag = model.rpn.anchor_generator
     ref.rpn.anchor_generator = AnchorGenerator(ag.sizes, ag.aspect_ratios)
-    for m in ref.modules():
-        if isinstance(m, FastConv2d):
-            m.__class__ = nn.Conv2d
     return ref
 
 
@@ -349,12 +365,15 @@ def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch, one_thr
     # one thread: the size from which the Winograd path is taken (these maps reach it only there)
     # inputs a multiple of the coarsest stride (8 and 64 here), where the old and new padding agree
     kw = dict(o.split("=") for o in opts if "=" in o)
+    opts = [o for o in opts if "=" not in o]
     torch.manual_seed(0)
-    model = build_detector(_cfg(*[o for o in opts if "=" not in o], **kw))
+    # exact pieces first: plain convolutions, the CPU RoIAlign kernel
+    model = build_detector(_cfg(*opts, "MODEL.FAST_CPU.CONV", "False", **kw))
     ref = _reference_detector(model)
-    winograd = copy.deepcopy(model)  # a training forward moves BatchNorm statistics: one copy per run
+    torch.manual_seed(0)
+    winograd = build_detector(_cfg(*opts, **kw))  # FastConv2d (the default), the same initial weights
+    assert all(torch.equal(a, b) for a, b in zip(winograd.state_dict().values(), model.state_dict().values()))
     inputs = _inputs(*size)
-    monkeypatch.setattr(fast_conv, "ENABLED", False)  # exact pieces first
     losses, grads, dets = _run(model, inputs)
     ref_losses, ref_grads, ref_dets = _run(ref, inputs)
     assert losses.keys() == ref_losses.keys()
@@ -365,7 +384,6 @@ def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch, one_thr
     for a, b in zip(dets, ref_dets):
         _matched(a, b)
     # Winograd convolutions: float rounding of 1e-5 relative per convolution
-    monkeypatch.setattr(fast_conv, "ENABLED", True)
     calls = _nnpack_calls(monkeypatch)
     losses, _, dets = _run(winograd, inputs)
     assert calls or not fast_conv.winograd_available()  # the Winograd path was taken
@@ -373,6 +391,86 @@ def test_detector_equals_the_torchvision_pieces(opts, size, monkeypatch, one_thr
         assert losses[k] == pytest.approx(ref_losses[k], rel=1e-4, abs=1e-6), k
     for a, b in zip(dets, ref_dets):
         _matched(a, b)
+
+
+def _tv_roi_align_calls(monkeypatch) -> list:
+    """Count the calls of torchvision's roi_align made by the pooling module (one item per call)."""
+    calls, tv = [], pooling.tv_roi_align
+    monkeypatch.setattr(pooling, "tv_roi_align", lambda *a, **k: calls.append(1) or tv(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("config, net, size", [("shapes_wrn_frcnn.yaml", "wrn_10_1", (64, 96)),
+                                               ("Base-WRN-RCNN-C4.yaml", "wide_resnet18_1", (128, 192))],
+                         ids=["fpn", "c4"])
+def test_the_keys_choose_the_pieces_when_the_detector_is_built(config, net, size, monkeypatch, one_thread):
+    # one thread: maps of these sizes take the Winograd path there
+    torch.manual_seed(0)
+    plain = build_detector(_cfg("MODEL.FAST_CPU.CONV", "False", "MODEL.FAST_CPU.ROI_ALIGN", "False",
+                                config=config, net=net)).eval()
+    torch.manual_seed(0)
+    fast = build_detector(_cfg(config=config, net=net)).eval()  # the defaults: every fast piece
+    torch.manual_seed(0)
+    unpacked = build_detector(_cfg("MODEL.FAST_CPU.PACK_WEIGHTS", "False", config=config, net=net))
+    convs = [n for n, m in plain.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs and not any(isinstance(m, FastConv2d) for m in plain.modules())
+    # every convolution (backbone, FPN, RPN head, box head) is a FastConv2d, under the same names and weights
+    assert [n for n, m in fast.named_modules() if isinstance(m, FastConv2d)] == convs
+    assert all(m.pack_weights for m in fast.modules() if isinstance(m, FastConv2d))
+    assert [n for n, m in unpacked.named_modules() if isinstance(m, FastConv2d) and not m.pack_weights] == convs
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
+    assert not plain.roi_heads.box_roi_pool.cpu_kernel and fast.roi_heads.box_roi_pool.cpu_kernel
+    inputs = [{k: v for k, v in x.items() if k in ("image", "height", "width")} for x in _inputs(*size, n=1)]
+    tv_calls, nnpack_calls = _tv_roi_align_calls(monkeypatch), _nnpack_calls(monkeypatch)
+    with torch.no_grad():
+        (a,) = plain(inputs)
+        assert tv_calls and not nnpack_calls  # torchvision's roi_align, plain convolutions
+        del tv_calls[:]
+        (b,) = fast(inputs)
+    assert not tv_calls  # the CPU kernel pooled every box
+    assert nnpack_calls or not fast_conv.winograd_available()
+    _matched(a, b)
+
+
+def test_torchvision_blocks_built_with_the_conv_class_are_torchvisions():
+    """FPN, RPN head and box head: torchvision's keys, initial weights and outputs, built with FastConv2d."""
+    x = [torch.randn(1, c, s, s) for c, s in ((16, 24), (32, 12), (64, 6))]
+    for ours_of, theirs_of, run in [
+        (lambda conv: FeaturePyramid([16, 32, 64], 24, LastLevelMaxPool(), nn.BatchNorm2d, conv_layer=conv),
+         lambda: FeaturePyramidNetwork([16, 32, 64], 24, LastLevelMaxPool(), nn.BatchNorm2d),
+         lambda m: list(m(dict(zip("abc", x))).values())),
+        (lambda conv: RPNConvHead(64, 3, conv_depth=2, conv_layer=conv), lambda: RPNHead(64, 3, conv_depth=2),
+         lambda m: [t for ts in m(x[2:]) for t in ts]),
+        (lambda conv: FCBoxHead((64, 6, 6), [32, 32], [48], nn.BatchNorm2d, conv_layer=conv),
+         lambda: FastRCNNConvFCHead((64, 6, 6), [32, 32], [48], nn.BatchNorm2d), lambda m: [m(x[2])]),
+    ]:
+        torch.manual_seed(0)
+        theirs = theirs_of().eval()
+        torch.manual_seed(0)
+        ours = ours_of(FastConv2d).eval()
+        assert list(ours.state_dict()) == list(theirs.state_dict()) and isinstance(ours, type(theirs))
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+        assert all(type(m) is FastConv2d for m in ours.modules() if isinstance(m, nn.Conv2d))
+        assert not any(type(m) is FastConv2d for m in ours_of(None).modules())
+        with torch.no_grad(), fast_convs():
+            for a, b in zip(run(ours), run(theirs)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_detectron2_engine_builds_plain_convolutions():
+    pytest.importorskip("detectron2", reason="detectron2 is not installed")
+    from detectron2.modeling import build_model
+
+    from wrn_det.d2.train import build_config
+
+    for config in ("shapes_wrn_frcnn.yaml", "Base-WRN-RCNN-C4.yaml"):
+        cfg = build_config(config, ["MODEL.DEVICE", "cpu", "MODEL.WRN.NAME", "wrn_10_1" if "shapes" in config
+                                    else "wide_resnet18_1", "MODEL.FAST_CPU.CONV", "True"])
+        model = build_model(cfg)
+        assert any(isinstance(m, nn.Conv2d) for m in model.backbone.modules())
+        assert not any(isinstance(m, FastConv2d) for m in model.modules()), config
+        assert cfg.MODEL.FAST_CPU.CONV  # the caller's config is left as it was
 
 
 def test_fc_box_head_reads_channels_last_features_as_contiguous_ones():

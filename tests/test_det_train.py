@@ -125,17 +125,19 @@ def test_sigkill_and_resume_give_identical_weights(coco_root, tmp_path):
 
 def test_bfloat16_amp_and_ema_train_and_evaluate(coco_root, tmp_path, monkeypatch, one_thread):
     """Mixed precision (CPU autocast to bfloat16) and the weight EMA: training runs, both weights are evaluated,
-    and --eval-only with MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY gives the EMA's numbers again."""
-    from wrn_det.detection.modeling import build_detector
-    from wrn_det.detection.train import Trainer, test
-    from wrn_det.detection.weights import load_detector_weights
+    and --eval-only with MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY gives the EMA's numbers again (without reading
+    any training data)."""
+    from wrn_det.detection.evaluation import coco as coco_evaluation
+    from wrn_det.detection.train import Trainer
 
     monkeypatch.setenv("DETECTRON2_DATASETS", coco_root)
     opts = [*TINY_DET, "DATASETS.TEST", "('coco_2017_val',)", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "0",
             "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16", "MODEL_EMA.ENABLED", "True",
             "MODEL_EMA.DECAY", "0.5", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SEED", "2",
             "OUTPUT_DIR", str(tmp_path)]
-    trainer = Trainer(build_cfg(opts))
+    read_json, ground_truth_reads = coco_evaluation.read_json, []
+    monkeypatch.setattr(coco_evaluation, "read_json", lambda path: ground_truth_reads.append(path) or read_json(path))
+    trainer = Trainer(build_cfg(opts + ["TEST.EVAL_PERIOD", "3"]))
     assert trainer.step.dtype == torch.bfloat16
     autocast_seen = []
     forward = trainer.model.forward
@@ -143,17 +145,22 @@ def test_bfloat16_amp_and_ema_train_and_evaluate(coco_root, tmp_path, monkeypatc
     model.forward = lambda batch: autocast_seen.append((model.training, torch.is_autocast_enabled("cpu"))) or \
         forward(batch)
     results = trainer.train()
+    # four evaluations (model and EMA, at iteration 3 and at the end) on one ground truth, read once
+    assert len(ground_truth_reads) == 1 and ground_truth_reads[0].endswith("instances_val2017.json")
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.json")]
+    assert [r["iteration"] for r in rows if "ema/bbox/AP" in r] == [2, 5]
     # every training forward pass ran under CPU autocast; evaluation in float32
     assert [a for t, a in autocast_seen if t] == [True] * 6 and not any(a for t, a in autocast_seen if not t)
     assert "AP" in results["bbox"] and "AP" in results["ema"]["bbox"]
     assert os.path.isfile(tmp_path / "inference" / "ema" / "coco_instances_results.json")
     ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     assert ckpt["ema_updates"] == 6 and ckpt["ema"].keys() == ckpt["model"].keys()
-    cfg = build_cfg(opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+    # the training set of this config is not on disk: evaluation must not need it
+    cfg = build_cfg(opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "DATASETS.TRAIN", "('coco_2014_train',)",
                             "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY", "True", "OUTPUT_DIR", str(tmp_path / "ev")])
-    ema_model = build_detector(cfg)
-    load_detector_weights(ema_model, cfg.MODEL.WEIGHTS, use_ema=True)
-    again = test(cfg, ema_model)
+    evaluation = Trainer(cfg, eval_only=True)
+    assert evaluation.resume_or_load(resume=False) == 0
+    again = evaluation.test()
     assert again["bbox"]["AP"] == pytest.approx(results["ema"]["bbox"]["AP"], abs=1e-9, nan_ok=True)
     assert json.load(open(tmp_path / "ev" / "inference" / "coco_instances_results.json")) == \
         json.load(open(tmp_path / "inference" / "ema" / "coco_instances_results.json"))

@@ -1,5 +1,5 @@
 """What a user does with a trained detector: tools/demo.py, tools/visualize_data.py, the evaluation's pictures and
-progress, and their redrawing by wrn_det.detection.plot; on the session's trained shapes detector."""
+progress, and their redrawing by tools/plot_logs.py; on the session's trained shapes detector."""
 import json
 import logging
 from pathlib import Path
@@ -11,7 +11,7 @@ from helpers import load_tool
 
 
 def _run(name, argv, capsys):
-    from wrn_det.engine.errors import cli_main
+    from wrn_det.engine.cli import cli_main
 
     tool = load_tool(name)
     status = cli_main(tool.main, tool.parse_args(argv))
@@ -142,11 +142,10 @@ def test_hostile_results_file_is_one_line_exit_2(trained_shapes_detector, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trained_shapes_detector, tmp_path):
-    """The session run's final evaluation left its pictures in inference/; the plot command draws them again."""
+def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trained_shapes_detector, tmp_path, capsys):
+    """The session run's final evaluation left its pictures in inference/; tools/plot_logs.py draws them again."""
     import shutil
 
-    from wrn_det.detection import plot
     from wrn_det.detection.evaluation.plots import PLOT_FILES, read_plot_data
 
     run = trained_shapes_detector
@@ -166,7 +165,8 @@ def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trai
     assert matrix[:, :3].sum() + matrix[:, 4].sum() == n_objects and np.trace(matrix[:, :3]) > 0.7 * n_objects
     copy = tmp_path / "run"
     shutil.copytree(run.dir, copy, ignore=shutil.ignore_patterns("*.pth", "*.png"))
-    plot.main([str(copy)])
+    status, _, err = _run("plot_logs", [str(copy)], capsys)
+    assert status == 0, err
     assert (copy / "curves.png").is_file()
     assert all((copy / "inference" / name).is_file() for name in PLOT_FILES)
 
@@ -220,14 +220,16 @@ def test_evaluation_progress_log_lines_and_terminal_bar(monkeypatch, caplog, cap
     progress = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
     assert progress[0].startswith("inference on fake_set: 1/6 images") and len(progress) == 5  # not after the last
 
-    def bar(total, name):  # what _progress_bar returns on a terminal, written where capsys sees it
+    def bar(total, desc, unit="it"):  # what progress_bar returns on a terminal, written where capsys sees it
         import sys
 
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=f"inference on {name}", file=sys.stderr, mininterval=0)
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0)
 
-    monkeypatch.setattr(evaluation, "_progress_bar", bar)
+    from wrn_det.engine import progress
+
+    monkeypatch.setattr(progress, "progress_bar", bar)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="wrn_det"):
         evaluation.inference_on_dataset(_Slow(), loader, _Evaluator())

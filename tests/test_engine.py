@@ -1,4 +1,5 @@
-"""Tests of the shared engine pieces: config loading, checkpoints, RNG states, schedules, CLI errors."""
+"""Tests of the shared engine pieces: config loading and run keys, checkpoints, RNG states, schedules, the command
+line, metrics files."""
 import os
 import random
 
@@ -13,8 +14,9 @@ from wrn_det.engine.checkpoint import (
     set_rng_states,
     write_last_checkpoint,
 )
-from wrn_det.engine.config import CfgNode, load_config, resolve_config_file, save_config
-from wrn_det.engine.errors import ConfigError, WrnDetError, cli_main
+from wrn_det.engine.cli import cli_main, default_argument_parser, parse_args_with_overrides, split_overrides
+from wrn_det.engine.config import CfgNode, add_run_config, load_config, resolve_config_file, save_config
+from wrn_det.engine.errors import ConfigError, WrnDetError
 from wrn_det.engine.fileio import atomic_save
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 
@@ -111,6 +113,88 @@ def test_cli_main_prints_one_line(capsys):
     assert cli_main(bad) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: file x.yaml: unknown config key 'A.B'"
+
+
+def test_overrides_stand_anywhere_on_a_command_line():
+    argv = ["--input", "a.jpg", "b.jpg", "MODEL.WEIGHTS", "w.pth", "--output", "out", "SOLVER.BASE_LR", "0.1", "--x"]
+    assert split_overrides(argv) == (["--input", "a.jpg", "b.jpg", "--output", "out", "--x"],
+                                     ["MODEL.WEIGHTS", "w.pth", "SOLVER.BASE_LR", "0.1"])
+    # a key without a value, lower case and undotted words are arguments
+    assert split_overrides(["model.weights", "x", "SEED", "1", "MODEL.WEIGHTS"]) == (
+        ["model.weights", "x", "SEED", "1", "MODEL.WEIGHTS"], [])
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--input", nargs="+")
+    args = parse_args_with_overrides(p, ["--input", "a.jpg", "b.jpg", "MODEL.WEIGHTS", "w.pth"])
+    assert args.input == ["a.jpg", "b.jpg"] and args.opts == ["MODEL.WEIGHTS", "w.pth"]
+    args = default_argument_parser().parse_args(["--config-file", "x.yaml", "--resume", "SOLVER.BASE_LR", "0.1"])
+    assert args.config_file == "x.yaml" and args.resume and args.opts == ["SOLVER.BASE_LR", "0.1"]
+
+
+def test_run_keys_have_each_tasks_defaults_and_engine_reads_them():
+    from wrn_det.classification import get_cls_cfg
+    from wrn_det.detection.config import get_det_cfg
+
+    det, cls = get_det_cfg(), get_cls_cfg()
+    assert (det.SEED, det.LOG_PERIOD, det.MODEL_EMA.DECAY, det.SOLVER.AMP.DTYPE) == (-1, 20, 0.999, "float16")
+    assert (cls.SEED, cls.LOG_PERIOD, cls.MODEL_EMA.DECAY, cls.SOLVER.AMP.DTYPE) == (0, 50, 0.9999, "bfloat16")
+    for cfg in (det, cls):
+        assert cfg.PREEMPT_SIGNALS == ("SIGTERM", "SIGUSR1") and cfg.CUDNN_BENCHMARK is False
+        assert cfg.MODEL_EMA.ENABLED is False and cfg.SOLVER.AMP.ENABLED is False
+    # --eval-only on the EMA weights is detection's: classification evaluates both
+    assert det.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY is False and "USE_EMA_WEIGHTS_FOR_EVAL_ONLY" not in cls.MODEL_EMA
+    # the keys merge from a file into nodes of the caller's class, and a misspelt one is refused
+    cfg = add_run_config(_defaults(), "classification")
+    assert cfg.SOLVER.BASE_LR == 0.1 and isinstance(cfg.SOLVER.AMP, CfgNode)
+    merged = load_config(cfg, None, ["SOLVER.AMP.ENABLED", "True", "MODEL_EMA.DECAY", "0.99", "SEED", "3"])
+    assert merged.SOLVER.AMP.ENABLED and merged.MODEL_EMA.DECAY == 0.99 and merged.SEED == 3
+    with pytest.raises(ConfigError, match="MODEL_EMA.DECAYS"):
+        load_config(cfg, None, ["MODEL_EMA.DECAYS", "0.9"])
+    with pytest.raises(ConfigError, match="'segmentation'"):
+        add_run_config(_defaults(), "segmentation")
+
+
+def test_setup_run_turns_on_cudnn_benchmark_when_asked(tmp_path):
+    from wrn_det.engine.run import setup_run
+
+    cfg = add_run_config(_defaults(), "classification")
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        setup_run(cfg, logger_names=("wrn_det.test_engine",))
+        assert torch.backends.cudnn.benchmark is False
+        cfg.CUDNN_BENCHMARK = True
+        assert setup_run(cfg, logger_names=("wrn_det.test_engine",)) == 0  # SEED 0 of classification
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert not (tmp_path / "out").exists()
+
+
+def test_metrics_json_is_strict_json_and_read_back_by_one_reader(tmp_path):
+    import json
+
+    from wrn_det.engine.events import MetricsWriter, read_metrics, trim_metrics
+
+    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        w.write({"epoch": 1, "loss": torch.tensor(0.5), "ap": float("nan"), "big": np.float64("inf")}, step=7)
+        w.write({"epoch": 2, "loss": 0.25, "sizes": (1, float("-inf"))}, step=8)
+    text = (tmp_path / "metrics.json").read_text()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in text.splitlines()]
+    assert rows == [{"epoch": 1, "loss": 0.5, "ap": None, "big": None, "iteration": 7},
+                    {"epoch": 2, "loss": 0.25, "sizes": [1, None], "iteration": 8}]
+    assert read_metrics(str(tmp_path)) == rows == read_metrics(str(tmp_path / "metrics.json"))
+    # a resumed run drops the rows after its checkpoint; the rows kept are the lines as written
+    assert trim_metrics(str(tmp_path), lambda r: r["epoch"] <= 1) == 1
+    assert (tmp_path / "metrics.json").read_text() == text.splitlines(keepends=True)[0]
+    assert trim_metrics(str(tmp_path), lambda r: True) == 0 and trim_metrics(str(tmp_path / "none"), bool) == 0
+    (tmp_path / "metrics.json").write_text('{"iteration": 1}\n\n{"iteration": 2, "loss": NaN\n')
+    with pytest.raises(WrnDetError, match=r"metrics.json, line 3: not a JSON object \(Expecting"):
+        read_metrics(str(tmp_path))
+    with pytest.raises(WrnDetError, match=r"nowhere.*not found"):
+        read_metrics(str(tmp_path / "nowhere"))
 
 
 def _gather_ranks(out_dir):

@@ -12,7 +12,7 @@ BOX_TOL, SCORE_TOL = 1e-3, 1e-4
 
 
 def _export(run, fmt, out, capsys):
-    from wrn_det.engine.errors import cli_main
+    from wrn_det.engine.cli import cli_main
 
     tool = load_tool("export_model")
     argv = ["--config-file", str(run.dir / "config.yaml"), "--format", fmt, "--output", str(out),
@@ -86,7 +86,7 @@ def test_onnx_gives_the_eager_models_detections(trained_shapes_detector, predict
 
 
 def test_export_needs_weights_in_one_line(trained_shapes_detector, tmp_path, capsys):
-    from wrn_det.engine.errors import cli_main
+    from wrn_det.engine.cli import cli_main
 
     run = trained_shapes_detector
     tool = load_tool("export_model")

@@ -107,7 +107,8 @@ def test_sigterm_mid_epoch_stops_with_a_checkpoint_and_resumes_bit_exactly(cifar
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(cifar, cls_reference, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run(_cls(*_cls_args(cifar, out, "SOLVER.EPOCHS", "2", "SOLVER.CHECKPOINT_KEEP", "0")),
+    # the default SOLVER.CHECKPOINT_KEEP keeps the previous checkpoint to fall back to
+    r = subprocess.run(_cls(*_cls_args(cifar, out, "SOLVER.EPOCHS", "2")),
                        env=tool_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     newest = out / "model_epoch_0002.pth"
@@ -196,6 +197,25 @@ def test_sigterm_mid_run_stops_with_a_checkpoint_and_resumes_bit_exactly_detecti
     assert r.returncode == 0, r.stderr[-2000:]
     assert ref.wait(300) == 0, ref.stderr.read()[-2000:]
     _assert_same(tmp_path / "ref" / "model_final.pth", out / "model_final.pth")
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_detection(det_root, tmp_path):
+    out = tmp_path / "run"
+    env = tool_env(det_root)
+    r = subprocess.run(_net(*_det_args(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reference = out / "model_final.pth"
+    reference.rename(tmp_path / "reference.pth")  # the uninterrupted run's weights
+    # as the run was before its final checkpoint, with the newest periodic one broken (a node died writing it)
+    newest = out / "model_0000011.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (out / "last_checkpoint").write_text(newest.name)
+    r = subprocess.run(_net("--resume", *_det_args(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (out / "log.txt").read_text()
+    assert f"checkpoint {newest} is broken" in text and "model_0000007.pth, the newest intact" in text
+    assert "continuing at iteration 8" in text
+    _assert_same(tmp_path / "reference.pth", out / "model_final.pth")
 
 
 def test_torchrun_restart_after_a_worker_dies_resumes_by_itself_detection(det_root, tmp_path):

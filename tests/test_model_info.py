@@ -7,7 +7,15 @@ import sys
 import pytest
 from helpers import REPO, load_tool
 
+from wrn_det.engine import cli_main
+
 SCRIPT = REPO / "tools" / "model_info.py"
+
+
+def _main(argv):
+    """Return the exit status of ``tools/model_info.py ARGV`` run in this process (its output stays in capsys)."""
+    tool = load_tool("model_info")
+    return cli_main(tool.main, tool.parse_args(argv))
 
 
 def _run(*args, cwd):
@@ -47,15 +55,13 @@ def test_cli_bad_name_is_one_line_and_exit_2(tmp_path):
     (["vgg_cifar", "--num-classes", "10"], 20_035_018),
 ])
 def test_json_parameter_counts(args, params, capsys):
-    tool = load_tool("model_info")
-    assert tool.main([*args, "--json"]) == 0
+    assert _main([*args, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == params
 
 
 def test_json_wide_resnet50_2_at_224(capsys):
-    tool = load_tool("model_info")
-    assert tool.main(["wide_resnet50_2", "--json"]) == 0
+    assert _main(["wide_resnet50_2", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == 68_883_240
     assert info["input_size"] == 224
@@ -64,11 +70,10 @@ def test_json_wide_resnet50_2_at_224(capsys):
 
 
 def test_text_output_and_bad_input_size(capsys):
-    tool = load_tool("model_info")
-    assert tool.main(["nin", "--input-size", "16"]) == 0
+    assert _main(["nin", "--input-size", "16"]) == 0
     out = capsys.readouterr().out
     assert "params: 1,007,242" in out and "stage2" in out
-    assert tool.main(["nin", "--input-size", "0"]) == 2
+    assert _main(["nin", "--input-size", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--input-size" in err[0]
 
@@ -76,16 +81,14 @@ def test_text_output_and_bad_input_size(capsys):
 def test_main_leaves_grad_mode_as_it_was():
     import torch
 
-    mod = load_tool("model_info")
-    assert mod.main(["wrn_10_1", "--json"]) == 0
+    assert _main(["wrn_10_1", "--json"]) == 0
     assert torch.is_grad_enabled()
 
 
 def test_config_mode_parameters_gflops_by_part_and_benchmark(capsys):
     """--config-file: the detector's parameters (trainable after FREEZE_AT) and GFLOPs split into its parts."""
-    tool = load_tool("model_info")
     demo = ["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "64", "96", "MODEL.DEVICE", "cpu"]
-    assert tool.main([*demo, "--json", "--benchmark", "2"]) == 0
+    assert _main([*demo, "--json", "--benchmark", "2"]) == 0
     info = json.loads(capsys.readouterr().out)
     params, gflops = info["params"], info["gflops"]
     assert list(gflops) == ["backbone", "FPN", "RPN", "RoI heads", "total"]
@@ -95,26 +98,25 @@ def test_config_mode_parameters_gflops_by_part_and_benchmark(capsys):
     assert info["network_input_size"] == [64, 96] and info["benchmark"]["runs"] == 2 and info["benchmark"]["median_s"] > 0
     # FREEZE_AT 2 freezes the stem and stage1: their convolutions stop being trainable (their BatchNorm becomes
     # FrozenBatchNorm, whose statistics and affine terms are buffers, not parameters)
-    assert tool.main([*demo, "--json", "MODEL.BACKBONE.FREEZE_AT", "2"]) == 0
+    assert _main([*demo, "--json", "MODEL.BACKBONE.FREEZE_AT", "2"]) == 0
     frozen = json.loads(capsys.readouterr().out)["params"]
     assert frozen["backbone"]["trainable"] < frozen["backbone"]["total"] <= params["backbone"]["total"]
     assert frozen["backbone"]["trainable"] < params["backbone"]["trainable"]
     assert frozen["FPN"]["trainable"] == params["FPN"]["trainable"]
     # a larger input costs more in the backbone, not in the RoI heads (a fixed number of proposals)
-    assert tool.main(["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "128", "192", "MODEL.DEVICE", "cpu",
+    assert _main(["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "128", "192", "MODEL.DEVICE", "cpu",
                       "--json"]) == 0
     bigger = json.loads(capsys.readouterr().out)["gflops"]
     assert bigger["backbone"] == pytest.approx(4 * gflops["backbone"], rel=0.02)
     assert bigger["RoI heads"] == pytest.approx(gflops["RoI heads"], rel=1e-3)
-    assert tool.main(["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "64", "96", "MODEL.DEVICE", "cpu"]) == 0
+    assert _main(["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "64", "96", "MODEL.DEVICE", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "GFLOPs at 64x96" in text and "trainable (MODEL.BACKBONE.FREEZE_AT 0" in text and "RoI heads" in text
 
 
 def test_config_mode_bad_input_is_one_line(capsys):
-    tool = load_tool("model_info")
-    assert tool.main(["--config-file", "shapes_wrn_frcnn.yaml", "MODEL.WRN.DEPTH", "3"]) == 2
+    assert _main(["--config-file", "shapes_wrn_frcnn.yaml", "MODEL.WRN.DEPTH", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown config key 'MODEL.WRN.DEPTH'" in err[0]
-    assert tool.main(["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "1", "2", "3"]) == 2
+    assert _main(["--config-file", "shapes_wrn_frcnn.yaml", "--input-size", "1", "2", "3"]) == 2
     assert "--input-size" in capsys.readouterr().err

@@ -426,3 +426,35 @@ def test_memory_efficient_keyword_and_eval_path():
     model.memory_efficient = False
     with torch.no_grad():
         assert torch.equal(a, model(x))
+
+
+# ------------------------------------------------------- conv layer choice ----
+
+class _CountingConv(nn.Conv2d):
+    """An nn.Conv2d subclass that counts its calls (a stand-in for a faster kernel)."""
+
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("name", ["wrn_10_2", "wide_resnet18_1", "wide_resnet50_1", "preact_resnet11", "nin",
+                                  "vgg_cifar"])
+def test_conv_layer_builds_every_convolution_with_the_same_keys_and_weights(name):
+    torch.manual_seed(0)
+    plain = build_model(name, num_classes=5).eval()
+    torch.manual_seed(0)
+    chosen = build_model(name, num_classes=5, conv_layer=_CountingConv).eval()
+    convs = [n for n, m in plain.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs and not any(isinstance(m, _CountingConv) for m in plain.modules())
+    assert [n for n, m in chosen.named_modules() if type(m) is _CountingConv] == convs
+    # the same state-dict keys and initial weights: checkpoints load either way
+    assert list(chosen.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), plain.state_dict().values()))
+    x = torch.randn(2, 3, 32, 32)
+    _CountingConv.calls = 0
+    with torch.no_grad():
+        assert torch.equal(chosen(x), plain(x))
+    assert _CountingConv.calls == len(convs)  # every convolution ran through the chosen class

@@ -18,7 +18,7 @@ from helpers import load_tool
 from torch import nn
 
 from wrn_det.models.norm import convert_norm
-from wrn_det.engine.errors import cli_main
+from wrn_det.engine.cli import cli_main
 from wrn_det.models import build_model
 from wrn_det.models.convert import read_classifier_state, read_d2_pickle
 
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _convert_main():
-    return load_tool("convert_weights").main
+    tool = load_tool("convert_weights")
+    return lambda argv: tool.main(tool.parse_args(argv))
 
 
 def _close(a, b, what):

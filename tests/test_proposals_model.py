@@ -325,7 +325,7 @@ def test_fast_rcnn_configs_read_where_the_rpn_configs_write(rpn_config, fast_con
 
 
 def test_plot_draws_proposal_recall_and_per_dataset_ap():
-    from wrn_det.detection.plot import eval_keys
+    from wrn_det.engine.curves import eval_keys
 
     rows = [{"iteration": 9, "total_loss": 1.0},
             {"iteration": 9, "shapes_val/box_proposals/AR@100": 50.0, "shapes_val/box_proposals/ARs@100": 40.0,

@@ -79,7 +79,7 @@ ATTACKS = {
 
 
 def _read_in_child(module: str, func: str, path) -> subprocess.CompletedProcess:
-    code = (f"import sys\nfrom {module} import {func}\nfrom wrn_det.engine.errors import cli_main\n"
+    code = (f"import sys\nfrom {module} import {func}\nfrom wrn_det.engine import cli_main\n"
             f"sys.exit(cli_main({func}, sys.argv[1]))\n")
     return subprocess.run([sys.executable, "-c", code, str(path)], env=tool_env(), cwd=str(REPO),
                           capture_output=True, text=True, timeout=120)

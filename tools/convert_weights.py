@@ -21,8 +21,11 @@ import argparse
 import os
 import sys
 
-from wrn_det.engine.errors import ConfigError, cli_main
-from wrn_det.models.convert import convert_weights
+# usable from a checkout without installing: this repository's wrn_det comes first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from wrn_det.engine import ConfigError, cli_main  # noqa: E402
+from wrn_det.models.convert import convert_weights  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,9 +53,8 @@ def outputs_for(output: str):
     return output + ".pth", output + ".pkl"
 
 
-def main(argv=None) -> int:
-    """Run the conversion; prints a summary and returns 0."""
-    args = parse_args(argv)
+def main(args) -> int:
+    """Run the conversion ``args`` ask for; prints a summary and returns 0."""
     builtin_out, d2_out = outputs_for(args.output)
     res = convert_weights(args.input, model_name=args.model, builtin_out=builtin_out, d2_out=d2_out,
                           use_ema=args.ema)
@@ -68,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(main))
+    sys.exit(cli_main(main, parse_args()))

@@ -19,17 +19,16 @@ import glob
 import os
 import sys
 
+# usable from a checkout without installing: this repository's wrn_det comes first
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wrn_det.engine.errors import WrnDetError, cli_main  # noqa: E402
+from wrn_det.engine import WrnDetError, atomic_write, cli_main, parse_args_with_overrides  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def parse_args(argv=None):
     """Return the parsed command line; ``KEY VALUE`` pairs (anywhere, even right after ``--input``) go to ``opts``."""
-    from wrn_det.detection.config import split_overrides
-
     p = argparse.ArgumentParser(description="Draw a trained detector's detections on images",
                                 epilog="Overrides: trailing KEY VALUE pairs, e.g. MODEL.WEIGHTS out/model_final.pth")
     p.add_argument("--config-file", "--config", required=True, metavar="FILE",
@@ -38,10 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--output", default="", metavar="DIR", help="folder for one drawn picture per image")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="lowest score drawn and written")
     p.add_argument("--json", default="", metavar="FILE", help="write all detections in COCO results format")
-    rest, opts = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(rest)
-    args.opts = opts
-    return args
+    return parse_args_with_overrides(p, argv)
 
 
 def expand_inputs(patterns):
@@ -85,7 +81,6 @@ def main(args) -> int:
     from wrn_det.detection.predictor import Predictor, coco_results, image_to_tensor
     from wrn_det.data.det_loader import quiet_opencv
     from wrn_det.detection.visualize import class_colour, detection_labels, draw_boxes, save_png
-    from wrn_det.engine.fileio import atomic_write
 
     with torch.no_grad():  # inference only; the caller's grad mode is left as it was
         quiet_opencv()

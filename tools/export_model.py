@@ -20,14 +20,14 @@ import argparse
 import os
 import sys
 
+# usable from a checkout without installing: this repository's wrn_det comes first
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wrn_det.engine.errors import ConfigError, cli_main  # noqa: E402
+from wrn_det.engine import ConfigError, cli_main, parse_args_with_overrides  # noqa: E402
 
 
 def parse_args(argv=None):
     """Return the parsed command line; ``KEY VALUE`` config overrides may stand anywhere and go to ``opts``."""
-    from wrn_det.detection.config import split_overrides
     from wrn_det.detection.export import FORMATS
 
     p = argparse.ArgumentParser(description="Export a trained detector to ONNX or TorchScript",
@@ -38,10 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, metavar="FILE", help="the file to write (.onnx, .pt)")
     p.add_argument("--check-image", nargs="+", default=[], metavar="PATH",
                    help="images to trace and check the export on (default: two random images)")
-    rest, opts = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(rest)
-    args.opts = opts
-    return args
+    return parse_args_with_overrides(p, argv)
 
 
 def main(args) -> int:

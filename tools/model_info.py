@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Optional
 
-# Usable from a plain checkout, without installing the package.
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+# usable from a checkout without installing: this repository's wrn_det comes first
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from wrn_det.engine import ConfigError, cli_main, load_config, parse_args_with_overrides  # noqa: E402
 from wrn_det.models import build_model, count_parameters, list_models  # noqa: E402
 
 
@@ -112,7 +111,6 @@ def detector_info(config_file: str, opts, input_size=(800, 1333), benchmark: int
     from wrn_det.detection.analysis import (benchmark_inference, detector_gflops, detector_parameters,
                                                   network_input_size)
     from wrn_det.detection.modeling import build_detector
-    from wrn_det.engine.config import load_config
 
     cfg = load_config(get_det_cfg(), config_file, list(opts or []))
     model = build_detector(cfg).eval()
@@ -152,11 +150,8 @@ def _print_detector(info: dict) -> None:
               f"weights: {b['weights']})")
 
 
-@torch.no_grad()  # counting needs no autograd; as a decorator it leaves the caller's grad mode as it was
-def main(argv=None) -> int:
-    """Run the command line; return the exit status (0, or 2 for bad input)."""
-    from wrn_det.engine.errors import WrnDetError
-
+def parse_args(argv=None) -> argparse.Namespace:
+    """Return the parsed command line; ``KEY VALUE`` config overrides may stand anywhere and go to ``opts``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help="model name; omit (or use --all) for a table of all models")
     parser.add_argument("--all", action="store_true", help="print a table of every name in list_models()")
@@ -169,52 +164,42 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", type=int, default=0, metavar="N",
                         help="with --config-file: time N inference passes (median seconds per image)")
     parser.epilog = "With --config-file, KEY VALUE pairs anywhere on the line override the config."
-    from wrn_det.detection.config import split_overrides
+    return parse_args_with_overrides(parser, argv)
 
-    rest, opts = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(rest)
 
+@torch.no_grad()  # counting needs no autograd; as a decorator it leaves the caller's grad mode as it was
+def main(args) -> int:
+    """Print what ``args`` ask for; returns 0 (bad input raises :class:`ConfigError`)."""
     sizes = args.input_size
     if sizes is not None and (len(sizes) > (2 if args.config_file else 1) or min(sizes) < 1):
         want = "H W (or one side)" if args.config_file else "one side"
-        print(f"error: --input-size must be {want} as positive integers, got {' '.join(map(str, sizes))}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--input-size must be {want} as positive integers, got {' '.join(map(str, sizes))}")
     if args.config_file:
         if args.name:
-            print(f"error: give a model name or --config-file, not both (got {args.name!r})", file=sys.stderr)
-            return 2
+            raise ConfigError(f"give a model name or --config-file, not both (got {args.name!r})")
         if args.benchmark < 0:
-            print(f"error: --benchmark must be a number of runs >= 0, got {args.benchmark}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--benchmark must be a number of runs >= 0, got {args.benchmark}")
         size = (800, 1333) if sizes is None else (sizes[0], sizes[-1])
-        try:
-            info = detector_info(args.config_file, opts, size, args.benchmark)
-        except WrnDetError as exc:
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-            return 2
-        print(json.dumps(info) if args.json else "", end="\n" if args.json else "")
-        if not args.json:
+        info = detector_info(args.config_file, args.opts, size, args.benchmark)
+        if args.json:
+            print(json.dumps(info))
+        else:
             _print_detector(info)
         return 0
-    if opts:
-        print(f"error: KEY VALUE overrides ({' '.join(opts)}) need --config-file", file=sys.stderr)
-        return 2
-    args.input_size = sizes[0] if sizes else None
+    if args.opts:
+        raise ConfigError(f"KEY VALUE overrides ({' '.join(args.opts)}) need --config-file")
+    size = sizes[0] if sizes else None
     if args.all or args.name is None:
         _print_table(list_models())
         return 0
     try:
-        info = model_info(args.name, args.num_classes, args.input_size)
+        info = model_info(args.name, args.num_classes, size)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(exc)) from None
     except RuntimeError as exc:
         # Typically an input too small for the network's pooling.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: model {args.name!r} cannot run on a {args.input_size}x{args.input_size} input: {first}",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"model {args.name!r} cannot run on a {size}x{size} input: {first}") from None
     if args.json:
         print(json.dumps(info))
     else:
@@ -223,4 +208,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main, parse_args()))

@@ -14,10 +14,10 @@ around torchvision's detection models; ``--engine detectron2`` is for detectron2
 import os
 import sys
 
+# usable from a checkout without installing: this repository's wrn_det comes first
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wrn_det.engine.errors import WrnDetError, cli_main  # noqa: E402
-from wrn_det.engine.launch import default_argument_parser, launch  # noqa: E402
+from wrn_det.engine import WrnDetError, cli_main, default_argument_parser, launch  # noqa: E402
 
 ENGINES = ("builtin", "detectron2")
 
@@ -30,7 +30,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run(args) -> int:
+def main(args) -> int:
     """Start training or evaluation for ``args`` on the chosen engine; returns the exit status."""
     if args.engine == "detectron2":
         try:
@@ -39,12 +39,12 @@ def run(args) -> int:
             raise WrnDetError(f"--engine detectron2: {e}") from None
         run_d2(args)
         return 0
-    from wrn_det.detection.train import main
+    from wrn_det.detection.train import main as train_main
 
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+    launch(train_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(run, parse_args()))
+    sys.exit(cli_main(main, parse_args()))

@@ -21,9 +21,10 @@ import argparse
 import os
 import sys
 
+# usable from a checkout without installing: this repository's wrn_det comes first
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wrn_det.engine.errors import ConfigError, WrnDetError, cli_main  # noqa: E402
+from wrn_det.engine import ConfigError, WrnDetError, cli_main, load_config, parse_args_with_overrides  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,12 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=0, help="number of images to draw (0: all)")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="lowest score of a drawn detection")
     p.add_argument("--errors-only", action="store_true", help="only images with a false positive or a missed object")
-    from wrn_det.detection.config import split_overrides
-
-    rest, opts = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(rest)
-    args.opts = opts
-    return args
+    return parse_args_with_overrides(p, argv)
 
 
 def _results_file(run: str, dataset: str, cfg) -> str:
@@ -60,7 +56,6 @@ def main(args) -> int:
     from wrn_det.detection.visualize import (ERROR_COLOUR, caption, class_colour, detection_labels, draw_boxes,
                                              match_detections, read_coco_results, save_png,
                                              side_by_side)
-    from wrn_det.engine.config import load_config
 
     quiet_opencv()
     cfg = load_config(get_det_cfg(), args.config_file, args.opts or [])

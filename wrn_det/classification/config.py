@@ -6,18 +6,12 @@ the rest are this project's. The defaults are the paper's CIFAR recipe with WRN-
 """
 from wrn_det.data.classification import CIFAR_MEAN, CIFAR_STD
 from wrn_det.engine.config import CfgNode as CN
+from wrn_det.engine.config import add_run_config
 
 __all__ = ["get_cls_cfg"]
 
 _C = CN()
 _C.OUTPUT_DIR = "./output/cls"
-# A negative seed picks one at random (and records it in the checkpoints for --resume).
-_C.SEED = 0
-# Log training loss every LOG_PERIOD iterations (also where a non-finite loss is detected).
-_C.LOG_PERIOD = 50
-# Signals that stop the run after the current iteration with a checkpoint (exit status 3; SLURM
-# sends SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none.
-_C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 _C.MODEL = CN()
 # Any wrn_det.models name: wrn_28_10, wrn_16_8, preact_resnet164, wide_resnet50_2, ...
@@ -39,11 +33,6 @@ _C.MODEL.COMPILE = False
 # Synchronise BatchNorm statistics over all processes of a distributed run, so the
 # batch statistics are those of the global batch, as in a single process.
 _C.MODEL.SYNC_BN = True
-
-# Exponential moving average of the weights, evaluated beside the model.
-_C.MODEL_EMA = CN()
-_C.MODEL_EMA.ENABLED = False
-_C.MODEL_EMA.DECAY = 0.9999
 
 _C.DATASETS = CN()
 # cifar10, cifar100, svhn, mnist or imagenet.
@@ -116,20 +105,20 @@ _C.SOLVER.WARMUP_FACTOR = 0.001
 _C.SOLVER.WARMUP_METHOD = "linear"
 # Final rate of WarmupCosineLR, as a fraction of BASE_LR.
 _C.SOLVER.COSINE_END = 0.0
-# How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint.
-_C.SOLVER.CHECKPOINT_KEEP = 1
-# Mixed precision (autocast) on the run's device: bfloat16 (CUDA or CPU) or float16 (CUDA,
-# with a gradient scaler). Off by default, as in detectron2 and timm; the shipped GPU recipes
-# (Base-CIFAR.yaml, imagenet_*.yaml) turn it on.
-_C.SOLVER.AMP = CN()
-_C.SOLVER.AMP.ENABLED = False
-_C.SOLVER.AMP.DTYPE = "bfloat16"
+# How many epoch checkpoints to keep (0: all); the newest is named by last_checkpoint. Two, so that
+# --resume can fall back to the previous one when the newest is broken (a node died while writing it).
+_C.SOLVER.CHECKPOINT_KEEP = 2
 
 _C.TEST = CN()
 # Images per evaluation step over all processes.
 _C.TEST.IMS_PER_BATCH = 512
 # Evaluate every EVAL_PERIOD epochs (and always after the last one).
 _C.TEST.EVAL_PERIOD = 1
+
+# SEED, CUDNN_BENCHMARK, LOG_PERIOD, PREEMPT_SIGNALS, MODEL_EMA.*, SOLVER.AMP.*: the run keys both trainers
+# share (wrn_det.engine.config.add_run_config), with classification's defaults. Mixed precision is off by
+# default, as in detectron2 and timm; the shipped GPU recipes (Base-CIFAR.yaml, imagenet_*.yaml) turn it on.
+add_run_config(_C, "classification")
 
 
 def get_cls_cfg() -> CN:

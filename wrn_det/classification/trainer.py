@@ -3,16 +3,15 @@
 One :class:`ClsTrainer` does a whole run from a config: data, model, optimizer,
 schedule, distributed wrapping, and per epoch: training, evaluation, ``metrics.json``
 and TensorBoard, an atomic checkpoint (everything ``--resume`` needs to continue
-bit for bit), ``model_best.pth``; at the end ``model_final.pth``.
+bit for bit, in the schema of :mod:`wrn_det.engine.training`), ``model_best.pth``; at
+the end ``model_final.pth``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import sys
 import time
 
 import torch
@@ -25,15 +24,16 @@ from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
 from wrn_det.engine import comm
 from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.device import prepare_device, resolve_device
-from wrn_det.engine.ema import ModelEMA, restore_ema
-from wrn_det.engine.errors import ConfigError, NonFiniteLossError, Preempted, WrnDetError
-from wrn_det.engine.events import MetricsWriter
-from wrn_det.engine.fileio import atomic_save, atomic_write, write_json
+from wrn_det.engine.ema import ModelEMA
+from wrn_det.engine.errors import ConfigError, NonFiniteLossError, WrnDetError
+from wrn_det.engine.events import MetricsWriter, trim_metrics
+from wrn_det.engine.fileio import atomic_save, write_json
 from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
-from wrn_det.engine.preempt import PreemptionWatch, resume_requested
+from wrn_det.engine.progress import progress
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
+from wrn_det.engine.training import TrainerBase, rank_seed
 from wrn_det.models import build_model, count_parameters
 from wrn_det.models.norm import get_norm
 from wrn_det.models.convert import backbone_key_map
@@ -97,48 +97,40 @@ def load_weights(model: nn.Module, path: str, with_classifier: bool = True) -> d
     return ckpt
 
 
-class ClsTrainer:
-    """Train and evaluate one classification run described by ``cfg``.
+class ClsTrainer(TrainerBase):
+    """Train and evaluate one classification run described by ``cfg``: ``resume_or_load``, ``train``, ``test``.
 
-    ``resume=True`` continues from ``OUTPUT_DIR/last_checkpoint`` when there is one
-    (model, optimizer, schedule position, EMA, gradient scaler, best error and the
-    random-number states of every process), so the run ends exactly as if it had
-    never stopped. Call :meth:`train` or :meth:`evaluate_only`.
+    Everything (data, model, optimizer, schedule) is built in ``__init__``; nothing is written
+    to ``OUTPUT_DIR`` yet. ``resume_or_load(True)`` continues from the newest intact checkpoint
+    of ``OUTPUT_DIR`` when there is one (model, optimizer, schedule position, EMA, gradient
+    scaler, best error and the random-number states of every process), so the run ends exactly
+    as if it had never stopped. With ``eval_only``, :meth:`test` evaluates ``MODEL.WEIGHTS`` (or
+    the resumed checkpoint) and writes ``eval_metrics.json``.
     """
 
-    def __init__(self, cfg, resume: bool = False, eval_only: bool = False):
-        self.cfg = cfg
-        self.eval_only = eval_only
-        if eval_only and not cfg.MODEL.WEIGHTS and not resume:
-            raise ConfigError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
-        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+    task = "classification"
+
+    def __init__(self, cfg, eval_only: bool = False):
+        super().__init__(cfg, eval_only)
         self.device = prepare_device(resolve_device(cfg.MODEL.DEVICE))
         self.output_dir = cfg.OUTPUT_DIR
         self.is_imagenet = cfg.DATASETS.NAME.lower() == "imagenet"
-
         self.checkpointer = TrainingCheckpointer(self.output_dir, prefix=CHECKPOINT_PREFIX,
                                                  keep=cfg.SOLVER.CHECKPOINT_KEEP)
-        self.resume_path = self.checkpointer.latest_intact() if resume_requested(resume) else None
-        self.resume_state = load_checkpoint(self.resume_path) if self.resume_path else None
-        if resume and self.resume_state is None:
-            logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
-        seed = self.resume_state["seed"] if self.resume_state else cfg.SEED
+        seed = cfg.SEED
         if seed < 0:
             seed = comm.all_gather(seed_all(-1))[0]  # one seed for every rank
-        self.seed = seed_all(seed)
+        self.seed = seed_all(seed)  # a resumed run takes its checkpoint's (resume_or_load)
 
         self._build_data()
         self._build_model()
         # per-rank streams for dropout etc., decided after the (identical) initialisation
-        seed_all(self.seed + 1_000_003 * self.rank)
+        seed_all(rank_seed(self.seed, self.rank))
         self._build_optimizer()
         self.start_epoch = 1
         self.start_batch, self.start_sums = 0, None  # where a mid-epoch (preempted) checkpoint stopped
-        self.preempt = None  # the signal watch of train()
         self.best_top1_err = math.inf
-        if self.resume_state is not None:
-            self._restore(self.resume_state)
-        self._wrap()
+        self.train_model = self.model if eval_only else self._wrap()
 
     # ------------------------------------------------------------------ building
 
@@ -150,13 +142,6 @@ class ClsTrainer:
                                                cfg.INPUT.COLOR_JITTER, cfg.INPUT.LIGHTING_STD)
             train_set, test_set = build_cls_datasets(cfg, tr_tf, te_tf)
             classes, channels = train_set.classes, 3
-            pin = self.device.type == "cuda"
-            self.train_loader = build_imagenet_loader(
-                train_set, cfg.SOLVER.IMS_PER_BATCH, True, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
-                self.world_size, pin)
-            self.test_loader = build_imagenet_loader(
-                test_set, cfg.TEST.IMS_PER_BATCH, False, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
-                self.world_size, pin)
         else:
             # with DATASETS.DOWNLOAD, rank 0 fetches the files before the other ranks read them
             first = cfg.DATASETS.DOWNLOAD and self.world_size > 1
@@ -177,12 +162,8 @@ class ClsTrainer:
             self._check_labels(train_set)
             self._check_labels(test_set)
             classes, channels = train_set.classes, train_set.images.shape[1]
-            self.train_loader = InMemoryLoader(
-                train_set, cfg.SOLVER.IMS_PER_BATCH, self.device, True, cfg.INPUT.CROP_PADDING, cfg.INPUT.HFLIP,
-                self.seed, self.rank, self.world_size)
-            self.test_loader = InMemoryLoader(
-                test_set, cfg.TEST.IMS_PER_BATCH, self.device, False, seed=self.seed, rank=self.rank,
-                world_size=self.world_size)
+        self._sets = (train_set, test_set)
+        self._build_loaders()
         self.num_classes = cfg.MODEL.NUM_CLASSES or len(classes)
         if self.num_classes != len(classes):
             raise ConfigError(
@@ -195,6 +176,27 @@ class ClsTrainer:
         if self.iters_per_epoch == 0:
             raise ConfigError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) leaves no full batch in the training set")
 
+    def _build_loaders(self) -> None:
+        """Build the loaders of the training and test sets; their order and augmentation follow ``self.seed``."""
+        cfg = self.cfg
+        train_set, test_set = self._sets
+        self._loader_seed = self.seed
+        if self.is_imagenet:
+            pin = self.device.type == "cuda"
+            self.train_loader = build_imagenet_loader(
+                train_set, cfg.SOLVER.IMS_PER_BATCH, True, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
+                self.world_size, pin)
+            self.test_loader = build_imagenet_loader(
+                test_set, cfg.TEST.IMS_PER_BATCH, False, cfg.DATALOADER.NUM_WORKERS, self.seed, self.rank,
+                self.world_size, pin)
+        else:
+            self.train_loader = InMemoryLoader(
+                train_set, cfg.SOLVER.IMS_PER_BATCH, self.device, True, cfg.INPUT.CROP_PADDING, cfg.INPUT.HFLIP,
+                self.seed, self.rank, self.world_size)
+            self.test_loader = InMemoryLoader(
+                test_set, cfg.TEST.IMS_PER_BATCH, self.device, False, seed=self.seed, rank=self.rank,
+                world_size=self.world_size)
+
     def _check_labels(self, data: ArraySet) -> None:
         if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= len(data.classes)):
             raise WrnDetError(
@@ -204,9 +206,6 @@ class ClsTrainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         model = build_cls_model(cfg, self.num_classes)
-        if cfg.MODEL.WEIGHTS and self.resume_state is None:
-            load_weights(model, cfg.MODEL.WEIGHTS, with_classifier=self.eval_only)
-            logger.info("loaded weights from %s", cfg.MODEL.WEIGHTS)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -248,35 +247,34 @@ class ClsTrainer:
         self.schedule = LRSchedule(self.optimizer, multiplier, self.max_iter)
         self.step = OptimizerStep(self.optimizer, self.device, self.amp_dtype)
 
-    def _wrap(self) -> None:
+    def _wrap(self) -> nn.Module:
         model = create_ddp_model(self.model, self.device)
         if self.cfg.MODEL.COMPILE:
             model = torch.compile(model)
-        self.train_model = model
+        return model
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ the training state
 
-    def _state(self, epoch: int) -> dict:
+    def load_weights(self, path: str) -> None:
+        """Load ``MODEL.WEIGHTS``: all of it for ``--eval-only``, else all but a classifier of another shape."""
+        load_weights(self.model, path, with_classifier=self.eval_only)
+        logger.info("loaded weights from %s", path)
+
+    def _task_keys(self, epoch: int, iterations_done: int) -> dict:
+        """Return this task's checkpoint keys after ``epoch`` (``iterations_done`` iterations in all)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"name": self.cfg.SOLVER.LR_SCHEDULER_NAME, "iteration": epoch * self.iters_per_epoch,
-                          "max_iter": self.max_iter, "base_lr": self.base_lr},
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
-            "scaler": self.step.state_dict(),
-            "epoch": epoch,
-            "iteration": epoch * self.iters_per_epoch,
-            "seed": self.seed,
-            "best_top1_err": self.best_top1_err,
             "config": self.cfg.dump(),
+            "epoch": epoch,
+            "best_top1_err": self.best_top1_err,
+            "scheduler": {"name": self.cfg.SOLVER.LR_SCHEDULER_NAME, "iteration": iterations_done,
+                          "max_iter": self.max_iter, "base_lr": self.base_lr},
         }
 
-    def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ema = restore_ema(self.ema, state, self.model)
-        self.step.load_state_dict(state.get("scaler") or {})
+    def restore_position(self, state: dict):
+        """Take the epoch (and batch, after a preemption), best error and seed of a resumed checkpoint.
+
+        Returns (first iteration, where in words).
+        """
         if state["scheduler"]["max_iter"] != self.max_iter:
             logger.warning("the schedule changed since the checkpoint (%d -> %d iterations); continuing on the new one",
                            state["scheduler"]["max_iter"], self.max_iter)
@@ -288,23 +286,22 @@ class ClsTrainer:
         else:
             self.start_epoch = int(state["epoch"]) + 1
         self.best_top1_err = float(state["best_top1_err"])
-        if not TrainingCheckpointer.restore_rng(state):
-            logger.warning("the checkpoint was written by %s processes, this run has %d: random streams restart",
-                           state.get("world_size"), self.world_size)
-        logger.info("resumed from %s: continuing at epoch %d%s", self.resume_path, self.start_epoch,
-                    f", batch {self.start_batch + 1}" if self.start_batch else "")
+        if self.seed != self._loader_seed:  # the run's seed (drawn when SEED was negative) orders its data
+            self._build_loaders()
+        start = (self.start_epoch - 1) * self.iters_per_epoch + self.start_batch
+        return start, f"epoch {self.start_epoch}" + (f", batch {self.start_batch + 1}" if self.start_batch else "")
 
     def _save(self, epoch: int):
-        return self.checkpointer.save(f"{CHECKPOINT_PREFIX}{epoch:04d}", self._state(epoch))
+        it = epoch * self.iters_per_epoch
+        return self.save_checkpoint(f"{CHECKPOINT_PREFIX}{epoch:04d}", it - 1, **self._task_keys(epoch, it))
 
     def _save_within_epoch(self, epoch: int, batch: int, sums: torch.Tensor):
         """Write a checkpoint after ``batch`` batches of ``epoch`` (a preemption); returns its path on rank 0."""
-        state = self._state(epoch - 1)
         it = (epoch - 1) * self.iters_per_epoch + batch
         # every process's partial sums of the epoch's loss and accuracy
-        state.update(epoch=epoch, batch=batch, iteration=it, epoch_sums=comm.all_gather(sums.detach().cpu()))
-        state["scheduler"]["iteration"] = it
-        return self.checkpointer.save(f"{CHECKPOINT_PREFIX}{epoch:04d}_{batch:05d}", state)
+        return self.save_checkpoint(f"{CHECKPOINT_PREFIX}{epoch:04d}_{batch:05d}", it - 1,
+                                    **self._task_keys(epoch, it), batch=batch,
+                                    epoch_sums=comm.all_gather(sums.detach().cpu()))
 
     def _save_weights(self, name: str, **extra) -> None:
         if comm.is_main_process():
@@ -315,18 +312,8 @@ class ClsTrainer:
 
     def _trim_metrics(self, last_epoch: int) -> None:
         """Drop metrics.json rows of epochs after ``last_epoch`` (written before an interruption)."""
-        path = os.path.join(self.output_dir, "metrics.json")
-        if not comm.is_main_process() or not os.path.isfile(path):
-            return
-        with open(path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
-        if len(kept) != len(lines):
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-
-            atomic_write(path, write)
+        if comm.is_main_process():
+            trim_metrics(self.output_dir, lambda row: row.get("epoch", 0) <= last_epoch)
 
     # ------------------------------------------------------------------ training
 
@@ -334,14 +321,6 @@ class ClsTrainer:
         if not math.isfinite(value):
             raise non_finite_error(str(value), f"at epoch {epoch}, iteration {it}/{self.iters_per_epoch}", f"lr {lr:g}",
                                    self.checkpointer.latest())
-
-    def _progress(self, epoch: int):
-        if comm.is_main_process() and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            return tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch}/{self.cfg.SOLVER.EPOCHS}", leave=False,
-                        dynamic_ncols=True)
-        return None
 
     def train_one_epoch(self, epoch: int, start_batch: int = 0, sums: torch.Tensor = None) -> dict:
         """Run one epoch of training; returns ``{"train_loss", "train_top1_err", "lr", "seconds", ...}``.
@@ -361,15 +340,11 @@ class ClsTrainer:
         self.train_model.train()
         if sums is None:
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, correct, n
-        bar = self._progress(epoch)
-        redirect = contextlib.nullcontext()
-        if bar is not None:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
-            redirect = logging_redirect_tqdm([logging.getLogger("wrn_det")])
         start = time.perf_counter()
         lr = self.base_lr
-        with redirect:
+        with progress(ipe, f"epoch {epoch}/{cfg.SOLVER.EPOCHS}") as bar:
+            if bar is not None and start_batch:
+                bar.update(start_batch)
             for i, (images, labels) in enumerate(self.train_loader, start_batch):
                 it = (epoch - 1) * ipe + i
                 lr = self.schedule.apply(it)
@@ -394,14 +369,8 @@ class ClsTrainer:
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}")
                 if bar is not None:
                     bar.update(1)
-                if self.preempt is not None and self.preempt.requested() and i + 1 < ipe:
-                    with self.preempt.saving():
-                        path = self._save_within_epoch(epoch, i + 1, sums)
-                    stop = Preempted(it, path)
-                    logger.warning("%s", stop)
-                    raise stop
-        if bar is not None:
-            bar.close()
+                if i + 1 < ipe:
+                    self.stop_if_preempted(it, lambda: self._save_within_epoch(epoch, i + 1, sums))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -417,8 +386,8 @@ class ClsTrainer:
             "images_per_sec": count / seconds,
         }
 
-    def test(self) -> dict:
-        """Evaluate the model (and its EMA) on the test set; returns ``test_*`` and ``ema_test_*`` entries."""
+    def evaluate(self) -> dict:
+        """Evaluate the model (and its EMA) on the test set; returns ``test_*``, ``ema_test_*`` and ``eval_seconds``."""
         out = {}
         start = time.perf_counter()
         res = evaluate(self.model, self.test_loader, self.normalizer, self.device, self._autocast)
@@ -429,52 +398,50 @@ class ClsTrainer:
         out["eval_seconds"] = time.perf_counter() - start
         return out
 
-    def train(self) -> dict:
+    def test(self) -> dict:
+        """Evaluate the weights :meth:`resume_or_load` loaded on the test set; returns :meth:`evaluate`'s metrics.
+
+        With ``eval_only`` (the ``--eval-only`` run) the result also names the ``weights`` and is
+        written to ``OUTPUT_DIR/eval_metrics.json``.
+        """
+        self.resume_or_load()
+        res = self.evaluate()
+        if self.eval_only:
+            res["weights"] = self.resumed_from or self.cfg.MODEL.WEIGHTS
+            logger.info("evaluation of %s: %s", res["weights"], json.dumps(res))
+            if comm.is_main_process():
+                write_json(os.path.join(self.output_dir, "eval_metrics.json"), res)
+        return res
+
+    def prepare_training(self, start: int) -> None:
+        """Drop the rows of ``metrics.json`` after the resumed epoch (before the loop appends to it)."""
+        self._trim_metrics(self.start_epoch - 1)
+
+    def run_loop(self, start: int, writer: MetricsWriter) -> dict:
         """Train from ``start_epoch`` to ``SOLVER.EPOCHS``; returns the last epoch's metrics."""
         cfg = self.cfg
-        self._trim_metrics(self.start_epoch - 1)
-        writer = MetricsWriter(self.output_dir)
         logger.info("training %s (%d parameters) on %s: %d images, %d iterations per epoch, epochs %d-%d, %d process(es) on %s",
                     cfg.MODEL.NAME, self.n_parameters, cfg.DATASETS.NAME, self.train_loader.num_images,
                     self.iters_per_epoch, self.start_epoch, cfg.SOLVER.EPOCHS, self.world_size, self.device)
         row = {}
-        self.preempt = PreemptionWatch(cfg.PREEMPT_SIGNALS)
-        try:
-            for epoch in range(self.start_epoch, cfg.SOLVER.EPOCHS + 1):
-                row = {"epoch": epoch, "iteration": epoch * self.iters_per_epoch}
-                first = epoch == self.start_epoch
-                row.update(self.train_one_epoch(epoch, self.start_batch if first else 0,
-                                                self.start_sums if first else None))
-                if epoch % cfg.TEST.EVAL_PERIOD == 0 or epoch == cfg.SOLVER.EPOCHS:
-                    row.update(self.test())
-                    if row["test_top1_err"] < self.best_top1_err:
-                        self.best_top1_err = row["test_top1_err"]
-                        self._save_weights("model_best.pth", epoch=epoch, test_top1_err=self.best_top1_err)
-                row["best_test_top1_err"] = self.best_top1_err if math.isfinite(self.best_top1_err) else None
-                row["n_parameters"] = self.n_parameters
-                # the checkpoint before the metrics row: after a crash between the two,
-                # the resumed run repeats the epoch and writes its row once
-                self._save(epoch)
-                writer.write(row, step=epoch)
-                append_json_stats(self.output_dir, row, cfg)  # log.txt: the original code's json_stats line
-                logger.info("epoch %d: %s", epoch, ", ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
-            self._save_weights("model_final.pth", epoch=cfg.SOLVER.EPOCHS)
-        finally:
-            self.preempt.close()
-            writer.close()
+        for epoch in range(self.start_epoch, cfg.SOLVER.EPOCHS + 1):
+            row = {"epoch": epoch, "iteration": epoch * self.iters_per_epoch}
+            first = epoch == self.start_epoch
+            row.update(self.train_one_epoch(epoch, self.start_batch if first else 0,
+                                            self.start_sums if first else None))
+            if epoch % cfg.TEST.EVAL_PERIOD == 0 or epoch == cfg.SOLVER.EPOCHS:
+                row.update(self.evaluate())
+                if row["test_top1_err"] < self.best_top1_err:
+                    self.best_top1_err = row["test_top1_err"]
+                    self._save_weights("model_best.pth", epoch=epoch, test_top1_err=self.best_top1_err)
+            row["best_test_top1_err"] = self.best_top1_err if math.isfinite(self.best_top1_err) else None
+            row["n_parameters"] = self.n_parameters
+            # the checkpoint before the metrics row: after a crash between the two,
+            # the resumed run repeats the epoch and writes its row once
+            self._save(epoch)
+            writer.write(row, step=epoch)
+            append_json_stats(self.output_dir, row, cfg)  # log.txt: the original code's json_stats line
+            logger.info("epoch %d: %s", epoch, ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "epoch"))
+        self._save_weights("model_final.pth", epoch=cfg.SOLVER.EPOCHS)
         return row
-
-    def evaluate_only(self) -> dict:
-        """Evaluate ``MODEL.WEIGHTS`` (or the resumed checkpoint) on the test set.
-
-        Returns the ``test_*`` metrics and writes them to ``OUTPUT_DIR/eval_metrics.json``.
-        """
-        if self.resume_state is None and not self.cfg.MODEL.WEIGHTS:
-            raise ConfigError("--eval-only needs MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR)")
-        res = self.test()
-        res["weights"] = self.resume_path or self.cfg.MODEL.WEIGHTS
-        logger.info("evaluation of %s: %s", res["weights"], json.dumps(res))
-        if comm.is_main_process():
-            write_json(os.path.join(self.output_dir, "eval_metrics.json"), res)
-        return res

@@ -5,7 +5,9 @@
 plus a max-pooled top level). Both are built by the builtin engine's builders
 (:mod:`wrn_det.detection.modeling.backbone`), so the configuration checks, ``FREEZE_AT``,
 ``MODEL.WRN.NORM`` (FrozenBN / BN / SyncBN) and the modules themselves are the
-builtin engine's: identical weights give identical features on both engines.
+builtin engine's: identical weights give identical features on both engines. The
+convolutions are ``nn.Conv2d`` whatever ``MODEL.FAST_CPU.CONV`` says: the fast CPU
+convolutions are the builtin detector's, taken inside its own ``forward`` only.
 
 Only the module *names* differ from the builtin engine: the network's pieces are
 registered under their feature-protocol names (``stem``, ``res2``..``res5`` or
@@ -129,6 +131,16 @@ class WRNFPNBackbone(Backbone):
         return dict(zip(self._out_features, pyramid.values()))
 
 
+def _plain_convs(cfg):
+    """Return ``cfg``, or a copy with ``MODEL.FAST_CPU.CONV`` False: the builtin builders then build ``nn.Conv2d``."""
+    if not cfg.MODEL.FAST_CPU.CONV:
+        return cfg
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.FAST_CPU.CONV = False
+    return cfg
+
+
 def _check_input(input_shape: ShapeSpec) -> None:
     if input_shape is not None and input_shape.channels not in (None, 3):
         raise ConfigError(f"MODEL.PIXEL_MEAN has {input_shape.channels} values; the WRN stems take 3-channel images")
@@ -144,11 +156,11 @@ def build_wrn_backbone(cfg, input_shape: ShapeSpec = None) -> WRNTrunk:
     if cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeads":
         raise ConfigError("MODEL.ROI_HEADS.NAME Res5ROIHeads is detectron2's head with a ResNet res5 block; "
                           "with a WRN backbone use WRNRes5ROIHeads (the network's own next stage)")
-    return WRNTrunk(builtin.build_wrn_backbone(cfg))
+    return WRNTrunk(builtin.build_wrn_backbone(_plain_convs(cfg)))
 
 
 @BACKBONE_REGISTRY.register()
 def build_wrn_fpn_backbone(cfg, input_shape: ShapeSpec = None) -> WRNFPNBackbone:
     """Return the FPN backbone of ``MODEL.WRN.NAME`` over ``MODEL.FPN.IN_FEATURES``."""
     _check_input(input_shape)
-    return WRNFPNBackbone(builtin.build_wrn_fpn_backbone(cfg))
+    return WRNFPNBackbone(builtin.build_wrn_fpn_backbone(_plain_convs(cfg)))

@@ -27,8 +27,9 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm as d2comm
 
 from wrn_det.engine.config import load_config, resolve_config_file
-from wrn_det.engine.errors import ConfigError, cli_main
-from wrn_det.engine.launch import default_argument_parser, launch
+from wrn_det.engine.cli import cli_main, default_argument_parser
+from wrn_det.engine.errors import ConfigError
+from wrn_det.engine.launch import launch
 from wrn_det.engine.optim import amp_dtype
 from wrn_det.engine.run import open_output_dir, setup_run
 

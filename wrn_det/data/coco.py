@@ -32,7 +32,7 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], List[dict], Dict[str, int]]:
+def read_coco_file(json_file: str, data=None) -> Tuple[Dict[int, dict], Dict[int, dict], List[dict], Dict[str, int]]:
     """Read and check a COCO instances file: the one reader of COCO JSON, for training and evaluation.
 
     Returns ``(images by id, categories by id, annotations, dropped counts)``. Every image
@@ -42,8 +42,10 @@ def read_coco_file(json_file: str) -> Tuple[Dict[int, dict], Dict[int, dict], Li
     width and height >= 0, overlapping its image. Any other content raises
     :class:`WrnDetError` naming the file, the image or annotation id and what was expected.
     Empty boxes (width or height 0) are dropped and counted, as detectron2 drops them.
+    ``data``: the file's content when the caller has read it already (it is not changed).
     """
-    data = read_json(json_file)
+    if data is None:
+        data = read_json(json_file)
     if not isinstance(data, dict):
         raise WrnDetError(f"{json_file}: holds {a_type(data)}; expected a COCO object with 'images', 'annotations' "
                           "and 'categories'")

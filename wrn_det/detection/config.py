@@ -2,38 +2,14 @@
 
 The keys are detectron2's names with detectron2's defaults, restricted to those this
 engine honours, so a shipped config runs on both engines and a key this engine would
-silently ignore is an error instead. The project's own keys live under ``MODEL.WRN``
-(and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
+silently ignore is an error instead. The project's own keys live under ``MODEL.WRN`` and
+``MODEL.FAST_CPU`` (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
 including detectron2's ``get_cfg()``.
 """
-import re
-from typing import List, Sequence, Tuple
-
 from wrn_det.engine.config import CfgNode as CN
+from wrn_det.engine.config import add_run_config
 
-__all__ = ["get_det_cfg", "add_wrn_config", "split_overrides"]
-
-_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")  # a config key such as MODEL.WEIGHTS
-
-
-def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """Return ``(other arguments, KEY VALUE overrides)`` of a command line.
-
-    Every config key (upper case, dotted: ``MODEL.WEIGHTS``) takes the token after it as its
-    value, wherever the pair stands, so overrides may follow a flag that takes several
-    values (``--input a.jpg b.jpg MODEL.WEIGHTS w.pth``).
-    """
-    rest, opts, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        if _KEY.match(argv[i]) and i + 1 < len(argv):
-            opts += argv[i:i + 2]
-            i += 2
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest, opts
-
+__all__ = ["get_det_cfg", "add_wrn_config"]
 
 def add_wrn_config(cfg: CN) -> CN:
     """Add the project's keys to ``cfg`` (in place) and return it.
@@ -47,6 +23,17 @@ def add_wrn_config(cfg: CN) -> CN:
     ``MODEL.WRN.STRICT_WEIGHTS``: backbone weights in ``MODEL.WEIGHTS`` must hold every
     stem and stage tensor of the network and no unknown one (else an error); False loads
     what fits and warns.
+    ``MODEL.FAST_CPU``: the builtin detector's fast CPU pieces, chosen when it is built
+    (detectron2's engine runs its own kernels and plain convolutions whatever they say).
+    ``CONV`` (True): every convolution of the detector (backbone, FPN, RPN head, box head)
+    is a ``FastConv2d``, which inside the detector's ``forward`` runs float32 CPU inputs by
+    Winograd (NNPACK), im2col + GEMM or packed oneDNN weights where those are faster (float
+    rounding of about 1e-5 relative); False: ``nn.Conv2d``. ``PACK_WEIGHTS`` (True): with
+    ``CONV``, inference reuses convolution weights packed in oneDNN's layout (memory: at most
+    1 GiB per process); False: plain oneDNN calls there. ``ROI_ALIGN`` (True): the box
+    pooler's own CPU RoIAlign kernel (torchvision's arithmetic, vectorised); False:
+    torchvision's ``roi_align``. Same weights and state-dict keys either way; on a GPU the
+    three change nothing (those paths are the CPU's).
     ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
     ``DATALOADER.DECODE``: the builtin engine's JPEG decoder, ``torchvision`` (default) or
     ``cv2``/``pil`` (:mod:`wrn_det.data.decode`); detectron2's engine reads images with its own mapper.
@@ -58,6 +45,10 @@ def add_wrn_config(cfg: CN) -> CN:
     cfg.MODEL.WRN.OUT_FEATURES = ["res4"]
     cfg.MODEL.WRN.DROPOUT = 0.0
     cfg.MODEL.WRN.STRICT_WEIGHTS = True
+    cfg.MODEL.FAST_CPU = type(cfg)()
+    cfg.MODEL.FAST_CPU.CONV = True
+    cfg.MODEL.FAST_CPU.PACK_WEIGHTS = True
+    cfg.MODEL.FAST_CPU.ROI_ALIGN = True
     cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
     cfg.DATALOADER.DECODE = "torchvision"
     return cfg
@@ -195,28 +186,13 @@ def get_det_cfg() -> CN:
     _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
     _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
-    # mixed precision on the run's device: float16 (with a gradient scaler; CUDA) or bfloat16 (CUDA or CPU)
-    _C.SOLVER.AMP = CN({"ENABLED": False})
-    _C.SOLVER.AMP.DTYPE = "float16"
-
-    # exponential moving average of the weights (d2go's keys): evaluated beside the model,
-    # saved in the checkpoints, and chosen for --eval-only with USE_EMA_WEIGHTS_FOR_EVAL_ONLY
-    _C.MODEL_EMA = CN()
-    _C.MODEL_EMA.ENABLED = False
-    _C.MODEL_EMA.DECAY = 0.999
-    _C.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False
 
     _C.TEST = CN()
     _C.TEST.EVAL_PERIOD = 0
     _C.TEST.DETECTIONS_PER_IMAGE = 100
 
     _C.OUTPUT_DIR = "./output"
-    # log line, metrics.json row and TensorBoard point every LOG_PERIOD iterations (detectron2 writes every 20)
-    _C.LOG_PERIOD = 20
-    # signals that stop the run after the current step with a checkpoint (exit status 3; SLURM sends
-    # SIGTERM before killing a job, or SIGUSR1 with --signal); () catches none
-    _C.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
-    _C.SEED = -1
-    _C.CUDNN_BENCHMARK = False
-
+    # SEED, CUDNN_BENCHMARK, LOG_PERIOD, PREEMPT_SIGNALS, MODEL_EMA.*, SOLVER.AMP.*: the run keys both
+    # trainers share, with detection's defaults (detectron2's, d2go's EMA)
+    add_run_config(_C, "detection")
     return add_wrn_config(_C)

@@ -24,6 +24,7 @@ from wrn_det.engine.config import CfgNode, load_config
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 from .config import get_det_cfg
+from .evaluation.coco import coco_results
 from .modeling import build_detector
 from .weights import load_inference_weights
 
@@ -85,25 +86,6 @@ def image_to_tensor(image, fmt: str = "RGB") -> torch.Tensor:
     if fmt == "BGR":
         image = image.flip(0)
     return image.contiguous()
-
-
-def coco_results(prediction: dict, image_id, contiguous_id_to_thing_dataset_id: dict,
-                 file_name: Optional[str] = None) -> List[dict]:
-    """Return one image's detections in COCO results format (XYWH boxes, dataset category ids).
-
-    Rounded as the evaluation's results file (boxes to 1e-3 pixels, scores to 1e-5);
-    with ``file_name`` every entry also names the image.
-    """
-    boxes = prediction["boxes"].detach().cpu().to(torch.float64)
-    boxes[:, 2:] -= boxes[:, :2]
-    out = []
-    for b, s, c in zip(boxes.tolist(), prediction["scores"].tolist(), prediction["classes"].tolist()):
-        r = {"image_id": image_id, "category_id": int(contiguous_id_to_thing_dataset_id[int(c)]),
-             "bbox": [round(v, 3) for v in b], "score": round(float(s), 5)}
-        if file_name is not None:
-            r["file_name"] = file_name
-        out.append(r)
-    return out
 
 
 class Predictor:

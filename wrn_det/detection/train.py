@@ -4,7 +4,8 @@ Mirrors detectron2's DefaultTrainer where users look: the solver keys, a log lin
 20 iterations (losses, lr, time per iteration, ETA), ``metrics.json`` and TensorBoard
 events, ``model_XXXXXXX.pth`` every ``SOLVER.CHECKPOINT_PERIOD`` iterations plus
 ``model_final.pth``, ``last_checkpoint``, evaluation every ``TEST.EVAL_PERIOD`` and at the
-end. Checkpoints also hold the random-number states of every process and the data
+end. Checkpoints (the schema of :mod:`wrn_det.engine.training`, shared with the
+classification trainer) also hold the random-number states of every process and the data
 seed, and the data stream is a function of (seed, iteration), so ``--resume`` after a
 crash continues exactly as if the run had not stopped.
 """
@@ -14,7 +15,7 @@ import os
 import time
 from collections import OrderedDict, deque
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -22,25 +23,25 @@ from torch import nn
 from wrn_det.data.catalog import MetadataCatalog, get_detection_dataset_dicts
 from wrn_det.data.det_loader import build_detection_test_loader, build_detection_train_loader, check_dataset_images
 from wrn_det.engine import comm
+from wrn_det.engine.checkpoint import TrainingCheckpointer
 from wrn_det.engine.comm import local_batch_size
-from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
 from wrn_det.engine.config import load_config
-from wrn_det.engine.ema import ModelEMA, restore_ema
-from wrn_det.engine.errors import ConfigError, Preempted, WrnDetError
+from wrn_det.engine.ema import ModelEMA
+from wrn_det.engine.errors import ConfigError, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, gradient_clipper, non_finite_error
-from wrn_det.engine.preempt import PreemptionWatch, resume_requested
 from wrn_det.engine.run import open_output_dir, setup_run
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
+from wrn_det.engine.training import TrainerBase
 
 from .config import get_det_cfg
-
 from .evaluation import COCOEvaluator, ProposalEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
-__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "test"]
+__all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "build_evaluator", "prepare_test_sets",
+           "EvaluationSet"]
 
 logger = logging.getLogger("wrn_det")
 
@@ -99,26 +100,35 @@ def _proposal_files(cfg, split: str) -> Optional[List[str]]:
     return files
 
 
-def build_evaluator(cfg, dataset_name: str, output_dir: str):
+def build_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None):
     """Return the evaluator of the configured detector for one test dataset.
 
     A ``ProposalNetwork`` gets a :class:`~wrn_det.detection.evaluation.proposals.ProposalEvaluator`
     (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors a
-    :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP).
+    :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP). Either reads and checks the
+    dataset's ground truth once, when built; ``output_dir`` may be changed between evaluations.
     """
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
         return ProposalEvaluator(dataset_name, output_dir)
     return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
 
 
-def prepare_test_sets(cfg) -> "OrderedDict[str, List[dict]]":
-    """Return ``dataset -> dataset dicts`` of ``DATASETS.TEST``, every file checked as training's are.
+class EvaluationSet(NamedTuple):
+    """One dataset of ``DATASETS.TEST``, ready to evaluate on: its dicts, its loader, its evaluator."""
+
+    dicts: List[dict]
+    loader: object
+    evaluator: object
+
+
+def prepare_test_sets(cfg) -> "OrderedDict[str, EvaluationSet]":
+    """Return ``dataset -> EvaluationSet`` of ``DATASETS.TEST``, every file checked as training's are.
 
     Run before training, so that a missing or broken test set, a bad
     ``TEST.COCO_EVAL_BACKEND`` or an unreadable test image stops the run at the start rather
-    than after it: the annotation files are read and checked, the evaluators built (which
-    checks the ground truth and the backend), and with ``DATALOADER.CHECK_IMAGES`` every
-    image header read.
+    than after it: the annotation files are read and checked, the evaluators built once for the
+    whole run (which reads and checks the ground truth and the backend), and with
+    ``DATALOADER.CHECK_IMAGES`` every image header read.
     """
     out = OrderedDict()
     proposal_files = _proposal_files(cfg, "TEST")
@@ -127,34 +137,13 @@ def prepare_test_sets(cfg) -> "OrderedDict[str, List[dict]]":
             raise WrnDetError(f"DATASETS.PROPOSAL_FILES_TEST: proposal file {f} not found")
     for i, name in enumerate(cfg.DATASETS.TEST):
         files = [proposal_files[i]] if proposal_files is not None else None
-        out[name] = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
-                                                proposal_key="DATASETS.PROPOSAL_FILES_TEST")
-        build_evaluator(cfg, name, None)
+        dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
+                                            proposal_key="DATASETS.PROPOSAL_FILES_TEST")
+        evaluator = build_evaluator(cfg, name)
         if cfg.DATALOADER.CHECK_IMAGES:
-            check_dataset_images(out[name], name)
+            check_dataset_images(dicts, name)
+        out[name] = EvaluationSet(dicts, build_detection_test_loader(cfg, dicts), evaluator)
     return out
-
-
-def test(cfg, model: nn.Module, inference_dir: str = "inference",
-         datasets: Optional[Dict[str, List[dict]]] = None) -> Dict[str, Dict[str, float]]:
-    """Evaluate ``model`` on every dataset of ``DATASETS.TEST`` (the dicts of :func:`prepare_test_sets`, or read now).
-
-    Returns ``{"bbox": {...}}`` for one dataset, ``{dataset: {"bbox": {...}}}`` for several
-    (on rank 0; empty dicts elsewhere); a ProposalNetwork gives ``"box_proposals"`` in place
-    of ``"bbox"``. Results files (``coco_instances_results.json``, or the proposal file
-    ``box_proposals.pkl``) go to ``OUTPUT_DIR/<inference_dir>``, ``OUTPUT_DIR/<inference_dir>/<dataset>``
-    with several datasets.
-    """
-    datasets = datasets if datasets is not None else prepare_test_sets(cfg)
-    results = OrderedDict()
-    for name, dicts in datasets.items():
-        loader = build_detection_test_loader(cfg, dicts)
-        out_dir = os.path.join(cfg.OUTPUT_DIR, inference_dir) if len(datasets) == 1 else \
-            os.path.join(cfg.OUTPUT_DIR, inference_dir, name)
-        results[name] = inference_on_dataset(unwrap(model), loader, build_evaluator(cfg, name, out_dir))
-    if len(results) == 1:
-        return next(iter(results.values()))
-    return results
 
 
 def check_num_classes(cfg, datasets) -> None:
@@ -176,18 +165,23 @@ def _fmt_eta(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
 
 
-class Trainer:
-    """Iteration-based training of a detector built from ``cfg``; ``train(resume)`` runs it.
+class Trainer(TrainerBase):
+    """Iteration-based training of a detector built from ``cfg``: ``resume_or_load``, ``train``, ``test``.
 
-    Everything is built in ``__init__`` (model, datasets, optimizer, schedule, mixed
-    precision, EMA), so a bad config or a missing dataset fails before the first iteration.
-    Checkpoints hold the model, optimizer, gradient scaler, EMA, iteration, data seed and
-    every process's random-number states (:class:`~wrn_det.engine.checkpoint.TrainingCheckpointer`).
+    Everything is built in ``__init__`` (model, datasets, test sets and their evaluators,
+    optimizer, schedule, mixed precision, EMA), so a bad config or a missing dataset fails
+    before the first iteration; nothing is written to ``OUTPUT_DIR`` yet. With ``eval_only``
+    only what evaluation needs is built (no training data is read). Checkpoints follow the
+    schema of :mod:`wrn_det.engine.training`, with the class ``metadata`` for
+    :class:`~wrn_det.detection.predictor.Predictor`.
     """
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.rank, self.world = comm.get_rank(), comm.get_world_size()
+    task = "detection"
+
+    def __init__(self, cfg, eval_only: bool = False):
+        super().__init__(cfg, eval_only)
+        if eval_only and not cfg.DATASETS.TEST:
+            raise ConfigError("--eval-only needs DATASETS.TEST")
         self.model = build_detector(cfg)
         self.device = self.model.device
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -195,118 +189,112 @@ class Trainer:
         logger.info("model %s with %s backbone %s: %.2fM parameters (%.2fM trainable) on %s",
                     cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME, cfg.MODEL.WRN.NAME,
                     n_all / 1e6, n_train / 1e6, self.device)
-        local_batch_size(int(cfg.SOLVER.IMS_PER_BATCH), self.world)
-        self.train_dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN), cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-                                                       proposal_files=_proposal_files(cfg, "TRAIN"))
-        check_num_classes(cfg, cfg.DATASETS.TRAIN)
-        if cfg.DATALOADER.CHECK_IMAGES:
-            t0 = time.perf_counter()
-            check_dataset_images(self.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
-            logger.info("checked the %d training images in %.1f s", len(self.train_dicts), time.perf_counter() - t0)
-        # the test sets are used after training: everything about them is checked now
+        if not eval_only:
+            local_batch_size(int(cfg.SOLVER.IMS_PER_BATCH), self.world_size)
+            self.train_dicts = get_detection_dataset_dicts(list(cfg.DATASETS.TRAIN),
+                                                           cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+                                                           proposal_files=_proposal_files(cfg, "TRAIN"))
+            check_num_classes(cfg, cfg.DATASETS.TRAIN)
+            if cfg.DATALOADER.CHECK_IMAGES:
+                t0 = time.perf_counter()
+                check_dataset_images(self.train_dicts, ", ".join(cfg.DATASETS.TRAIN))
+                logger.info("checked the %d training images in %.1f s", len(self.train_dicts),
+                            time.perf_counter() - t0)
+        # the test sets are used after training: everything about them is checked now, their evaluators built once
         self.test_sets = prepare_test_sets(cfg)
-        logger.info("training on %d images of %s", len(self.train_dicts), ", ".join(cfg.DATASETS.TRAIN))
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.schedule = build_lr_schedule(cfg, self.optimizer)
-        dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
-        if dtype is not None:
-            logger.info("mixed precision: autocast to %s on %s", dtype, self.device)
-        self.step = OptimizerStep(self.optimizer, self.device, dtype, gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS))
-        self.ema = ModelEMA(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        if eval_only:
+            check_num_classes(cfg, self.test_sets)
+        else:
+            logger.info("training on %d images of %s", len(self.train_dicts), ", ".join(cfg.DATASETS.TRAIN))
+            self.optimizer = build_optimizer(cfg, self.model)
+            self.schedule = build_lr_schedule(cfg, self.optimizer)
+            dtype = amp_dtype(cfg.SOLVER.AMP, self.device)
+            if dtype is not None:
+                logger.info("mixed precision: autocast to %s on %s", dtype, self.device)
+            self.step = OptimizerStep(self.optimizer, self.device, dtype, gradient_clipper(cfg.SOLVER.CLIP_GRADIENTS))
+            self.ema = ModelEMA(self.model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
         self.checkpointer = TrainingCheckpointer(cfg.OUTPUT_DIR, prefix="model_")
         self.metadata = checkpoint_metadata(cfg)  # class names and ids, for wrn_det.Predictor
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         if int(cfg.LOG_PERIOD) < 1:
             raise ConfigError(f"LOG_PERIOD must be a positive number of iterations, got {cfg.LOG_PERIOD}")
-        self.last_checkpoint: Optional[str] = None
 
-    def _state(self, iteration: int) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "grad_scaler": self.step.state_dict(), "iteration": iteration, "data_seed": self.data_seed,
-                 "metadata": self.metadata}
-        if self.ema is not None:
-            state.update(ema=self.ema.state_dict(), ema_updates=self.ema.num_updates)
-        return state
+    # ------------------------------------------------------------------ the training state
 
-    def _save(self, name: str, iteration: int) -> None:
-        self.last_checkpoint = self.checkpointer.save(name, self._state(iteration)) or self.last_checkpoint
-        if self.last_checkpoint and comm.is_main_process():
-            logger.info("saved checkpoint %s", self.last_checkpoint)
+    def load_weights(self, path: str) -> None:
+        """Load ``MODEL.WEIGHTS`` (the EMA weights with ``--eval-only`` and ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``)."""
+        load_detector_weights(self.model, path, strict=self.cfg.MODEL.WRN.STRICT_WEIGHTS,
+                              use_ema=self.eval_only and self.cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY)
 
-    def resume_or_load(self, resume: bool) -> int:
-        """Return the first iteration to run: after ``last_checkpoint`` with ``resume``, else 0 (loading MODEL.WEIGHTS).
+    def restore(self, ckpt: dict) -> int:
+        """Load a training checkpoint; an ``--eval-only`` run with ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``
+        takes its EMA weights as the model's. Returns the first iteration to train."""
+        if self.eval_only and self.cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY:
+            if ckpt.get("ema") is None:
+                raise WrnDetError(f"MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY: {self.resumed_from} holds no EMA weights "
+                                  "(the run had MODEL_EMA.ENABLED False)")
+            ckpt = dict(ckpt, model=ckpt["ema"])
+        return super().restore(ckpt)
 
-        Called once (by :meth:`train`, or before it by the command line, so that a bad
-        checkpoint stops the run before anything is written); later calls return the same.
-        """
-        if getattr(self, "_start_iter", None) is not None:
-            return self._start_iter
-        self._start_iter = self._resume_or_load(resume)
-        return self._start_iter
+    def restore_position(self, ckpt: dict):
+        """Return (first iteration, its description) of a resumed checkpoint: the one after its ``iteration``."""
+        start = int(ckpt["iteration"]) + 1
+        return start, f"iteration {start}"
 
-    def _resume_or_load(self, resume: bool) -> int:
-        resume = resume_requested(resume)
-        path = self.checkpointer.latest_intact() if resume else None
-        self._rng_state = None
-        if path is None:
-            if resume:
-                logger.info("--resume: no checkpoint in %s; starting from the beginning", self.cfg.OUTPUT_DIR)
-            if self.cfg.MODEL.WEIGHTS:
-                load_detector_weights(self.model, self.cfg.MODEL.WEIGHTS, strict=self.cfg.MODEL.WRN.STRICT_WEIGHTS)
-                if self.ema is not None:  # the average starts from the loaded weights
-                    self.ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY)
-            self.data_seed = self.cfg.SEED if self.cfg.SEED >= 0 else comm.shared_random_seed()
-            return 0
-        ckpt = load_checkpoint_for_resume(path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step.load_state_dict(ckpt.get("grad_scaler") or {})
-        self.ema = restore_ema(self.ema, ckpt, self.model)
-        self.last_checkpoint = path
-        self.data_seed = int(ckpt.get("data_seed", max(self.cfg.SEED, 0)))
-        self._rng_state = ckpt
-        logger.info("resuming from %s at iteration %d", path, ckpt["iteration"] + 1)
-        return int(ckpt["iteration"]) + 1
+    def save(self, name: str, iteration: int) -> Optional[str]:
+        """Write the training checkpoint ``name`` after ``iteration``; returns the run's newest checkpoint."""
+        return self.save_checkpoint(name, iteration, metadata=self.metadata)
 
-    def train(self, resume: bool = False) -> Dict:
-        """Run training to ``SOLVER.MAX_ITER`` and the final evaluation; returns the evaluation results.
+    # ------------------------------------------------------------------ training
+
+    def prepare_training(self, start: int) -> None:
+        """Wrap the model for distributed training and start the data stream at iteration ``start``."""
+        self.train_model = create_ddp_model(self.model, self.device)
+        self.data = iter(build_detection_train_loader(self.cfg, self.train_dicts, self.seed, start))
+
+    def run_loop(self, start: int, writer: MetricsWriter) -> Dict:
+        """Train to ``SOLVER.MAX_ITER``, then the final evaluation; returns its results.
 
         With ``MODEL_EMA.ENABLED`` the EMA weights are evaluated too, under ``"ema"`` (their
         result files in ``inference/ema``).
         """
-        cfg = self.cfg
-        start_iter = self.resume_or_load(resume)
-        model = create_ddp_model(self.model, self.device)
-        loader = build_detection_train_loader(cfg, self.train_dicts, self.data_seed, start_iter)
-        if self._rng_state is not None and not TrainingCheckpointer.restore_rng(self._rng_state):
-            # last, so that nothing built above draws from the restored generators
-            logger.warning("the checkpoint was written by %s processes, this run has %d: random streams restart",
-                           self._rng_state.get("world_size"), self.world)
-        writer = MetricsWriter(cfg.OUTPUT_DIR)
-        results = {}
-        self.preempt = PreemptionWatch(cfg.PREEMPT_SIGNALS)
-        try:
-            if start_iter < self.max_iter:
-                self._loop(model, iter(loader), start_iter, writer)
-            results = self.evaluate() if cfg.DATASETS.TEST else {}
-            if results and comm.is_main_process():
-                writer.write(flatten_results(results), step=self.max_iter - 1)
-        finally:
-            self.preempt.close()
-            writer.close()
+        if start < self.max_iter:
+            self._loop(start, writer)
+        results = self.test() if self.cfg.DATASETS.TEST else {}
+        if results and comm.is_main_process():
+            writer.write(flatten_results(results), step=self.max_iter - 1)
         return results
 
-    def evaluate(self) -> Dict:
-        """Evaluate the model (and the EMA weights, under ``"ema"``) on ``DATASETS.TEST``; returns the results."""
-        results = test(self.cfg, self.model, datasets=self.test_sets)
+    def test(self) -> Dict:
+        """Evaluate the model (and the EMA weights, under ``"ema"``) on every dataset of ``DATASETS.TEST``.
+
+        Returns ``{"bbox": {...}}`` for one dataset, ``{dataset: {"bbox": {...}}}`` for several
+        (on rank 0; empty dicts elsewhere); a ProposalNetwork gives ``"box_proposals"`` in place
+        of ``"bbox"``. Results files (``coco_instances_results.json``, or the proposal file
+        ``box_proposals.pkl``) go to ``OUTPUT_DIR/inference`` (``inference/ema`` for the EMA),
+        one folder further per dataset with several.
+        """
+        self.resume_or_load()
+        results = self._evaluate(self.model, "inference")
         if self.ema is not None:
-            ema = test(self.cfg, self.ema.module, inference_dir=os.path.join("inference", "ema"), datasets=self.test_sets)
+            ema = self._evaluate(self.ema.module, os.path.join("inference", "ema"))
             if comm.is_main_process():
                 results = {**results, "ema": ema}
         return results
 
-    def _loop(self, model: nn.Module, data: iter, start_iter: int, writer: MetricsWriter) -> None:
+    def _evaluate(self, model: nn.Module, inference_dir: str) -> Dict:
+        results = OrderedDict()
+        for name, test_set in self.test_sets.items():
+            out_dir = os.path.join(self.cfg.OUTPUT_DIR, inference_dir)
+            test_set.evaluator.output_dir = out_dir if len(self.test_sets) == 1 else os.path.join(out_dir, name)
+            results[name] = inference_on_dataset(unwrap(model), test_set.loader, test_set.evaluator)
+        if len(results) == 1:
+            return next(iter(results.values()))
+        return results
+
+    def _loop(self, start_iter: int, writer: MetricsWriter) -> None:
         cfg = self.cfg
+        model, data = self.train_model, self.data
         window: Dict[str, deque] = {}
         log_period = int(cfg.LOG_PERIOD)
         period = int(cfg.SOLVER.CHECKPOINT_PERIOD)
@@ -338,20 +326,16 @@ class Trainer:
             nxt = it + 1
             if nxt % log_period == 0 or nxt == self.max_iter or it == start_iter:
                 self._log(it, lr, window, writer, time.perf_counter() - t_start, nxt - start_iter)
-            if self.preempt.requested() and nxt != self.max_iter:
-                with self.preempt.saving():
-                    self._save(f"model_{it:07d}", it)
-                stop = Preempted(it, self.last_checkpoint)
-                logger.warning("%s", stop)
-                raise stop
+            if nxt != self.max_iter:
+                self.stop_if_preempted(it, lambda: self.save(f"model_{it:07d}", it))
             if period > 0 and nxt % period == 0 and nxt != self.max_iter:
-                self._save(f"model_{it:07d}", it)
+                self.save(f"model_{it:07d}", it)
             if eval_period > 0 and nxt % eval_period == 0 and nxt != self.max_iter and cfg.DATASETS.TEST:
-                res = self.evaluate()
+                res = self.test()
                 if comm.is_main_process():
                     writer.write(flatten_results(res), step=it)
                 model.train()
-        self._save("model_final", self.max_iter - 1)
+        self.save("model_final", self.max_iter - 1)
 
     def _log(self, it: int, lr: float, window: Dict[str, deque], writer: MetricsWriter, elapsed: float, done: int):
         med = {k: sorted(v)[len(v) // 2] for k, v in window.items()}
@@ -365,15 +349,6 @@ class Trainer:
         logger.info("eta: %s  iter: %d  %s  time: %.4f  data_time: %.4f  lr: %.5g%s",
                     _fmt_eta(eta), it, loss_txt, med["time"], med["data_time"], lr, mem)
         writer.write({**{k: v for k, v in med.items()}, "lr": lr, "eta_seconds": eta}, step=it)
-
-
-def load_checkpoint_for_resume(path: str) -> dict:
-    """Return the training checkpoint at ``path`` for ``--resume`` (one line naming the file if it is unusable)."""
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("model", "optimizer", "iteration") if k not in ckpt]
-    if missing:
-        raise WrnDetError(f"--resume: {path} is not a training checkpoint of this engine (it lacks {', '.join(missing)})")
-    return ckpt
 
 
 def setup(args):
@@ -393,21 +368,10 @@ def main(args) -> Dict:
     Everything is built and checked first (config, model, weights or the checkpoint to resume,
     every dataset and its images); only then is ``OUTPUT_DIR`` created and written to, so a
     rejected run leaves no folder behind and a finished run's ``config.yaml`` is not replaced.
+    ``--eval-only`` evaluates ``MODEL.WEIGHTS`` (with ``--resume``: the newest checkpoint of ``OUTPUT_DIR``).
     """
     cfg = setup(args)
-    if args.eval_only:
-        if not cfg.MODEL.WEIGHTS:
-            raise ConfigError("--eval-only needs the weights to evaluate: set MODEL.WEIGHTS path/to/model_final.pth")
-        if not cfg.DATASETS.TEST:
-            raise ConfigError("--eval-only needs DATASETS.TEST")
-        model = build_detector(cfg)
-        load_detector_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.MODEL.WRN.STRICT_WEIGHTS,
-                              use_ema=cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY)
-        datasets = prepare_test_sets(cfg)
-        check_num_classes(cfg, datasets)
-        open_output_dir(cfg)
-        return test(cfg, model, datasets=datasets)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, eval_only=args.eval_only)
     trainer.resume_or_load(args.resume)
     open_output_dir(cfg)
-    return trainer.train(resume=args.resume)
+    return trainer.test() if args.eval_only else trainer.train()

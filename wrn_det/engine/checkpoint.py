@@ -1,4 +1,4 @@
-"""Training-state checkpoints, shared by both trainers.
+"""Training-state checkpoints, shared by both trainers (what they hold: :mod:`wrn_det.engine.training`).
 
 :class:`TrainingCheckpointer` writes a run's checkpoints: every process's random-number
 states gathered to rank 0, one atomic file per checkpoint, ``last_checkpoint`` naming

@@ -2,7 +2,8 @@
 
 fvcore's ``CfgNode`` does the merging; this module turns its exceptions into one-line
 :class:`ConfigError` messages that name the file and the key, and finds config files
-by name under the repository's ``configs/`` folder.
+by name under the repository's ``configs/`` folder. :func:`add_run_config` defines the
+keys of a run that both trainers read (seed, logging, preemption, EMA, mixed precision).
 """
 import os
 from pathlib import Path
@@ -14,7 +15,8 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 from .fileio import write_text
 from .errors import ConfigError, a_type
 
-__all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs"]
+__all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs", "add_run_config",
+           "RUN_TASKS"]
 
 
 class CfgNode(_FvCfgNode):
@@ -24,6 +26,64 @@ class CfgNode(_FvCfgNode):
 CN = CfgNode
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The run keys' defaults that differ between the tasks, each kept as it was: detection has
+# detectron2's (a drawn seed, a log line every 20 iterations, float16) and d2go's EMA decay;
+# classification a fixed seed, a log line every 50 iterations, timm's EMA decay and bfloat16
+# (no gradient scaler, and it runs on the CPU).
+_RUN_DEFAULTS = {
+    "detection": {"SEED": -1, "LOG_PERIOD": 20, "EMA_DECAY": 0.999, "AMP_DTYPE": "float16"},
+    "classification": {"SEED": 0, "LOG_PERIOD": 50, "EMA_DECAY": 0.9999, "AMP_DTYPE": "bfloat16"},
+}
+
+#: The tasks :func:`add_run_config` knows.
+RUN_TASKS = tuple(_RUN_DEFAULTS)
+
+
+def add_run_config(cfg: CfgNode, task: str) -> CfgNode:
+    """Add the keys of a run both trainers read to ``cfg`` (in place), with ``task``'s defaults; returns ``cfg``.
+
+    ``task`` is ``"detection"`` or ``"classification"``. The keys and their defaults
+    (detection / classification):
+
+    ``SEED`` (-1 / 0): rank ``r`` is seeded with ``SEED + r``; a negative seed draws one
+    (recorded in the checkpoints for ``--resume``).
+    ``CUDNN_BENCHMARK`` (False / False): let cuDNN pick the fastest convolution algorithms
+    (:func:`wrn_det.engine.run.setup_run`).
+    ``LOG_PERIOD`` (20 / 50): iterations between log lines (detection: also between
+    ``metrics.json`` rows and TensorBoard points; classification: where a non-finite loss is
+    found).
+    ``PREEMPT_SIGNALS`` (SIGTERM, SIGUSR1 for both): signals that stop the run after the current
+    iteration with a checkpoint (exit status 3); SLURM sends SIGTERM before killing a job, or
+    SIGUSR1 with ``--signal``; ``()`` catches none.
+    ``MODEL_EMA.ENABLED`` (False), ``MODEL_EMA.DECAY`` (0.999 / 0.9999): an exponential moving
+    average of the weights (d2go's keys), evaluated beside the model and saved in the
+    checkpoints; detection also has ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY`` (False): the
+    average, not the model, is what ``--eval-only`` evaluates (classification evaluates both).
+    ``SOLVER.AMP.ENABLED`` (False), ``SOLVER.AMP.DTYPE`` (float16 / bfloat16): mixed precision
+    (autocast) on the run's device: float16 (CUDA, with a gradient scaler) or bfloat16 (CUDA or CPU).
+
+    Raises :class:`ConfigError` for another ``task``.
+    """
+    if task not in _RUN_DEFAULTS:
+        raise ConfigError(f"run config task {task!r}: expected one of {', '.join(RUN_TASKS)}")
+    d = _RUN_DEFAULTS[task]
+    node = type(cfg)  # nodes of the caller's class: yacs merges a file only into nodes of the root's own class
+    cfg.SEED = d["SEED"]
+    cfg.CUDNN_BENCHMARK = False
+    cfg.LOG_PERIOD = d["LOG_PERIOD"]
+    cfg.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+    cfg.MODEL_EMA = node()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = d["EMA_DECAY"]
+    if task == "detection":
+        cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False
+    if "SOLVER" not in cfg:
+        cfg.SOLVER = node()
+    cfg.SOLVER.AMP = node()
+    cfg.SOLVER.AMP.ENABLED = False
+    cfg.SOLVER.AMP.DTYPE = d["AMP_DTYPE"]
+    return cfg
 
 
 def config_search_dirs() -> List[Path]:

@@ -1,6 +1,4 @@
-"""User-facing errors and the command-line wrapper that turns them into one line."""
-import os
-import sys
+"""User-facing errors: the exceptions a tool turns into one ``error:`` line (:func:`wrn_det.engine.cli.cli_main`)."""
 
 
 class WrnDetError(Exception):
@@ -18,7 +16,7 @@ PREEMPTED_EXIT_CODE = 3
 class Preempted(Exception):
     """The run stopped on a preemption signal; ``iteration`` and ``checkpoint`` say where to continue.
 
-    Not an error: :func:`cli_main` returns :data:`PREEMPTED_EXIT_CODE` for it (the trainer
+    Not an error: :func:`~wrn_det.engine.cli.cli_main` returns :data:`PREEMPTED_EXIT_CODE` for it (the trainer
     has logged where it stopped).
     """
 
@@ -31,29 +29,6 @@ class Preempted(Exception):
 
 class ConfigError(WrnDetError):
     """A config file, key or value is not what the project expects."""
-
-
-def cli_main(fn, *args, **kwargs) -> int:
-    """Run ``fn(*args, **kwargs)`` as a command-line entry point.
-
-    Returns the exit status: 0 on success (or what ``fn`` returned if it is an int),
-    2 after printing ``error: <message>`` to stderr for a :class:`WrnDetError`,
-    :data:`PREEMPTED_EXIT_CODE` for a run stopped by a preemption signal.
-    """
-    try:
-        ret = fn(*args, **kwargs)
-    except WrnDetError as e:
-        msg = " ".join(str(e).split("\n")).strip()
-        # every process of a torchrun job meets the same bad input: rank 0 says it once
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-        return 2
-    except Preempted as e:
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
-    return ret if isinstance(ret, int) else 0
 
 
 class NonFiniteLossError(WrnDetError):

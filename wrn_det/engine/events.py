@@ -1,13 +1,19 @@
-"""Logging to the terminal and ``log.txt``, and metrics to ``metrics.json`` and TensorBoard."""
+"""Logging to the terminal and ``log.txt``, and metrics to ``metrics.json`` and TensorBoard.
+
+``metrics.json`` holds one JSON object per line: strict JSON (NaN and infinities are
+written as null, see :func:`json_value`), read back by :func:`read_metrics` alone.
+"""
 import json
 import logging
 import math
 import os
 import sys
 from collections import deque
-from typing import Optional
+from typing import Callable, List, Optional
 
 from . import comm
+from .errors import WrnDetError
+from .fileio import atomic_write
 
 
 class _Buffer(logging.Handler):
@@ -72,18 +78,99 @@ def attach_log_file(output_dir: str, distributed_rank: int = 0, name: str = "wrn
     return path
 
 
-def _jsonable(v):
+def json_value(v):
+    """Return ``v`` as strict JSON holds it: tensors and numpy scalars as numbers, tuples as lists, NaN and infinities as None.
+
+    Strict, so that any JSON reader takes the file (``NaN`` is not JSON); a value that is not
+    a number is no point of a curve either way.
+    """
     if hasattr(v, "item") and callable(v.item):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): json_value(x) for k, x in v.items()}
     return v
+
+
+def _metrics_file(path: str) -> str:
+    return os.path.join(path, "metrics.json") if os.path.isdir(path) else path
+
+
+def _object_lines(path: str, prefix: Optional[str] = None):
+    """Yield ``(line, object)`` for every JSON line of ``path``: each line, or with ``prefix``, what follows ``prefix``.
+
+    Lines without ``prefix`` and blank lines are passed over. Raises :class:`WrnDetError` naming
+    the file and line for a line that is not one JSON object.
+    """
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            text = line
+            if prefix is not None:
+                at = text.find(prefix)
+                if at < 0:
+                    continue
+                text = text[at + len(prefix):]
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                row = json.loads(text)
+                why = "" if isinstance(row, dict) else f"it is {type(row).__name__}"
+            except ValueError as e:
+                why = getattr(e, "msg", str(e))
+            if why:
+                raise WrnDetError(f"{path}, line {n}: not a JSON object ({why}); expected one JSON object per line")
+            yield line, row
+
+
+def read_json_lines(path: str, prefix: Optional[str] = None) -> List[dict]:
+    """Return the JSON objects of the lines of ``path`` (with ``prefix``: of the lines holding it, after it), in file order.
+
+    Raises :class:`WrnDetError` naming the file and line for a line that is not a JSON object.
+    """
+    return [row for _, row in _object_lines(path, prefix)]
+
+
+def read_metrics(path: str) -> List[dict]:
+    """Return the rows of a ``metrics.json`` (the file, or the run folder holding it), in file order.
+
+    A resumed run appends to the file, so a step may appear twice; the later row is the
+    newer. Raises :class:`WrnDetError` for a missing file or a line that is not a JSON object.
+    """
+    path = _metrics_file(path)
+    if not os.path.isfile(path):
+        raise WrnDetError(f"{path} not found: expected a run folder or its metrics.json")
+    return read_json_lines(path)
+
+
+def trim_metrics(path: str, keep: Callable[[dict], bool]) -> int:
+    """Rewrite a ``metrics.json`` (the file, or the run folder holding it) with only the rows ``keep`` accepts.
+
+    The kept lines stay as they were written; the file is replaced atomically and only when
+    a row goes. A missing file is left missing. Returns the number of rows dropped.
+    """
+    path = _metrics_file(path)
+    if not os.path.isfile(path):
+        return 0
+    lines = list(_object_lines(path))
+    kept = [line if line.endswith("\n") else line + "\n" for line, row in lines if keep(row)]
+    if len(kept) != len(lines):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+
+        atomic_write(path, write)
+    return len(lines) - len(kept)
 
 
 class MetricsWriter:
     """Append metrics as JSON lines to ``output_dir/metrics.json`` and as scalars to TensorBoard.
 
-    Only rank 0 writes; on other ranks every call is a no-op. An existing
+    Values go through :func:`json_value` (NaN and infinities become null and are not drawn
+    in TensorBoard). Only rank 0 writes; on other ranks every call is a no-op. An existing
     ``metrics.json`` is appended to, so a resumed run continues its file.
     """
 
@@ -104,9 +191,9 @@ class MetricsWriter:
         """Write one JSON object holding ``metrics`` and ``iteration``/step; numbers also go to TensorBoard."""
         if not self.enabled:
             return
-        row = {k: _jsonable(v) for k, v in metrics.items()}
+        row = {k: json_value(v) for k, v in metrics.items()}
         row.setdefault("iteration", step)
-        self._file.write(json.dumps(row, sort_keys=False) + "\n")
+        self._file.write(json.dumps(row, sort_keys=False, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in row.items():

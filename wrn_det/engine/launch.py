@@ -1,56 +1,21 @@
-"""Process launch in detectron2's style: one process, ``--num-gpus N`` spawning, or torchrun."""
-import argparse
+"""Process launch in detectron2's style: one process, ``--num-gpus N`` spawning, or torchrun.
+
+torch is imported when a job is launched, not with this module: ``wrn_det.engine`` exports
+:func:`launch` and stays cheap to import for the tools that never launch anything.
+"""
 import logging
 import os
 import socket
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from . import comm
 from .errors import Preempted, WrnDetError
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-
-def _count(minimum: int):
-    """Return an argparse type: an integer of at least ``minimum`` (argparse prints one line otherwise)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentParser:
-    """Return an argument parser with detectron2's training flags.
-
-    ``--config-file`` (also ``--config``), ``--resume``, ``--eval-only``, ``--num-gpus``,
-    ``--num-machines``, ``--machine-rank``, ``--dist-url`` and trailing ``KEY VALUE`` overrides.
-    """
-    p = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Overrides: trailing KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01 OUTPUT_DIR out/run1",
-    )
-    p.add_argument("--config-file", "--config", default="", metavar="FILE", help="config path or a file name under configs/")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if it exists")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
-    p.add_argument("--num-gpus", type=_count(1), default=1,
-                   help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
-    p.add_argument("--num-machines", type=_count(1), default=1, help="total number of machines")
-    p.add_argument("--machine-rank", type=_count(0), default=0, help="the rank of this machine (unique per machine)")
-    p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of machine 0 for several machines; 'auto' picks a free local port")
-    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return p
 
 
 def _free_port() -> int:
@@ -60,6 +25,8 @@ def _free_port() -> int:
 
 
 def _backend() -> str:
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -68,7 +35,7 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def _env_store(rank: int, world: int, timeout) -> dist.Store:
+def _env_store(rank: int, world: int, timeout):
     """Return the key-value store of an env:// job (torchrun's agent store, or one rank 0 hosts), keyed per attempt.
 
     torchrun keeps its store across the restarts of a worker group; the process group's
@@ -76,6 +43,8 @@ def _env_store(rank: int, world: int, timeout) -> dist.Store:
     workers would try to reach them. A prefix with ``TORCHELASTIC_RESTART_COUNT`` gives each
     attempt its own keys.
     """
+    import torch.distributed as dist
+
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent and rank == 0, timeout=timeout, wait_for_workers=False)
@@ -91,6 +60,12 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
     processes on this machine (NCCL on GPUs, gloo on CPUs). Returns what ``main_func``
     returns in a single process, else None.
     """
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from . import comm
+
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
@@ -137,6 +112,11 @@ def launch(main_func, num_gpus_per_machine: int = 1, num_machines: int = 1, mach
 
 
 def _worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout):
+    import torch
+    import torch.distributed as dist
+
+    from . import comm
+
     global_rank = machine_rank * num_gpus_per_machine + local_rank
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -155,12 +135,14 @@ def _worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_ran
             dist.destroy_process_group()
 
 
-def create_ddp_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def create_ddp_model(model: "torch.nn.Module", device: "torch.device") -> "torch.nn.Module":
     """Return ``model`` wrapped in DistributedDataParallel when several processes run, else ``model``.
 
     Both trainers wrap this way: one device per process (none on the CPU), buffers not
     broadcast (BatchNorm statistics stay each process's, or synchronised by the norm layer).
     """
+    from . import comm
+
     if comm.get_world_size() <= 1:
         return model
     from torch.nn.parallel import DistributedDataParallel

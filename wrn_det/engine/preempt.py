@@ -4,7 +4,8 @@ Clusters stop long jobs: SLURM sends SIGTERM (or, with ``--signal``, SIGUSR1) so
 before the kill, torchrun restarts a failed worker group. :class:`PreemptionWatch` turns the
 signals named by ``PREEMPT_SIGNALS`` into a flag that every process reads at the end of
 each training step (one reduction, so that all stop at the same iteration); the trainer
-then writes a checkpoint at that iteration and raises :class:`Preempted`, which the command
+then writes a checkpoint at that iteration and raises :class:`Preempted`
+(:meth:`wrn_det.engine.training.TrainerBase.stop_if_preempted`), which the command
 line turns into one log line and exit status :data:`PREEMPTED_EXIT_CODE`. A second signal
 while the checkpoint is written is only logged: the write is atomic either way.
 

@@ -27,8 +27,9 @@ def setup_run(cfg, logger_names: Iterable[str] = ("wrn_det",), seed_per_rank: bo
     """Start logging and seed this process for the run ``cfg`` describes; returns the seed.
 
     ``cfg.SEED`` >= 0 seeds rank ``r`` with ``SEED + r`` (``seed_per_rank``) or ``SEED``;
-    a negative seed draws one. ``OUTPUT_DIR`` is checked (a file in its way is an error)
-    but not created.
+    a negative seed draws one; ``cfg.CUDNN_BENCHMARK`` turns on cuDNN's algorithm search
+    (the keys of :func:`~wrn_det.engine.config.add_run_config`). ``OUTPUT_DIR`` is checked (a
+    file in its way is an error) but not created.
     """
     check_output_dir(cfg.OUTPUT_DIR)
     rank, world = comm.get_rank(), comm.get_world_size()
@@ -39,7 +40,7 @@ def setup_run(cfg, logger_names: Iterable[str] = ("wrn_det",), seed_per_rank: bo
     base = int(cfg.SEED)
     seed = seed_all(base + rank if base >= 0 and seed_per_rank else base)
     log.info("using seed %d for this process", seed)
-    if cfg.get("CUDNN_BENCHMARK", False):
+    if cfg.CUDNN_BENCHMARK:
         torch.backends.cudnn.benchmark = True
     return seed
 

@@ -39,21 +39,25 @@ class PreActBottleneck(nn.Module):
     ``out_channels // 4``. The shortcut is the identity when the shape is kept,
     else a strided 1x1 convolution that shares the block's first BN-ReLU (the
     "common BN, ReLU" of those files). Calling it returns the block output.
+    ``norm_layer`` and ``conv_layer`` default to ``nn.BatchNorm2d`` and ``nn.Conv2d``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
+        conv_layer = conv_layer or nn.Conv2d
         mid = out_channels // 4
         self.bn1 = norm_layer(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, mid, 1, stride, bias=False)
+        self.conv1 = conv_layer(in_channels, mid, 1, stride, bias=False)
         self.bn2 = norm_layer(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
+        self.conv2 = conv_layer(mid, mid, 3, 1, 1, bias=False)
         self.bn3 = norm_layer(mid)
-        self.conv3 = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self.conv3 = conv_layer(mid, out_channels, 1, bias=False)
         self.shortcut = None
         if in_channels != out_channels or stride != 1:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+            self.shortcut = conv_layer(in_channels, out_channels, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return residual(x) + shortcut(x)."""
@@ -80,23 +84,26 @@ class PreActResNet(FeatureNet):
             out_channels))), BatchNorm weight 1, bias 0. ``"fan_in"`` uses n = kh * kw *
             in_channels, as the ``MSRinit`` the authors' copy calls.
         norm_layer: the normalisation layer class (default ``nn.BatchNorm2d``).
+        conv_layer: the convolution class, called with ``nn.Conv2d``'s arguments (default
+            ``nn.Conv2d``); a subclass keeps the parameters, keys and initial weights.
     """
 
     family = "cifar"
     default_input_size = 32
 
     def __init__(self, depth: int = 164, num_classes: int = 10, memory_efficient: bool = False,
-                 conv_init: str = "fan_out", norm_layer: Optional[Callable[..., nn.Module]] = None):
+                 conv_init: str = "fan_out", norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 11 or (depth - 2) % 9 != 0:
             raise ValueError(f"pre-activation ResNet depth must be 9n+2 with n >= 1 (11, 20, ..., 164, ..., 1001), "
                              f"got {depth}")
         n = (depth - 2) // 9
         self.depth, self.num_classes = depth, num_classes
-        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.stem = (conv_layer or nn.Conv2d)(3, 16, 3, 1, 1, bias=False)
         widths = (64, 128, 256)
         add_residual_stages(self, 16, widths, (1, 2, 2), n,
-                            lambda cin, width, stride: PreActBottleneck(cin, width, stride, norm_layer),
+                            lambda cin, width, stride: PreActBottleneck(cin, width, stride, norm_layer, conv_layer),
                             lambda width: BNReLU(width, norm_layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
@@ -108,14 +115,16 @@ class ConvBNReLU(nn.Sequential):
     """Convolution (stride 1, 'same' padding), BatchNorm, ReLU: the ``Block`` of the authors' Lua files.
 
     Calling it returns the activated map. ``bias`` and ``eps`` are those of the file
-    the network follows (see :class:`NIN`, :class:`VGGCIFAR`); ``norm_layer`` defaults to
-    ``nn.BatchNorm2d``.
+    the network follows (see :class:`NIN`, :class:`VGGCIFAR`); ``norm_layer`` and ``conv_layer``
+    default to ``nn.BatchNorm2d`` and ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, eps: float = 1e-5,
-                 bias: bool = False, norm_layer: Optional[Callable[..., nn.Module]] = None):
+                 bias: bool = False,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__(OrderedDict([
-            ("conv", nn.Conv2d(in_channels, out_channels, kernel_size, 1, kernel_size // 2, bias=bias)),
+            ("conv", (conv_layer or nn.Conv2d)(in_channels, out_channels, kernel_size, 1, kernel_size // 2, bias=bias)),
             ("bn", (norm_layer or nn.BatchNorm2d)(out_channels, eps=eps)),
             ("relu", nn.ReLU(inplace=True)),
         ]))
@@ -146,19 +155,21 @@ class NIN(FeatureNet):
     ``stem`` is the first 5x5 layer; stages ``stage1`` (96 channels, stride 1),
     ``stage2`` (192, stride 2), ``stage3`` (192, stride 4). The final pooling is
     global (the Lua file's 8x8 kernel on the 8x8 map of a 32x32 image), so other
-    input sizes work too.
+    input sizes work too. ``norm_layer`` and ``conv_layer``: the normalisation and convolution
+    classes (defaults ``nn.BatchNorm2d``, ``nn.Conv2d``).
     """
 
     family = "cifar"
     default_input_size = 32
 
     def __init__(self, num_classes: int = 10, conv_bias: bool = True, memory_efficient: bool = False,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None):
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         self.num_classes = num_classes
 
         def block(cin, cout, k):
-            return ConvBNReLU(cin, cout, k, eps=1e-5, bias=conv_bias, norm_layer=norm_layer)
+            return ConvBNReLU(cin, cout, k, eps=1e-5, bias=conv_bias, norm_layer=norm_layer, conv_layer=conv_layer)
 
         self.stem = block(3, 192, 5)
         self.stage1 = Stage(block(192, 160, 1), block(160, 96, 1))
@@ -186,16 +197,19 @@ class VGGCIFAR(FeatureNet):
 
     ``stem`` is the first conv layer; stages ``stage1``..``stage5`` are the groups
     (each later one starting with the preceding pooling), strides 1, 2, 4, 8, 16,
-    widths 64, 128, 256, 512, 512.
+    widths 64, 128, 256, 512, 512. ``norm_layer`` and ``conv_layer``: the normalisation and
+    convolution classes (defaults ``nn.BatchNorm2d``, ``nn.Conv2d``).
     """
 
     family = "cifar"
     default_input_size = 32
 
-    def __init__(self, num_classes: int = 10, memory_efficient: bool = False, norm_layer: Optional[Callable[..., nn.Module]] = None):
+    def __init__(self, num_classes: int = 10, memory_efficient: bool = False,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         self.num_classes = num_classes
-        self.stem = ConvBNReLU(3, 64, 3, eps=1e-3, norm_layer=norm_layer)
+        self.stem = ConvBNReLU(3, 64, 3, eps=1e-3, norm_layer=norm_layer, conv_layer=conv_layer)
         self._stage_attrs = OrderedDict()
         self._out_specs = OrderedDict()
         plan = [(64, 2), (128, 2), (256, 4), (512, 4), (512, 4)]
@@ -207,7 +221,7 @@ class VGGCIFAR(FeatureNet):
             else:
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             for _ in range(convs):
-                layers.append(ConvBNReLU(in_ch, width, 3, eps=1e-3, norm_layer=norm_layer))
+                layers.append(ConvBNReLU(in_ch, width, 3, eps=1e-3, norm_layer=norm_layer, conv_layer=conv_layer))
                 in_ch = width
             name = f"stage{i + 1}"
             setattr(self, name, Stage(*layers))

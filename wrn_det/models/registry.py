@@ -67,7 +67,8 @@ def build_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.Mo
         num_classes: classifier size; ``None`` picks 10 for the CIFAR family
             and 1000 for the ImageNet family.
         **kwargs: passed to the network class, e.g. ``dropout`` (CIFAR-style WRN),
-            ``conv_init`` (WRNs and pre-activation ResNets), ``memory_efficient`` (all).
+            ``conv_init`` (WRNs and pre-activation ResNets), ``memory_efficient``,
+            ``norm_layer`` and ``conv_layer`` (all).
 
     Raises:
         ValueError: an unknown name (the message lists the known names), a

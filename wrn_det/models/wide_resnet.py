@@ -40,12 +40,13 @@ IMAGENET_DEPTHS = {
 }
 
 
-def _downsample(in_channels: int, out_channels: int, stride: int, norm_layer: Optional[Callable[..., nn.Module]] = None) -> Optional[nn.Module]:
+def _downsample(in_channels: int, out_channels: int, stride: int, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                conv_layer: Optional[Callable[..., nn.Conv2d]] = None) -> Optional[nn.Module]:
     """Return the projection shortcut (1x1 conv + norm) or None when the shape is kept."""
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+        (conv_layer or nn.Conv2d)(in_channels, out_channels, 1, stride, bias=False),
         (norm_layer or nn.BatchNorm2d)(out_channels),
     )
 
@@ -53,15 +54,18 @@ def _downsample(in_channels: int, out_channels: int, stride: int, norm_layer: Op
 class BasicBlock(nn.Module):
     """Post-activation basic block (two 3x3 convs); calling it returns relu(residual + shortcut)."""
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
+    def __init__(self, in_channels: int, width: int, stride: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
-        self.conv1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
+        conv_layer = conv_layer or nn.Conv2d
+        self.conv1 = conv_layer(in_channels, width, 3, stride, 1, bias=False)
         self.bn1 = norm_layer(width)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.conv2 = conv_layer(width, width, 3, 1, 1, bias=False)
         self.bn2 = norm_layer(width)
-        self.downsample = _downsample(in_channels, width, stride, norm_layer)
+        self.downsample = _downsample(in_channels, width, stride, norm_layer, conv_layer)
         self.out_channels = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,18 +84,21 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, width: int, stride: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
+    def __init__(self, in_channels: int, planes: int, width: int, stride: int = 1,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
+        conv_layer = conv_layer or nn.Conv2d
         out = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.conv1 = conv_layer(in_channels, width, 1, bias=False)
         self.bn1 = norm_layer(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.conv2 = conv_layer(width, width, 3, stride, 1, bias=False)
         self.bn2 = norm_layer(width)
-        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.conv3 = conv_layer(width, out, 1, bias=False)
         self.bn3 = norm_layer(out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_channels, out, stride, norm_layer)
+        self.downsample = _downsample(in_channels, out, stride, norm_layer, conv_layer)
         self.out_channels = out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +152,9 @@ class WideResNet(FeatureNet):
             out_channels))), ``fc`` left at PyTorch's default.
         norm_layer: the normalisation layer class (``wrn_det.models.norm.get_norm``; default
             ``nn.BatchNorm2d``), as torchvision's ``norm_layer``.
+        conv_layer: the convolution class, called with ``nn.Conv2d``'s arguments (default
+            ``nn.Conv2d``): a subclass such as the builtin detectors' ``FastConv2d`` keeps the
+            parameters, state-dict keys and initial weights.
 
     ``stem`` is a registered module holding ``conv1``, ``bn1``, ``relu`` and ``maxpool``;
     the state dict still has torchvision's top-level keys (``conv1.weight``, ``bn1.*``),
@@ -156,7 +166,8 @@ class WideResNet(FeatureNet):
 
     def __init__(self, depth: int = 50, k: int = 2, num_classes: int = 1000,
                  memory_efficient: bool = False, zero_init_residual: bool = False,
-                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None):
+                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         if depth not in IMAGENET_DEPTHS:
             raise ValueError(f"wide ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}, got {depth}")
@@ -168,7 +179,7 @@ class WideResNet(FeatureNet):
 
         norm_layer = norm_layer or nn.BatchNorm2d
         self.stem = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(3, 64, 7, 2, 3, bias=False)), ("bn1", norm_layer(64)),
+            ("conv1", (conv_layer or nn.Conv2d)(3, 64, 7, 2, 3, bias=False)), ("bn1", norm_layer(64)),
             ("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, 2, 1))]))
         # torchvision's keys in the state dict: stem.conv1.weight is saved and loaded as conv1.weight
         self.register_state_dict_post_hook(_stem_keys_out)
@@ -183,9 +194,9 @@ class WideResNet(FeatureNet):
             for j in range(count):
                 stride = 2 if (i > 0 and j == 0) else 1
                 if kind == "basic":
-                    block = BasicBlock(in_ch, planes * k, stride, norm_layer)
+                    block = BasicBlock(in_ch, planes * k, stride, norm_layer, conv_layer)
                 else:
-                    block = Bottleneck(in_ch, planes, planes * k, stride, norm_layer)
+                    block = Bottleneck(in_ch, planes, planes * k, stride, norm_layer, conv_layer)
                 blocks.append(block)
                 in_ch = block.out_channels
             layer = f"layer{i + 1}"

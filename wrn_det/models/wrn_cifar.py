@@ -53,20 +53,23 @@ class WideBasicBlock(nn.Module):
         stride: stride of the first 3x3 convolution (and of the shortcut).
         dropout: dropout probability between the two convolutions (0 = none).
         norm_layer: the normalisation layer class (default ``nn.BatchNorm2d``).
+        conv_layer: the convolution class (default ``nn.Conv2d``; see :class:`WideResNetCIFAR`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dropout: float = 0.0,
-                 norm_layer: Optional[Callable[..., nn.Module]] = None):
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
+        conv_layer = conv_layer or nn.Conv2d
         self.bn1 = norm_layer(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.conv1 = conv_layer(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn2 = norm_layer(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = conv_layer(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut = None
         if in_channels != out_channels or stride != 1:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=False)
+            self.shortcut = conv_layer(in_channels, out_channels, 1, stride, 0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return residual(x) + shortcut(x)."""
@@ -142,6 +145,9 @@ class WideResNetCIFAR(FeatureNet):
             their PyTorch port) or ``"fan_out"`` (their code before that); see :func:`init_original`.
         norm_layer: the normalisation layer class (``wrn_det.models.norm.get_norm``; default
             ``nn.BatchNorm2d``).
+        conv_layer: the convolution class, called with ``nn.Conv2d``'s arguments (default
+            ``nn.Conv2d``): a subclass such as the builtin detectors' ``FastConv2d`` keeps the
+            parameters, state-dict keys and initial weights.
 
     Stages ``stage1``, ``stage2``, ``stage3`` have strides 1, 2, 4 and widths
     16k, 32k, 64k; the final BN-ReLU belongs to ``stage3``, so its output is
@@ -153,7 +159,8 @@ class WideResNetCIFAR(FeatureNet):
 
     def __init__(self, depth: int = 28, k: int = 10, num_classes: int = 10, dropout: float = 0.0,
                  memory_efficient: bool = False, bn_weight_init: str = "uniform",
-                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None):
+                 conv_init: str = "fan_in", norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...), got {depth}")
@@ -165,9 +172,10 @@ class WideResNetCIFAR(FeatureNet):
         self.depth, self.k, self.num_classes = depth, k, num_classes
         widths = [16 * k, 32 * k, 64 * k]
 
-        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.stem = (conv_layer or nn.Conv2d)(3, 16, 3, 1, 1, bias=False)
         add_residual_stages(self, 16, widths, (1, 2, 2), n,
-                            lambda cin, width, stride: WideBasicBlock(cin, width, stride, dropout, norm_layer),
+                            lambda cin, width, stride: WideBasicBlock(cin, width, stride, dropout, norm_layer,
+                                                                      conv_layer),
                             lambda width: BNReLU(width, norm_layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)

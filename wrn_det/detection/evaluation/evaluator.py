@@ -4,9 +4,7 @@ An evaluator (COCO box AP, proposal recall) has ``reset()``, ``process(inputs, o
 batch and ``evaluate()``, as detectron2's ``DatasetEvaluator``; :func:`inference_on_dataset`
 drives one over a test loader and shows its progress.
 """
-import contextlib
 import logging
-import sys
 import time
 from datetime import timedelta
 from typing import Dict, List
@@ -14,6 +12,7 @@ from typing import Dict, List
 import torch
 
 from wrn_det.engine import comm
+from wrn_det.engine.progress import progress
 
 __all__ = ["inference_on_dataset", "flatten_results", "format_table", "PROGRESS_LOG_SECONDS"]
 
@@ -34,15 +33,6 @@ def format_table(rows: List[List], headers: List[str]) -> str:
 PROGRESS_LOG_SECONDS = 5.0
 
 
-def _progress_bar(total: int, name: str):
-    """Return a tqdm bar over ``total`` images when rank 0 writes to a terminal, else None."""
-    if comm.is_main_process() and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=f"inference on {name}", unit="img", dynamic_ncols=True, leave=False)
-    return None
-
-
 def inference_on_dataset(model: torch.nn.Module, loader, evaluator) -> Dict[str, Dict[str, float]]:
     """Run ``model`` in eval mode over ``loader``, feed ``evaluator``; returns ``evaluator.evaluate()``.
 
@@ -53,16 +43,10 @@ def inference_on_dataset(model: torch.nn.Module, loader, evaluator) -> Dict[str,
     was_training = model.training
     model.eval()
     total = len(loader)  # this process's images: the test loader yields one per batch
-    bar = _progress_bar(total, evaluator.dataset_name)
-    redirect = contextlib.nullcontext()
-    if bar is not None:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        redirect = logging_redirect_tqdm([logger])
     n, t0 = 0, time.perf_counter()
     last_log = t0
     try:
-        with torch.no_grad(), redirect:
+        with torch.no_grad(), progress(total, f"inference on {evaluator.dataset_name}", unit="img") as bar:
             for inputs in loader:
                 evaluator.process(inputs, model(inputs))
                 n += len(inputs)
@@ -74,8 +58,6 @@ def inference_on_dataset(model: torch.nn.Module, loader, evaluator) -> Dict[str,
                     logger.info("inference on %s: %d/%d images, %.4f s / image, ETA %s", evaluator.dataset_name,
                                 n, total, per, timedelta(seconds=int(per * (total - n))))
     finally:
-        if bar is not None:
-            bar.close()
         model.train(was_training)
     dt = time.perf_counter() - t0
     logger.info("inference on %d images of %s: %.1f s (%.4f s / image)", n, evaluator.dataset_name, dt, dt / max(n, 1))

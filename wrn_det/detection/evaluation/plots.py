@@ -11,7 +11,7 @@ folder:
   matched (IoU >= 0.5, any class, score >= :data:`CONFUSION_SCORE`) by a detection of
   each class, how many were missed, and how many detections of the class matched no
   object (faster-coco-eval's ``PreviewResults.compute_confusion_matrix``);
-* ``pr_data.json``: the numbers behind them, so ``python -m wrn_det.detection.plot RUN``
+* ``pr_data.json``: the numbers behind them, so ``tools/plot_logs.py RUN``
   can draw them again without the dataset.
 
 The precision values are those COCO AP is computed from (101 recall points, all
@@ -65,10 +65,12 @@ def plot_data_from_eval(ev, class_names: List[str]) -> dict:
     return out
 
 
-def confusion_matrix(json_file: str, results: List[dict], score: float = CONFUSION_SCORE,
-                     iou: float = CONFUSION_IOU) -> dict:
+def confusion_matrix(gt, results: List[dict], score: float = CONFUSION_SCORE, iou: float = CONFUSION_IOU) -> dict:
     """Return ``{"matrix": K x (K + 2) counts, "score", "iou"}``: rows are ground-truth classes (in category-id
-    order), columns the predicted classes, then false positives and missed objects of the row's class."""
+    order), columns the predicted classes, then false positives and missed objects of the row's class.
+
+    ``gt``: the annotation file, or faster-coco-eval's ``COCO`` object of it (read once for a run's evaluations).
+    """
     import contextlib
     import io
 
@@ -76,7 +78,8 @@ def confusion_matrix(json_file: str, results: List[dict], score: float = CONFUSI
     from faster_coco_eval.extra import PreviewResults
 
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(json_file)
+        if not isinstance(gt, COCO):
+            gt = COCO(gt)
         dt = gt.loadRes(results)
         preview = PreviewResults(gt, dt, iouType="bbox", iou_tresh=iou, min_score=score, useCats=False)
         matrix = np.asarray(preview.compute_confusion_matrix(), dtype=np.float64)
@@ -87,10 +90,13 @@ def confusion_matrix(json_file: str, results: List[dict], score: float = CONFUSI
     return {"matrix": matrix.round().astype(int).tolist(), "score": score, "iou": iou}
 
 
-def write_evaluation_plots(out_dir: str, ev, json_file: str, results: List[dict], class_names: List[str]) -> List[str]:
-    """Write ``pr_data.json`` and the pictures of one evaluation into ``out_dir``; returns the paths written."""
+def write_evaluation_plots(out_dir: str, ev, gt, results: List[dict], class_names: List[str]) -> List[str]:
+    """Write ``pr_data.json`` and the pictures of one evaluation into ``out_dir``; returns the paths written.
+
+    ``gt``: as :func:`confusion_matrix` takes it.
+    """
     data = plot_data_from_eval(ev, class_names)
-    data["confusion"] = confusion_matrix(json_file, results)
+    data["confusion"] = confusion_matrix(gt, results)
     path = os.path.join(out_dir, DATA_FILE)
 
     write_json(path, data)

@@ -107,13 +107,15 @@ class ProposalEvaluator:
     ``process(inputs, outputs)`` takes ProposalNetwork outputs; ``evaluate()`` gathers to
     rank 0, writes ``<output_dir>/box_proposals.pkl`` (detectron2's name and format) and
     returns ``{"box_proposals": {"AR@100", "ARs@100", ..., "AR@1000", ...}}`` on rank 0,
-    an empty dict elsewhere.
+    an empty dict elsewhere. The ground-truth boxes are read and checked when the evaluator is
+    built, and serve every later evaluation (``reset()`` between them; ``output_dir`` may change).
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None):
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         self.json_file = resolve_json_file(dataset_name)
+        self.gt_boxes = load_gt_boxes(self.json_file)
         self.reset()
 
     def reset(self) -> None:
@@ -136,12 +138,11 @@ class ProposalEvaluator:
             path = save_proposal_file(os.path.join(self.output_dir, "box_proposals.pkl"),
                                       [i for i, _, _ in items], [b for _, b, _ in items], [s for _, _, s in items])
             logger.info("wrote the proposals of %d images of %s to %s", len(items), self.dataset_name, path)
-        gts = load_gt_boxes(self.json_file)
         props = {img_id: torch.from_numpy(b) for img_id, b, _ in items}
         metrics = OrderedDict()
         for limit in LIMITS:
             for suffix, area in AREAS.items():
-                metrics[f"AR{suffix}@{limit}"] = average_recall(gts, props, limit, area)["ar"] * 100
+                metrics[f"AR{suffix}@{limit}"] = average_recall(self.gt_boxes, props, limit, area)["ar"] * 100
         n = [len(b) for _, b, _ in items]
         logger.info("%s: proposal recall (%d images, %.1f proposals per image)\n%s", self.dataset_name, len(items),
                     float(np.mean(n)) if n else 0.0, format_table([list(metrics.values())], list(metrics)))

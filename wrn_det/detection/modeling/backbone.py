@@ -5,11 +5,12 @@ Any network of ``wrn_det.models`` works: the backbone only uses the feature prot
 ResNets (stages ``res2``..``res5``) and the CIFAR-style WRNs (``stage1``..) are served
 by the same code. The whole network is kept as ``backbone.net`` (``bottom_up.net`` for
 FPN) so its state-dict keys stay those of the classification network and a
-pretrained checkpoint loads by prefix.
+pretrained checkpoint loads by prefix. Every convolution, the network's and the FPN's, is
+built with the class ``MODEL.FAST_CPU`` chooses (:func:`.base.get_conv_layer`).
 """
 import math
 from collections import OrderedDict
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,11 +21,12 @@ from wrn_det.engine.errors import ConfigError
 from wrn_det.models import ShapeSpec, build_model
 from wrn_det.models.norm import convert_norm, get_norm
 
+from .base import ConvNormAct, get_conv_layer
 from .registry import BACKBONE_REGISTRY
 
 __all__ = [
     "BACKBONE_REGISTRY", "build_backbone", "build_wrn_net", "build_wrn_backbone", "build_wrn_fpn_backbone",
-    "WRNBackbone", "WRNFPN", "NORMS",
+    "WRNBackbone", "WRNFPN", "FeaturePyramid", "NORMS",
 ]
 
 # MODEL.WRN.NORM: the norm layer the network is built with
@@ -36,11 +38,12 @@ def build_wrn_net(cfg) -> nn.Module:
 
     ``FrozenBN``: fixed statistics (a pretrained network); ``BN``: trained BatchNorm;
     ``SyncBN``: BatchNorm over the global batch of a distributed run (GPUs and gloo CPUs).
+    Its convolutions are of the class ``MODEL.FAST_CPU`` chooses (:func:`.base.get_conv_layer`).
     """
     name, norm = cfg.MODEL.WRN.NAME, cfg.MODEL.WRN.NORM
     if norm not in NORMS:
         raise ConfigError(f"MODEL.WRN.NORM must be one of {', '.join(NORMS)}, got {norm!r}")
-    kwargs = {"norm_layer": get_norm(norm)}
+    kwargs = {"norm_layer": get_norm(norm), "conv_layer": get_conv_layer(cfg)}
     if cfg.MODEL.WRN.DROPOUT:
         kwargs["dropout"] = float(cfg.MODEL.WRN.DROPOUT)
     try:
@@ -138,15 +141,45 @@ def _level_name(stride: int) -> str:
     return f"p{int(level)}"
 
 
+class FeaturePyramid(FeaturePyramidNetwork):
+    """torchvision's ``FeaturePyramidNetwork`` with its convolutions built by ``conv_layer`` (default ``nn.Conv2d``).
+
+    torchvision's constructor fixes ``nn.Conv2d``; this one builds the same blocks in the same
+    order (lateral 1x1 and output 3x3 :class:`~.base.ConvNormAct`, then torchvision's
+    initialisation), so the modules, state-dict keys, initial weights and ``forward`` (the
+    pyramid levels as an OrderedDict) are torchvision's.
+    """
+
+    def __init__(self, in_channels_list: List[int], out_channels: int, extra_blocks=None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
+        nn.Module.__init__(self)
+        self.inner_blocks = nn.ModuleList()
+        self.layer_blocks = nn.ModuleList()
+        for in_channels in in_channels_list:
+            self.inner_blocks.append(ConvNormAct(in_channels, out_channels, 1, padding=0, norm_layer=norm_layer,
+                                                 activation_layer=None, conv_layer=conv_layer))
+            self.layer_blocks.append(ConvNormAct(out_channels, out_channels, 3, norm_layer=norm_layer,
+                                                 activation_layer=None, conv_layer=conv_layer))
+        for m in self.modules():  # torchvision's initialisation, before the extra blocks as there
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+        self.extra_blocks = extra_blocks
+
+
 class WRNFPN(nn.Module):
-    """A feature pyramid over a :class:`WRNBackbone` (torchvision's FeaturePyramidNetwork).
+    """A feature pyramid over a :class:`WRNBackbone` (torchvision's FeaturePyramidNetwork: :class:`FeaturePyramid`).
 
     Lateral 1x1 and output 3x3 convolutions with ``out_channels`` channels, nearest
     upsampling and sum fusion, plus a max-pooled level on top (``p6`` for res2..res5).
+    ``conv_layer``: the class of those convolutions (default ``nn.Conv2d``).
     ``forward(images)`` returns an OrderedDict ``p<log2 stride> -> feature``, finest first.
     """
 
-    def __init__(self, bottom_up: WRNBackbone, in_features: List[str], out_channels: int, norm: str = ""):
+    def __init__(self, bottom_up: WRNBackbone, in_features: List[str], out_channels: int, norm: str = "",
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
         super().__init__()
         shapes = bottom_up.output_shape()
         for f in in_features:
@@ -158,8 +191,8 @@ class WRNFPN(nn.Module):
         strides = [shapes[f].stride for f in self.in_features]
         if strides != sorted(strides) or len(set(strides)) != len(strides):
             raise ConfigError(f"MODEL.FPN.IN_FEATURES {self.in_features} must be in increasing stride order")
-        self.fpn = FeaturePyramidNetwork([shapes[f].channels for f in self.in_features], out_channels,
-                                         extra_blocks=LastLevelMaxPool(), norm_layer=_fpn_norm(norm))
+        self.fpn = FeaturePyramid([shapes[f].channels for f in self.in_features], out_channels,
+                                  extra_blocks=LastLevelMaxPool(), norm_layer=_fpn_norm(norm), conv_layer=conv_layer)
         strides = strides + [strides[-1] * 2]
         self._out_shapes = OrderedDict((_level_name(s), ShapeSpec(out_channels, s)) for s in strides)
         # pad to the bottom-up network's coarsest stride, as detectron2 does: the max-pooled top
@@ -211,7 +244,8 @@ def build_wrn_fpn_backbone(cfg) -> WRNFPN:
         raise ConfigError(f"MODEL.FPN.IN_FEATURES: {bad[0]!r} is not a stage of {cfg.MODEL.WRN.NAME}; its stages are "
                           f"{list(net.stage_names)}")
     bottom_up = WRNBackbone(net, in_features, freeze_at=_freeze_at(cfg))
-    return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS), cfg.MODEL.FPN.NORM)
+    return WRNFPN(bottom_up, in_features, int(cfg.MODEL.FPN.OUT_CHANNELS), cfg.MODEL.FPN.NORM,
+                  conv_layer=get_conv_layer(cfg))
 
 
 def build_backbone(cfg) -> nn.Module:

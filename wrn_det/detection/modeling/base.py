@@ -1,19 +1,27 @@
-"""What every detector of the builtin engine shares: input handling, loss names, the unsupported-key checks.
+"""What every detector of the builtin engine shares: input handling, loss names, the unsupported-key checks,
+the convolution class of its layers.
 
 :class:`DetectorBase` normalises the images (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``), pads
 them into a batch divisible by the backbone's stride, turns annotations into
 torchvision-style targets and maps boxes back to the original image size.
+:func:`get_conv_layer` turns ``MODEL.FAST_CPU`` into the convolution class every builder
+of the detector (backbone, FPN, RPN head, box head) builds its layers with, and
+:class:`ConvNormAct` is torchvision's conv-norm-activation block built with it.
 """
+import functools
 import math
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.misc import Conv2dNormActivation, ConvNormActivation
 
 from wrn_det.engine.errors import ConfigError
 
-__all__ = ["DetectorBase", "LOSS_NAMES", "check_unsupported", "in_feature_channels"]
+from .fast_conv import FastConv2d
+
+__all__ = ["DetectorBase", "LOSS_NAMES", "check_unsupported", "in_feature_channels", "get_conv_layer", "ConvNormAct"]
 
 # torchvision's loss names -> detectron2's, which metrics.json and plots use
 LOSS_NAMES = {"loss_classifier": "loss_cls", "loss_box_reg": "loss_box_reg",
@@ -34,6 +42,40 @@ def in_feature_channels(key: str, in_features, shapes) -> int:
     if len(channels) != 1:
         raise ConfigError(f"{key} {in_features} have different channel counts {sorted(channels)}")
     return channels.pop()
+
+
+def get_conv_layer(cfg) -> Callable[..., nn.Conv2d]:
+    """Return the convolution class of the builtin detector's layers: ``FastConv2d`` or ``nn.Conv2d``.
+
+    ``MODEL.FAST_CPU.CONV`` True: :class:`~wrn_det.detection.modeling.fast_conv.FastConv2d`
+    (faster CPU paths inside the detector's ``forward``; same parameters, keys and initial
+    weights), with packed inference weights as ``MODEL.FAST_CPU.PACK_WEIGHTS`` says;
+    False: ``nn.Conv2d``. The result is called with ``nn.Conv2d``'s arguments.
+    """
+    fast = cfg.MODEL.FAST_CPU
+    if not fast.CONV:
+        return nn.Conv2d
+    return functools.partial(FastConv2d, pack_weights=bool(fast.PACK_WEIGHTS))
+
+
+class ConvNormAct(Conv2dNormActivation):
+    """torchvision's ``Conv2dNormActivation`` (convolution, norm, activation) with the convolution class chosen.
+
+    Stride 1; ``padding`` None keeps the map's size; ``norm_layer`` None: no norm and a
+    biased convolution. ``conv_layer`` (default ``nn.Conv2d``) builds the convolution; the layers, their
+    state-dict keys (``0.weight``, ``1.*``) and their initial random draws are those of
+    torchvision's block, so torchvision's FPN, RPN head and box head can be built with it
+    and keep loading every checkpoint. Calling it returns the block's output.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: Optional[int] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 activation_layer: Optional[Callable[..., nn.Module]] = nn.ReLU,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
+        # Conv2dNormActivation fixes nn.Conv2d; its base takes the class
+        ConvNormActivation.__init__(self, in_channels, out_channels, kernel_size, padding=padding,
+                                    norm_layer=norm_layer, activation_layer=activation_layer,
+                                    conv_layer=conv_layer or nn.Conv2d)
 
 
 def check_unsupported(cfg) -> None:

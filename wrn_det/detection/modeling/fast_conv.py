@@ -30,12 +30,23 @@ For training, a small map with many channels (res5 of a WRN-34-2 on a 256-pixel 
 a training step of two, measured as above), with the direct convolution's rounding. It is
 taken for maps of at most a quarter as many pixels as channels.
 
-:func:`use_fast_convs` switches the eligible ``nn.Conv2d`` modules of a model (zero or no
-padding) to :class:`FastConv2d`; the module keeps its parameters, names and state-dict
-keys, and computes exactly what ``nn.Conv2d`` computes unless it runs inside
-:func:`fast_convs` (the builtin detectors' ``forward``), so a backbone used on its own, or
-by detectron2, is untouched. Inside it, float32 CPU inputs take the paths above where they
-pay. Tracing, scripting and compilation see a plain convolution, so export is unaffected.
+A network is built with :class:`FastConv2d` as its convolution class (the ``conv_layer``
+argument of the ``wrn_det.models`` networks and of the builtin detector's FPN and heads):
+the builtin detector's builders choose it from ``MODEL.FAST_CPU.CONV`` and
+``MODEL.FAST_CPU.PACK_WEIGHTS`` (:func:`wrn_det.detection.modeling.base.get_conv_layer`).
+A ``FastConv2d`` has ``nn.Conv2d``'s parameters, names, state-dict keys and initial weights
+(the same random draws), and computes exactly what ``nn.Conv2d`` computes unless it runs
+inside :func:`fast_convs`, which the builtin detectors' ``forward`` enters. Inside it,
+float32 CPU inputs of zero-padded convolutions take the paths above where they pay.
+
+Why the context, when the class is already chosen at construction: a detector's pieces are
+also run on their own, and there they must be ``nn.Conv2d`` to the last bit. The exporter
+(:mod:`wrn_det.detection.export`) runs the backbone, RPN and heads itself and compares that
+eager run with its trace (which sees plain convolutions) within a thousandth of a pixel; a
+backbone taken out of a trained detector computes the classification network's numbers.
+Only the detector's own ``forward`` takes the faster paths. Tracing, scripting and
+compilation see a plain convolution, so export is unaffected. detectron2's engine builds
+its WRN backbones with ``nn.Conv2d`` (:mod:`wrn_det.d2.backbone`).
 """
 import threading
 import weakref
@@ -44,16 +55,11 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FastConv2d", "use_fast_convs", "fast_convs", "winograd_available", "packing_available",
-           "clear_packed_weights", "ENABLED", "PACK_WEIGHTS", "PACKED_WEIGHT_BYTES"]
+__all__ = ["FastConv2d", "fast_convs", "winograd_available", "packing_available", "clear_packed_weights",
+           "PACKED_WEIGHT_BYTES"]
 
-# switch for the whole process: False makes every FastConv2d a plain convolution
-ENABLED = True
-# switch for the packed weights alone (inference): False leaves those convolutions to plain oneDNN calls
-PACK_WEIGHTS = True
 # most bytes of packed convolution weights kept at once (inference on the CPU; a WRN-34-2-FPN
 # detector packs 304 MiB of weights at 256x341, none at 800x1066)
 PACKED_WEIGHT_BYTES = 1 << 30
@@ -75,7 +81,11 @@ def winograd_available() -> bool:
 
 @contextmanager
 def fast_convs() -> Iterator[None]:
-    """Within this context (this thread), :class:`FastConv2d` modules take their faster paths where they pay."""
+    """Within this context (this thread), :class:`FastConv2d` modules take their faster paths where they pay.
+
+    The builtin detectors' ``forward`` enters it; outside it a ``FastConv2d`` is ``nn.Conv2d``
+    (see the module docstring for why). Yields nothing.
+    """
     before = getattr(_STATE, "on", False)
     _STATE.on = True
     try:
@@ -245,52 +255,63 @@ def clear_packed_weights() -> None:
 
 class FastConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that, inside :func:`fast_convs`, runs NNPACK's Winograd convolution (3x3,
-    stride 1), oneDNN on packed weights (inference) or im2col + GEMM where they are faster."""
+    stride 1), oneDNN on packed weights (inference) or im2col + GEMM where they are faster.
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    Takes ``nn.Conv2d``'s arguments, plus ``pack_weights``: False leaves inference to plain
+    oneDNN calls instead of packed weights (the other paths stay). The faster paths are taken
+    for zero padding, the same on both sides (every convolution of the project's networks);
+    any other padding is always ``nn.Conv2d``'s computation. Calling it returns the convolution.
+    """
+
+    def __init__(self, *args, pack_weights: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pack_weights = bool(pack_weights)
+        # the fast paths take one symmetric zero padding (F.pad-based modes and "same" strings do not fit)
+        self.fast_paths = (self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                           and self.padding[0] == self.padding[1])
+        winograd_available()  # initialise NNPACK where there is one, when the network is built
+
+    def extra_repr(self) -> str:
+        """Return ``nn.Conv2d``'s description, plus ``pack_weights=False`` when set."""
+        return super().extra_repr() + ("" if self.pack_weights else ", pack_weights=False")
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Return the convolution of ``input`` (the faster paths inside :func:`fast_convs`, where they pay)."""
         if not torch.jit.is_scripting():
-            if (ENABLED and getattr(_STATE, "on", False) and not torch.jit.is_tracing()
-                    and not torch.compiler.is_compiling() and input.dim() == 4 and input.device.type == "cpu"
-                    and input.dtype == torch.float32 and weight.dtype == torch.float32):
-                grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                                    or (bias is not None and bias.requires_grad))
-                k3 = self.kernel_size == (3, 3) and self.dilation == (1, 1) and self.groups == 1
-                if k3 and self.stride == (1, 1) and _worth_it(input, weight) and winograd_available():
-                    if bias is None:
-                        bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
-                    x, w = input.contiguous(), weight.contiguous()
-                    if not grad:
-                        return _nnpack_per_image(x, w, bias, self.padding[0])
-                    return _PerImageWinograd.apply(x, w, bias, self.padding[0])
-                # packed weights in inference only (not for the frozen layers of a model in training:
-                # their channels-last outputs slow the layers that train)
-                if PACK_WEIGHTS and not torch.is_grad_enabled() and _pack_worth_it(input, weight) \
-                        and packing_available():
-                    packed = _PACKED.get(self, input, weight)
-                    if packed is not None:
-                        out = torch.ops.mkldnn._convolution_pointwise(
-                            input, packed, bias, list(self.padding), list(self.stride), list(self.dilation),
-                            self.groups, "none", [], "")
-                        # oneDNN writes channels-last; a small map goes back to the input's layout
-                        return out.contiguous() if input.is_contiguous() else out
-                if k3 and _gemm_worth_it(input, weight):
-                    return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight.contiguous(), [3, 3], bias,
-                                                               list(self.stride), list(self.padding))
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            out = self._fast_forward(input)
+            if out is not None:
+                return out
+        return self._conv_forward(input, self.weight, self.bias)
 
-
-def _eligible(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and conv.padding[0] == conv.padding[1])
-
-
-def use_fast_convs(module: nn.Module) -> int:
-    """Switch every eligible ``nn.Conv2d`` (zero or no padding, the same on both sides) under
-    ``module`` to :class:`FastConv2d`, in place. Returns how many were switched."""
-    winograd_available()  # initialise NNPACK where there is one
-    n = 0
-    for m in module.modules():
-        if _eligible(m):
-            m.__class__ = FastConv2d
-            n += 1
-    return n
+    def _fast_forward(self, input: Tensor) -> Optional[Tensor]:
+        """Return the convolution by a faster path, or None where ``nn.Conv2d``'s is taken."""
+        weight, bias = self.weight, self.bias
+        if not (self.fast_paths and getattr(_STATE, "on", False) and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling() and input.dim() == 4 and input.device.type == "cpu"
+                and input.dtype == torch.float32 and weight.dtype == torch.float32):
+            return None
+        grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+        k3 = self.kernel_size == (3, 3) and self.dilation == (1, 1) and self.groups == 1
+        if k3 and self.stride == (1, 1) and _worth_it(input, weight) and winograd_available():
+            if bias is None:
+                bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+            x, w = input.contiguous(), weight.contiguous()
+            if not grad:
+                return _nnpack_per_image(x, w, bias, self.padding[0])
+            return _PerImageWinograd.apply(x, w, bias, self.padding[0])
+        # packed weights in inference only (not for the frozen layers of a model in training:
+        # their channels-last outputs slow the layers that train)
+        if self.pack_weights and not torch.is_grad_enabled() and _pack_worth_it(input, weight) \
+                and packing_available():
+            packed = _PACKED.get(self, input, weight)
+            if packed is not None:
+                out = torch.ops.mkldnn._convolution_pointwise(
+                    input, packed, bias, list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups, "none", [], "")
+                # oneDNN writes channels-last; a small map goes back to the input's layout
+                return out.contiguous() if input.is_contiguous() else out
+        if k3 and _gemm_worth_it(input, weight):
+            return torch.ops.aten._slow_conv2d_forward(input.contiguous(), weight.contiguous(), [3, 3], bias,
+                                                       list(self.stride), list(self.padding))
+        return None

@@ -9,6 +9,12 @@ the original image) and returns a loss dict in training and, in inference, one d
 with ``boxes`` (XYXY, original image coordinates), ``scores`` and ``classes`` (contiguous ids
 0..K-1), or, for the RPN alone, its proposals in original-image XYXY pixels with their
 objectness logits (what detectron2's proposal files hold).
+
+The fast CPU pieces are chosen when a detector is built, from ``MODEL.FAST_CPU``: the
+convolution class of the backbone, FPN, RPN head and box head (``CONV``, ``PACK_WEIGHTS``:
+:func:`.base.get_conv_layer`) and the pooler's kernel (``ROI_ALIGN``); the detectors'
+``forward`` runs inside :func:`.fast_conv.fast_convs`, where those convolutions take their
+faster paths.
 """
 from collections import OrderedDict
 from typing import List, Tuple
@@ -22,7 +28,7 @@ from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
 from .base import LOSS_NAMES, DetectorBase, check_unsupported
-from .fast_conv import fast_convs, use_fast_convs
+from .fast_conv import fast_convs
 from .registry import META_ARCH_REGISTRY
 from .roi_heads import build_roi_heads
 from .rpn import build_rpn, select_top_proposals
@@ -53,11 +59,10 @@ class GeneralizedRCNN(DetectorBase):
             "loss_cls": 1.0,
             "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
         }
-        use_fast_convs(self)
 
     def forward(self, batched_inputs: List[dict]):
         """Return the loss dict (training) or the detections of every image (inference)."""
-        with fast_convs():
+        with fast_convs():  # the FastConv2d layers (MODEL.FAST_CPU.CONV) take their faster paths here only
             return self._forward(batched_inputs)
 
     def _forward(self, batched_inputs: List[dict]):
@@ -121,7 +126,6 @@ class ProposalNetwork(DetectorBase):
         self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
         w = cfg.MODEL.RPN.LOSS_WEIGHT
         self.loss_weights = {"loss_rpn_cls": w, "loss_rpn_loc": w * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT}
-        use_fast_convs(self)
 
     def forward(self, batched_inputs: List[dict]):
         """Return the RPN losses (training) or the proposals and objectness logits of every image (inference)."""

@@ -11,8 +11,9 @@ and its gradient the transposed ``embedding_bag``. The arithmetic is torchvision
 points, the same clamping at the borders, the same adaptive grid when ``sampling_ratio``
 is 0; results agree to float rounding.
 
-On CUDA, and while tracing or scripting (export), torchvision's kernel runs instead (and
-everywhere with ``ENABLED = False``).
+On CUDA, and while tracing or scripting (export), torchvision's kernel runs instead; and
+everywhere for a caller that passes ``cpu_kernel=False`` (the detector's pooler built with
+``MODEL.FAST_CPU.ROI_ALIGN False``).
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,10 +23,7 @@ from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
 from torchvision.ops.poolers import _onnx_merge_levels
 
-__all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois", "MAX_GRID", "ENABLED"]
-
-# switch for the whole process: False makes every pooling call torchvision's kernel (the benchmark's ablation)
-ENABLED = True
+__all__ = ["assign_boxes_to_levels", "roi_align", "multilevel_roi_align", "boxes_to_rois", "MAX_GRID"]
 
 # samples per bin side above which a RoI goes to torchvision's kernel (a box inside the image
 # needs at most about 10 on the level the FPN rule gives it, or with a C4 trunk)
@@ -55,8 +53,8 @@ def boxes_to_rois(boxes: List[Tensor]) -> Tensor:
     return torch.cat([index[:, None], torch.cat(boxes, dim=0)], dim=1)
 
 
-def _use_torchvision(features: Sequence[Tensor]) -> bool:
-    if not ENABLED or torch.jit.is_scripting() or torch.jit.is_tracing():
+def _use_torchvision(features: Sequence[Tensor], cpu_kernel: bool) -> bool:
+    if not cpu_kernel or torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
     return features[0].device.type != "cpu" or features[0].dtype not in (torch.float32, torch.float64, torch.bfloat16)
 
@@ -227,18 +225,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def multilevel_roi_align(features: List[Tensor], rois: Tensor, levels: Optional[Tensor], scales: List[float],
-                         output_size: int, sampling_ratio: int, aligned: bool, channels_last: bool = False) -> Tensor:
+                         output_size: int, sampling_ratio: int, aligned: bool, channels_last: bool = False,
+                         cpu_kernel: bool = True) -> Tensor:
     """Return RoIAlign features (R, C, output_size, output_size) of ``rois`` (R, 5), in their order.
 
     ``levels``: the feature map of every RoI (index into ``features``; None for one map);
     ``scales``: 1 / stride of every map. ``aligned`` True is ROIAlignV2 (half-pixel offset).
     ``channels_last``: without gradients on the CPU, return the tensor in channels-last memory
-    (the CPU kernel's own layout, saving a transposing copy); same values.
+    (the CPU kernel's own layout, saving a transposing copy); same values. ``cpu_kernel``
+    False: torchvision's ``roi_align`` for every level, on every device.
     """
     r, c = rois.shape[0], features[0].shape[1]
     if levels is None:
         levels = torch.zeros(r, dtype=torch.int64, device=rois.device)
-    if _use_torchvision(features):
+    if _use_torchvision(features, cpu_kernel):
         return _torchvision_multilevel(features, rois, levels, scales, output_size, sampling_ratio, aligned)
     out_dtype = features[0].dtype
     if r == 0:

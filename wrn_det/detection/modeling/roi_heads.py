@@ -1,8 +1,11 @@
 """The box RoI heads of the builtin detectors: the pooler, the box heads (FC for FPN, the network's next
 stage for C4) and :func:`build_roi_heads`, which assembles them into torchvision's ``RoIHeads``.
+
+``MODEL.FAST_CPU.ROI_ALIGN`` chooses the pooler's CPU kernel, ``MODEL.FAST_CPU.CONV`` the class of
+the box head's convolutions (the C4 head runs the backbone network's own stage, built alike).
 """
 import math
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from wrn_det.engine.errors import ConfigError
 from wrn_det.models.norm import get_norm
 
-from .base import in_feature_channels
+from .base import ConvNormAct, get_conv_layer, in_feature_channels
 from .poolers import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
 
 __all__ = ["ROIPooler", "FCBoxHead", "Res5BoxHead", "RES5_HEAD_NAMES", "build_roi_heads"]
@@ -25,14 +28,17 @@ class ROIPooler(MultiScaleRoIAlign):
     As torchvision's MultiScaleRoIAlign (same level assignment: canonical box 224 on
     level 4) but with the scales taken from the backbone's strides instead of guessed
     from the first batch, ``aligned`` (detectron2's ``ROIAlignV2``: half-pixel offset)
-    selectable, and all levels pooled in one pass by :mod:`wrn_det.detection.modeling.poolers`
-    (its CPU kernel; torchvision's on CUDA). Calling it returns pooled features (R, C, out, out).
+    selectable, and all levels pooled in one pass by :mod:`wrn_det.detection.modeling.poolers`.
+    ``cpu_kernel`` True: that module's CPU kernel on the CPU (torchvision's on CUDA and while
+    exporting); False: torchvision's ``roi_align`` everywhere. Calling it returns pooled
+    features (R, C, out, out).
     """
 
     def __init__(self, featmap_names: List[str], strides: List[int], output_size: int, sampling_ratio: int,
-                 aligned: bool = True):
+                 aligned: bool = True, cpu_kernel: bool = True):
         super().__init__(featmap_names, output_size, sampling_ratio)
         self.aligned = aligned
+        self.cpu_kernel = bool(cpu_kernel)
         self.scales = [1.0 / s for s in strides]
         self.min_level, self.max_level = int(round(math.log2(strides[0]))), int(round(math.log2(strides[-1])))
         self.pooled_size = int(output_size)
@@ -48,17 +54,43 @@ class ROIPooler(MultiScaleRoIAlign):
         if len(feats) > 1:
             levels = assign_boxes_to_levels(rois[:, 1:], self.min_level, self.max_level)
         return multilevel_roi_align(feats, rois, levels, self.scales, self.pooled_size, self.sampling_ratio,
-                                    self.aligned, self.channels_last_inference and not torch.is_grad_enabled())
+                                    self.aligned, self.channels_last_inference and not torch.is_grad_enabled(),
+                                    cpu_kernel=self.cpu_kernel)
 
 
 class FCBoxHead(FastRCNNConvFCHead):
-    """torchvision's ``FastRCNNConvFCHead`` that also reads channels-last pooled features without a copy.
+    """torchvision's ``FastRCNNConvFCHead`` with the convolution class chosen, that also reads channels-last
+    pooled features without a copy.
 
-    With no convolutions, the first layer is a fully connected one on the flattened (C, P, P)
-    features; for channels-last input (the CPU pooler's layout in inference) it runs on the
-    (P, P, C) flattening with its weight's columns permuted alike (kept until the weight
-    changes). Same parameters, state-dict keys and results as torchvision's module.
+    ``conv_layers`` 3x3 convolutions (:class:`~.base.ConvNormAct` with ``norm_layer``, built by
+    ``conv_layer``, default ``nn.Conv2d``), then ``fc_layers`` fully connected layers with ReLU,
+    built in torchvision's order with its initialisation (torchvision's constructor fixes
+    ``nn.Conv2d``). With no convolutions, the first layer is a fully connected one on the
+    flattened (C, P, P) features; for channels-last input (the CPU pooler's layout in
+    inference) it runs on the (P, P, C) flattening with its weight's columns permuted alike
+    (kept until the weight changes). Same parameters, state-dict keys, initial weights and
+    results as torchvision's module.
     """
+
+    def __init__(self, input_size, conv_layers: List[int], fc_layers: List[int],
+                 norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
+        in_channels, in_height, in_width = input_size
+        blocks, previous = [], in_channels
+        for channels in conv_layers:
+            blocks.append(ConvNormAct(previous, channels, 3, norm_layer=norm_layer, conv_layer=conv_layer))
+            previous = channels
+        blocks.append(nn.Flatten())
+        previous = previous * in_height * in_width
+        for channels in fc_layers:
+            blocks += [nn.Linear(previous, channels), nn.ReLU(inplace=True)]
+            previous = channels
+        nn.Sequential.__init__(self, *blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the box features (R, FC_DIM) of pooled features ``x`` (R, C, P, P), in either memory layout."""
@@ -119,7 +151,8 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
 
     ``StandardROIHeads``: ``NUM_CONV`` convolutions and ``NUM_FC`` fully connected layers
     on ``POOLER_RESOLUTION`` pooled features (FPN). ``WRNRes5ROIHeads``: the backbone's
-    next stage on pooled features (C4; stride 2 halves 14x14 to 7x7).
+    next stage on pooled features (C4; stride 2 halves 14x14 to 7x7). The pooler's kernel
+    and the convolution class come from ``MODEL.FAST_CPU`` (``ROI_ALIGN``, ``CONV``).
     """
     rh, bh = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
     shapes = backbone.output_shape()
@@ -132,14 +165,15 @@ def build_roi_heads(cfg, backbone) -> RoIHeads:
                           "PROPOSAL_APPEND_GT True and one IoU threshold with IOU_LABELS [0, 1]")
     res = int(bh.POOLER_RESOLUTION)
     pooler = ROIPooler(in_features, [shapes[f].stride for f in in_features], res, int(bh.POOLER_SAMPLING_RATIO),
-                       aligned=bh.POOLER_TYPE == "ROIAlignV2")
+                       aligned=bh.POOLER_TYPE == "ROIAlignV2", cpu_kernel=bool(cfg.MODEL.FAST_CPU.ROI_ALIGN))
     if rh.NAME == "StandardROIHeads":
         if bh.NAME != "FastRCNNConvFCHead":
             raise ConfigError(f"MODEL.ROI_BOX_HEAD.NAME {bh.NAME!r} is not supported; use FastRCNNConvFCHead")
         if bh.NORM not in ("", "BN", "SyncBN", "GN"):
             raise ConfigError(f"MODEL.ROI_BOX_HEAD.NORM {bh.NORM!r} is not supported; use '', BN, SyncBN or GN")
         norm = get_norm(bh.NORM)
-        box_head = FCBoxHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm)
+        box_head = FCBoxHead((c, res, res), [bh.CONV_DIM] * bh.NUM_CONV, [bh.FC_DIM] * bh.NUM_FC, norm,
+                             conv_layer=get_conv_layer(cfg))
         out_dim = bh.FC_DIM if bh.NUM_FC else (bh.CONV_DIM if bh.NUM_CONV else c) * res * res
         pooler.channels_last_inference = bh.NUM_CONV == 0 and bh.NUM_FC > 0
     elif rh.NAME in RES5_HEAD_NAMES:

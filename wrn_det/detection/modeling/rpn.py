@@ -2,11 +2,13 @@
 
 :func:`build_rpn` configures torchvision's ``RegionProposalNetwork`` from ``MODEL.RPN`` and
 ``MODEL.ANCHOR_GENERATOR``; both detectors of :mod:`.meta_arch` use it, so an RPN's weights
-load into a Faster R-CNN and back.
+load into a Faster R-CNN and back. Its head's convolutions are of the class ``MODEL.FAST_CPU``
+chooses (:class:`RPNConvHead`).
 """
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -14,9 +16,33 @@ from torchvision.ops import boxes as box_ops
 
 from wrn_det.engine.errors import ConfigError
 
-from .base import in_feature_channels
+from .base import ConvNormAct, get_conv_layer, in_feature_channels
 
-__all__ = ["build_rpn", "select_top_proposals", "StridedAnchorGenerator"]
+__all__ = ["build_rpn", "select_top_proposals", "StridedAnchorGenerator", "RPNConvHead"]
+
+
+class RPNConvHead(RPNHead):
+    """torchvision's ``RPNHead`` with its convolutions built by ``conv_layer`` (default ``nn.Conv2d``).
+
+    ``conv_depth`` 3x3 convolutions with ReLU, then the 1x1 objectness and box-delta layers,
+    built in torchvision's order with its initialisation: the same modules, state-dict keys
+    (torchvision's older keys load too), initial weights and ``forward`` (per-level
+    objectness logits and box deltas) as torchvision's, whose constructor fixes ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1,
+                 conv_layer: Optional[Callable[..., nn.Conv2d]] = None):
+        nn.Module.__init__(self)
+        conv_layer = conv_layer or nn.Conv2d
+        self.conv = nn.Sequential(*[ConvNormAct(in_channels, in_channels, 3, norm_layer=None, conv_layer=conv_layer)
+                                    for _ in range(conv_depth)])
+        self.cls_logits = conv_layer(in_channels, num_anchors, kernel_size=1, stride=1)
+        self.bbox_pred = conv_layer(in_channels, num_anchors * 4, kernel_size=1, stride=1)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                if layer.bias is not None:
+                    nn.init.constant_(layer.bias, 0)
 
 
 class StridedAnchorGenerator(AnchorGenerator):
@@ -83,7 +109,7 @@ def build_rpn(cfg, input_shapes) -> RegionProposalNetwork:
         raise ConfigError("MODEL.RPN: only IOU_LABELS [0, -1, 1] and BOUNDARY_THRESH -1 are supported")
     bg_iou, fg_iou = rpn_cfg.IOU_THRESHOLDS
     rpn = RegionProposalNetwork(
-        anchor_generator, RPNHead(c, num_anchors.pop(), conv_depth=len(dims)),
+        anchor_generator, RPNConvHead(c, num_anchors.pop(), conv_depth=len(dims), conv_layer=get_conv_layer(cfg)),
         fg_iou_thresh=fg_iou, bg_iou_thresh=bg_iou,
         batch_size_per_image=rpn_cfg.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn_cfg.POSITIVE_FRACTION,
         pre_nms_top_n={"training": rpn_cfg.PRE_NMS_TOPK_TRAIN, "testing": rpn_cfg.PRE_NMS_TOPK_TEST},
