@@ -24,7 +24,8 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
+        # filelock: the xdist workers build the session's trained detector once, one waiting for the other
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12"],
         # tools/export_model.py --format onnx (onnx writes the file, onnxruntime checks it)
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
     },

@@ -110,6 +110,7 @@ def torchvision_mapper():
     """Return torchvision's detection reference transforms (PIL), with the resize its model would do."""
     from PIL import Image
     from torchvision import tv_tensors
+    from torchvision.ops import box_convert
     from torchvision.transforms import v2
 
     tf = v2.Compose([v2.Resize(SIZE, max_size=MAX_SIZE, antialias=True), v2.RandomHorizontalFlip(0.5),
@@ -119,7 +120,7 @@ def torchvision_mapper():
         torch.manual_seed(i)
         img = Image.open(d["file_name"]).convert("RGB")
         b = torch.tensor([a["bbox"] for a in d["annotations"]])
-        boxes = tv_tensors.BoundingBoxes(torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1), format="XYXY",
+        boxes = tv_tensors.BoundingBoxes(box_convert(b, "xywh", "xyxy"), format="XYXY",
                                          canvas_size=(img.height, img.width))
         target = {"boxes": boxes, "labels": torch.tensor([a["category_id"] for a in d["annotations"]])}
         image, _ = tf(img, target)

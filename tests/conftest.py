@@ -1,127 +1,44 @@
-"""Fixtures and helpers shared by the test files: the repository root, running the tools, fake COCO trees.
+"""Fixtures shared by the test files: one intra-op thread, the fake COCO tree, the trained shapes detector.
 
-Test files import the helpers (``from conftest import REPO, load_tool, ...``); pytest puts
-this folder on ``sys.path``.
+The helpers that are not fixtures (the repository root, running the tools, writing COCO
+trees) are in ``helpers.py`` beside this file.
 """
-import importlib.util
-import logging
+import json
 import os
-import subprocess
-import sys
+import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-#: Shapes drawn natively at 64 pixels, like the demo's (which trains at 64 pixels).
-DRAW_64 = dict(sides=(64,), min_size=12.0, max_frac=0.6, max_objects=4)
-
-#: Overrides of the demo config for a narrow WRN-FPN on a fake COCO tree that runs a few
-#: iterations in well under a second.
-TINY_DET = ["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
-            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-            "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"]
+from helpers import DRAW_64, SHAPES_DETECTOR_CONFIG, SHAPES_DETECTOR_OPTS, write_fake_coco
 
 
-def load_tool(name: str):
-    """Return the module of ``tools/<name>.py``, loaded from its file as the command line runs it."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Tuple[Path, object]:
+    """Return ``(folder, value)``: the folder ``name`` that ``build(folder)`` filled and the JSON value it returned,
+    built once for the whole test run.
 
-
-def tool_env(datasets_root: Optional[str] = None, **extra) -> Dict[str, str]:
-    """Return the environment of a tool run as a child: this checkout first, one thread, ``DETECTRON2_DATASETS``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
-    if datasets_root is not None:
-        env["DETECTRON2_DATASETS"] = str(datasets_root)
-    return env
-
-
-def run_tool(name: str, *args, datasets_root: Optional[str] = None, env: Optional[dict] = None, timeout: int = 300,
-             cwd=REPO, **kw) -> subprocess.CompletedProcess:
-    """Run ``tools/<name>.py ARGS`` in a child process; returns the completed process (text output captured)."""
-    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)],
-                          env=env or tool_env(datasets_root), cwd=str(cwd), capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def run_tool_in_process(name: str, argv: List[str], capsys) -> Tuple[int, str]:
-    """Run ``tools/<name>.py`` in this process as the script does; returns (exit status, stderr).
-
-    Every tool is ``cli_main(main, parse_args(argv))``; a command line argparse refuses gives
-    argparse's exit status, as the script would.
+    Under pytest-xdist each worker has a base temporary folder of its own inside the run's:
+    the folder lives in the run's, and the first worker that asks builds it under a file
+    lock while the others wait, then read what it left. The value, kept in ``<name>.json``
+    beside the folder, is written last: a build that failed (or whose worker died) leaves
+    none, and the next worker to ask builds the folder again.
     """
-    from wrn_det.engine import cli_main
+    from filelock import FileLock
 
-    tool = load_tool(name)
-    capsys.readouterr()
-    try:
-        args = tool.parse_args(argv)
-    except SystemExit as e:
-        status = e.code
-    else:
-        status = cli_main(tool.main, args)
-    logging.getLogger("wrn_det").handlers.clear()  # the run's log file handlers
-    return status, capsys.readouterr().err
+    from wrn_det.engine.fileio import write_json
 
-
-def free_port() -> int:
-    """Return a TCP port free on 127.0.0.1 now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun_two_agents(tool: str, args: List[str], env: Dict[str, str], timeout: int = 300) -> List[subprocess.CompletedProcess]:
-    """Run ``tools/<tool>.py ARGS`` as two torchrun agents of one process each ("two machines" on this one).
-
-    The agents meet through torchrun's c10d rendezvous, as on a cluster. Returns both
-    completed processes (rank order is torchrun's choice).
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "wrn-det-test",
-           str(REPO / "tools" / f"{tool}.py"), *map(str, args)]
-    procs = [subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
-    return out
-
-
-def write_fake_coco(root, splits: Dict[str, Tuple[int, int]], **draw) -> str:
-    """Write a COCO tree of shapes images under ``root/coco`` (``split -> (images, seed)``); returns ``root``.
-
-    The layout is detectron2's (``coco/<split>``, ``coco/annotations/instances_<split>.json``),
-    so the catalog's COCO names (``coco_2017_train`` ...) read it with
-    ``DETECTRON2_DATASETS=root``. ``draw`` goes to :func:`wrn_det.data.shapes.generate_split`.
-    """
-    from wrn_det.data import shapes
-
-    for split, (n, seed) in splits.items():
-        shapes.generate_split(os.path.join(str(root), "coco"), split, n, seed=seed, **draw)
-    return str(root)
-
-# the learning test's detector: the demo's WRN-FPN narrowed to WRN-10-1, 1300 iterations of 2 images
-# on coco_2017_train of det_coco_root (seed 1 from shapes_wrn_frcnn.yaml)
-SHAPES_DETECTOR_CONFIG = "shapes_wrn_frcnn.yaml"
-SHAPES_DETECTOR_OPTS = [
-    "MODEL.WRN.NAME", "wrn_10_1", "DATASETS.TRAIN", "('coco_2017_train',)",
-    "DATASETS.TEST", "('coco_2017_val',)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-    "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.02",
-    "SOLVER.MAX_ITER", "1300", "SOLVER.STEPS", "(1050,)", "SOLVER.CHECKPOINT_PERIOD", "100000",
-    "TEST.EVAL_PERIOD", "0", "MODEL.DEVICE", "cpu",
-]
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, done = base / name, base / f"{name}.json"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            write_json(str(done), {"value": build(folder)})
+        return folder, json.loads(done.read_text())["value"]
 
 
 @pytest.fixture
@@ -150,14 +67,17 @@ def one_thread_module():
 def det_coco_root(tmp_path_factory) -> str:
     """A fake COCO tree in detectron2's layout (train2017: 800 images, val2017: 100) of 64-pixel shapes.
 
-    Returns the datasets root (what ``DETECTRON2_DATASETS`` points at).
+    Written once for the whole test run (every xdist worker reads the same tree); returns the
+    datasets root (what ``DETECTRON2_DATASETS`` points at).
     """
-    return write_fake_coco(tmp_path_factory.mktemp("d2root"), {"train2017": (800, 11), "val2017": (100, 12)},
-                           **DRAW_64)
+    def build(folder):
+        write_fake_coco(folder, {"train2017": (800, 11), "val2017": (100, 12)}, **DRAW_64)
+
+    return str(_built_once(tmp_path_factory, "d2root", build)[0])
 
 
 class TrainedDetector(NamedTuple):
-    """A shapes detector trained once per test session (see :func:`trained_shapes_detector`)."""
+    """A shapes detector trained once per test run (see :func:`trained_shapes_detector`)."""
 
     dir: Path                       # the run folder: config.yaml, model_final.pth, metrics.json, inference/
     results: Dict[str, Dict[str, float]]  # what Trainer.train() returned (the final evaluation on coco_2017_val)
@@ -173,27 +93,31 @@ class TrainedDetector(NamedTuple):
 
 @pytest.fixture(scope="session")
 def trained_shapes_detector(det_coco_root, tmp_path_factory) -> TrainedDetector:
-    """Train the learning test's WRN-10-1-FPN detector once for the whole session; returns the run.
+    """Train the learning test's WRN-10-1-FPN detector once for the whole test run; returns the run.
 
-    About 3 minutes on the 2-core development machine. The run folder is laid out as
-    tools/train_net.py leaves it (config.yaml included), so tools can be pointed at it.
+    About 3 minutes on the 2-core development machine, spent by the first xdist worker that
+    needs it while the others wait (see :func:`_built_once`). The run folder is laid out as
+    tools/train_net.py leaves it (config.yaml included), so tools can be pointed at it; tests
+    only read it.
     """
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.train import Trainer
     from wrn_det.engine.config import load_config, save_config
 
-    out = tmp_path_factory.mktemp("shapes_detector")
-    opts = SHAPES_DETECTOR_OPTS + ["OUTPUT_DIR", str(out)]
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DETECTRON2_DATASETS", det_coco_root)
-        torch.set_num_threads(1)
-        try:
-            cfg = load_config(get_det_cfg(), SHAPES_DETECTOR_CONFIG, opts)
-            save_config(cfg, os.path.join(out, "config.yaml"))
-            t0 = time.time()
-            results = Trainer(cfg).train()
-            seconds = time.time() - t0
-        finally:
-            torch.set_num_threads(threads)
-    return TrainedDetector(out, results, det_coco_root, seconds, opts)
+    def train(out):
+        opts = SHAPES_DETECTOR_OPTS + ["OUTPUT_DIR", str(out)]
+        threads = torch.get_num_threads()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DETECTRON2_DATASETS", det_coco_root)
+            torch.set_num_threads(1)
+            try:
+                cfg = load_config(get_det_cfg(), SHAPES_DETECTOR_CONFIG, opts)
+                save_config(cfg, os.path.join(out, "config.yaml"))
+                t0 = time.time()
+                results = Trainer(cfg).train()
+                return {"results": results, "seconds": time.time() - t0, "opts": opts}
+            finally:
+                torch.set_num_threads(threads)
+
+    out, run = _built_once(tmp_path_factory, "shapes_detector", train)
+    return TrainedDetector(out, run["results"], det_coco_root, run["seconds"], run["opts"])

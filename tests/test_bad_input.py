@@ -12,11 +12,10 @@ import os
 import pickle
 import random
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DET, load_tool, run_tool, run_tool_in_process
+from helpers import TINY_DET, load_tool, run_tool, run_tool_in_process, write_coco_split
 
 from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_synthetic_cifar
 from wrn_det.engine.cli import cli_main
@@ -37,25 +36,6 @@ def _ann(i, img, bbox, cat=1, crowd=0):
     return {"id": i, "image_id": img, "category_id": cat, "bbox": bbox, "iscrowd": crowd, "area": 1.0}
 
 
-def write_split(root, split, images, anns, categories=CAT, write_images=True, raw=None):
-    """Write ``root/coco/<split>`` JPEGs (sized as their entries say) and the split's COCO JSON; returns its path."""
-    img_dir = os.path.join(root, "coco", split)
-    os.makedirs(img_dir, exist_ok=True)
-    os.makedirs(os.path.join(root, "coco", "annotations"), exist_ok=True)
-    if write_images:
-        for im in images:
-            if isinstance(im, dict) and isinstance(im.get("height"), int) and isinstance(im.get("width"), int):
-                cv2.imwrite(os.path.join(img_dir, im["file_name"]),
-                            np.random.default_rng(im["id"]).integers(0, 255, (im["height"], im["width"], 3), np.uint8))
-    path = os.path.join(root, "coco", "annotations", f"instances_{split}.json")
-    with open(path, "w") as f:
-        if raw is not None:
-            f.write(raw)
-        else:
-            json.dump({"images": images, "annotations": anns, "categories": categories}, f)
-    return path
-
-
 GOOD_IMAGES = [_image(1), _image(2), _image(3, 40, 40)]
 GOOD_ANNS = [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 2, [4, 4, 12, 8], 2), _ann(3, 3, [1, 1, 20, 20])]
 
@@ -64,8 +44,8 @@ GOOD_ANNS = [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 2, [4, 4, 12, 8], 2), _ann(3, 3
 def root(tmp_path):
     """A valid little COCO tree (train2017 and val2017) under tmp_path/root; returns its path."""
     r = str(tmp_path / "root")
-    write_split(r, "train2017", GOOD_IMAGES, GOOD_ANNS)
-    write_split(r, "val2017", GOOD_IMAGES[:2], GOOD_ANNS[:2])
+    write_coco_split(r, "train2017", GOOD_IMAGES, GOOD_ANNS, CAT)
+    write_coco_split(r, "val2017", GOOD_IMAGES[:2], GOOD_ANNS[:2], CAT)
     return r
 
 
@@ -160,7 +140,7 @@ def test_broken_detection_data_is_found_before_training(root, tmp_path, monkeypa
         anns[2]["image_id"] = 99
     if case in ("nan_in_test_ground_truth", "test_image_unreadable"):
         split, images, anns = "val2017", images[:2], anns[:2]
-    path = write_split(root, split, images, anns)
+    path = write_coco_split(root, split, images, anns, CAT)
     img_dir = os.path.join(root, "coco", split)
     if case == "truncated_jpeg":
         jpg = os.path.join(img_dir, "000002.jpg")
@@ -170,7 +150,7 @@ def test_broken_detection_data_is_found_before_training(root, tmp_path, monkeypa
         os.remove(os.path.join(img_dir, "000003.jpg"))
     elif case == "wrong_size":
         images[0]["width"] = 30
-        write_split(root, split, images, anns, write_images=False)
+        write_coco_split(root, split, images, anns, CAT, write_images=False)
     elif case == "test_image_unreadable":
         open(os.path.join(img_dir, "000002.jpg"), "w").write("not an image")
     out = tmp_path / "out"
@@ -212,7 +192,7 @@ def test_crowd_and_empty_boxes_are_dropped_with_a_count(tmp_path, caplog):
     from wrn_det.data.coco import load_coco_json
 
     anns = GOOD_ANNS + [_ann(4, 1, [3, 3, 0, 5]), _ann(5, 2, [1, 1, 4, 4], crowd=1)]
-    path = write_split(str(tmp_path), "train2017", GOOD_IMAGES, anns)
+    path = write_coco_split(str(tmp_path), "train2017", GOOD_IMAGES, anns, CAT)
     with caplog.at_level("INFO", logger="wrn_det"):
         dicts = load_coco_json(path, str(tmp_path))
     assert sum(len(d["annotations"]) for d in dicts) == 4  # the empty box is gone, the crowd box kept (masked later)
@@ -297,9 +277,9 @@ def test_malformed_coco_files_are_one_line(root, tmp_path, monkeypatch, capsys, 
     if case in ("no_categories", "no_images", "not_json"):
         data = {"images": images, "annotations": anns, "categories": CAT}
         del data[{"no_categories": "categories", "no_images": "images"}.get(case, "images")]
-        write_split(root, "train2017", images, anns, raw="{oops" if case == "not_json" else json.dumps(data))
+        write_coco_split(root, "train2017", images, anns, CAT, raw="{oops" if case == "not_json" else json.dumps(data))
     else:
-        write_split(root, "train2017", images, anns)
+        write_coco_split(root, "train2017", images, anns, CAT)
     if case == "num_classes_too_small":
         extra = ["MODEL.ROI_HEADS.NUM_CLASSES", "1"]
     out = tmp_path / "out"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cls_cfg
 
 from wrn_det.classification import get_cls_cfg
 from wrn_det.data import cls_preprocess
@@ -55,28 +56,22 @@ def test_svhn_extra_join_and_mnist(tmp_path):
     m = read_mnist(str(tmp_path), True)
     assert m.images.shape == (5, 1, 28, 28) and torch.equal(m.images[:, 0], torch.from_numpy(imgs))
     assert m.labels.tolist() == [3, 1, 4, 1, 5]
-    norm = normalizer_from_cfg(_cfg(["INPUT.PIXEL_MEAN", "[33.3]", "INPUT.PIXEL_STD", "[78.6]"]), 1, 3)
+    norm = normalizer_from_cfg(cls_cfg(["INPUT.PIXEL_MEAN", "[33.3]", "INPUT.PIXEL_STD", "[78.6]"]), 1, 3)
     out = norm(m.images)
     assert out.shape == (5, 3, 28, 28) and torch.allclose(out[:, 1], (m.images[:, 0].float() - 33.3) / 78.6)
 
 
-def _cfg(opts):
-    cfg = get_cls_cfg()
-    cfg.merge_from_list(opts)
-    return cfg
-
-
 def test_preprocessing_modes():
     x = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
-    ms = normalizer_from_cfg(_cfg([]), 3)(x)
+    ms = normalizer_from_cfg(cls_cfg([]), 3)(x)
     expect = (torch.tensor([0.0, 128, 255]) - torch.tensor([125.3, 123.0, 113.9])) / torch.tensor([63.0, 62.1, 66.7])
     assert torch.allclose(ms[0, :, 0, 0], expect)
-    d = normalizer_from_cfg(_cfg(["INPUT.PREPROCESS", "div255"]), 3)(x)
+    d = normalizer_from_cfg(cls_cfg(["INPUT.PREPROCESS", "div255"]), 3)(x)
     assert torch.allclose(d[0, :, 0, 0], torch.tensor([0.0, 128 / 255, 1.0]))
     with pytest.raises(ConfigError, match="INPUT.PREPROCESS"):
-        normalizer_from_cfg(_cfg(["INPUT.PREPROCESS", "whiten"]), 3)
+        normalizer_from_cfg(cls_cfg(["INPUT.PREPROCESS", "whiten"]), 3)
     with pytest.raises(ConfigError, match="INPUT.PIXEL_MEAN has 3 values"):
-        normalizer_from_cfg(_cfg([]), 1)
+        normalizer_from_cfg(cls_cfg([]), 1)
 
 
 def test_batched_crop_flip_equals_reflect_pad_then_crop():

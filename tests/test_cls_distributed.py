@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, tool_env, torchrun_two_agents
+from helpers import REPO, tool_env, torchrun_two_agents
 
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, load_tool, tool_env
+from helpers import REPO, load_tool, tool_env
 
 from wrn_det.data.classification import read_cifar, read_mnist, read_svhn
 from wrn_det.data.cls_synthetic import synthetic_stripes, write_cifar, write_mnist, write_svhn, write_synthetic_cifar

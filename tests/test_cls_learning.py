@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from conftest import load_tool
+from helpers import load_tool
 
 from wrn_det.data.classification import read_cifar
 from wrn_det.data.cls_synthetic import write_synthetic_cifar

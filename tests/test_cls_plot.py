@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from conftest import load_tool, run_tool
+from helpers import load_tool, run_tool
 
 from wrn_det.classification import ClsTrainer, get_cls_cfg
 from wrn_det.classification.curves import legend_labels

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, tool_env
+from helpers import REPO, tool_env
 
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 

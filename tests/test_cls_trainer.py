@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from conftest import load_tool
+from helpers import cls_cfg, load_tool
 
-from wrn_det.classification import ClsTrainer, NonFiniteLossError, get_cls_cfg
+from wrn_det.classification import ClsTrainer, NonFiniteLossError
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.cli import cli_main
 
@@ -22,16 +22,10 @@ def _opts(root, out, *extra):
             "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "32", "TEST.IMS_PER_BATCH", "64", "LOG_PERIOD", "1", *extra]
 
 
-def _cfg(opts):
-    cfg = get_cls_cfg()
-    cfg.merge_from_list(opts)
-    return cfg
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, one_thread):
     out = tmp_path / "run"
     # epoch 1 trains normally; the "step" at epoch 2 multiplies the rate by 1e30 and the loss blows up
-    cfg = _cfg(_opts(data_root, out, "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(2,)", "SOLVER.GAMMA", "1e30"))
+    cfg = cls_cfg(_opts(data_root, out, "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(2,)", "SOLVER.GAMMA", "1e30"))
     with pytest.raises(NonFiniteLossError, match=r"became (nan|inf) at epoch 2, iteration \d/4 .*model_epoch_0001.pth"):
         ClsTrainer(cfg).train()
     assert (out / "last_checkpoint").read_text().strip() == "model_epoch_0001.pth"
@@ -43,7 +37,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 
 def test_learning_rate_step_resets_momentum(tmp_path, data_root, one_thread):
-    trainer = ClsTrainer(_cfg(_opts(data_root, tmp_path / "run", "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(2,)")))
+    trainer = ClsTrainer(cls_cfg(_opts(data_root, tmp_path / "run", "SOLVER.EPOCHS", "3", "SOLVER.STEPS", "(2,)")))
     trainer.train_one_epoch(1)
     assert len(trainer.optimizer.state) > 0
     seen = []
@@ -91,7 +85,7 @@ def test_imagenet_folder_run_end_to_end(tmp_path, one_thread):
     out = tmp_path / "run"
     # the ImageNet path (ImageFolder, DataLoader workers, RandomResizedCrop, the ImageNet configs' colour
     # jitter and lighting) with a small ResNet and crops
-    cfg = _cfg(["MODEL.NAME", "wide_resnet18_1", "MODEL.NUM_CLASSES", "3", "DATASETS.NAME", "imagenet",
+    cfg = cls_cfg(["MODEL.NAME", "wide_resnet18_1", "MODEL.NUM_CLASSES", "3", "DATASETS.NAME", "imagenet",
                 "INPUT.COLOR_JITTER", "[0.4, 0.4, 0.4]", "INPUT.LIGHTING_STD", "0.1",
                 "DATASETS.ROOT", str(tmp_path / "imagenet"), "INPUT.PIXEL_MEAN", "[123.675, 116.28, 103.53]",
                 "INPUT.PIXEL_STD", "[58.395, 57.12, 57.375]", "INPUT.TRAIN_CROP_SIZE", "32", "INPUT.TEST_RESIZE", "36",

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import load_tool, run_tool
+from helpers import load_tool, run_tool
 
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.detection.config import get_det_cfg

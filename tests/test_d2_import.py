@@ -2,7 +2,7 @@
 import subprocess
 import sys
 import textwrap
-from conftest import REPO, tool_env
+from helpers import REPO, tool_env
 
 
 

@@ -17,7 +17,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone import Backbone  # noqa: E402
 
 import wrn_det.d2  # noqa: E402,F401  (registers the WRN pieces)
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, tool_env
+from helpers import REPO, tool_env
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -2,10 +2,9 @@
 import json
 import os
 
-import cv2
-import numpy as np
 import pytest
 import torch
+from helpers import write_coco, write_coco_split
 
 from wrn_det.data import catalog, coco, shapes
 from wrn_det.data.det_loader import DetectionMapper, GroupedTrainingSampler, InferenceSampler, LoadError
@@ -13,22 +12,7 @@ from wrn_det.detection.config import get_det_cfg
 from wrn_det.engine.errors import WrnDetError
 
 
-def write_coco(root, images, annotations, categories=None, name="instances.json"):
-    """Write JPEGs of the given sizes under root/images and a COCO JSON; returns (json_path, image_root)."""
-    img_dir = os.path.join(root, "images")
-    os.makedirs(img_dir, exist_ok=True)
-    for im in images:
-        if im.get("write", True):
-            cv2.imwrite(os.path.join(img_dir, im["file_name"]), np.full((im["height"], im["width"], 3), 128, np.uint8))
-    data = {
-        "images": [{k: v for k, v in im.items() if k != "write"} for im in images],
-        "annotations": annotations,
-        "categories": categories or [{"id": 5, "name": "cat"}, {"id": 9, "name": "dog"}],
-    }
-    path = os.path.join(root, name)
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path, img_dir
+CATS = [{"id": 5, "name": "cat"}, {"id": 9, "name": "dog"}]
 
 
 def ann(i, img, cat, bbox, crowd=0):
@@ -44,7 +28,8 @@ def test_coco_loading_maps_ids_and_filters(tmp_path):
     anns = [ann(1, 1, 9, [1, 2, 10, 20]), ann(2, 1, 5, [5, 5, 5, 5]),
             ann(3, 2, 5, [0, 0, 30, 50], crowd=1),  # image 2 has only a crowd box
             ann(4, 3, 9, [3, 3, 0, 4])]             # image 3 has only an empty box
-    path, root = write_coco(str(tmp_path), IMAGES, anns)
+    root = str(tmp_path)
+    path = write_coco(tmp_path / "instances.json", IMAGES, anns, CATS, root)
     dicts = coco.load_coco_json(path, root, "t_ids")
     assert [d["image_id"] for d in dicts] == [1, 2, 3]
     assert [a["category_id"] for a in dicts[0]["annotations"]] == [1, 0]  # id 9 -> 1, id 5 -> 0
@@ -67,7 +52,8 @@ def test_coco_loading_maps_ids_and_filters(tmp_path):
     (ann(8, 1, 4, [1, 1, 3, 4]), "annotation id 8 (image id 1) has category id 4, which is not in"),
 ])
 def test_coco_bad_annotation_is_one_line(tmp_path, bad, expected):
-    path, root = write_coco(str(tmp_path), IMAGES, [ann(1, 1, 5, [1, 1, 2, 2]), bad])
+    root = str(tmp_path)
+    path = write_coco(tmp_path / "instances.json", IMAGES, [ann(1, 1, 5, [1, 1, 2, 2]), bad], CATS, root)
     with pytest.raises(WrnDetError) as e:
         coco.load_coco_json(path, root)
     msg = str(e.value)
@@ -84,15 +70,14 @@ def test_builtin_names_follow_detectron2_datasets(tmp_path, monkeypatch):
     for name in ("coco_2017_train", "coco_2017_val", "coco_2014_train", "coco_2014_val", "coco_2014_valminusminival"):
         assert name in catalog.DatasetCatalog
     # a COCO tree under the root is found by name
-    os.makedirs(tmp_path / "coco" / "annotations")
-    write_coco(str(tmp_path / "coco"), IMAGES[:1], [ann(1, 1, 5, [1, 1, 2, 2])], name="annotations/instances_val2017.json")
-    os.rename(tmp_path / "coco" / "images", tmp_path / "coco" / "val2017")
+    write_coco_split(tmp_path, "val2017", IMAGES[:1], [ann(1, 1, 5, [1, 1, 2, 2])], CATS)
     d = catalog.DatasetCatalog.get("coco_2017_val")
     assert d[0]["file_name"] == os.path.join(str(tmp_path), "coco/val2017/a.jpg")
 
 
 def test_register_coco_instances_accepts_detectron2_order(tmp_path):
-    path, root = write_coco(str(tmp_path), IMAGES[:1], [ann(1, 1, 5, [1, 1, 2, 2])])
+    root = str(tmp_path)
+    path = write_coco(tmp_path / "instances.json", IMAGES[:1], [ann(1, 1, 5, [1, 1, 2, 2])], CATS, root)
     coco.register_coco_instances("t_d2order", {"note": "x"}, path, root)
     try:
         assert len(catalog.DatasetCatalog.get("t_d2order")) == 1
@@ -123,8 +108,55 @@ def test_shapes_generated_once_with_exact_boxes(tmp_path):
                 assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
 
 
+def test_shapes_of_an_older_version_are_replaced_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "SPLITS", {"train": (3, 1), "val": (2, 2)})  # small: only the folder's fate counts
+    folder = shapes.ensure_shapes(str(tmp_path))
+    path = os.path.join(folder, "annotations", "instances_val.json")
+    data = json.load(open(path))
+    data["info"]["version"] = "0"
+    with open(path, "w") as f:
+        json.dump(data, f)
+    open(os.path.join(folder, "left_over.txt"), "w").write("from the old version")
+    assert shapes.ensure_shapes(str(tmp_path)) == folder
+    assert json.load(open(path))["info"]["version"] == str(shapes.VERSION)
+    assert not os.path.exists(os.path.join(folder, "left_over.txt"))
+    assert os.listdir(tmp_path) == ["shapes"]  # no temporary or old folder left beside it
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path):
+    from wrn_det.engine.fileio import atomic_write_dir
+
+    target = tmp_path / "data" / "shapes"
+
+    def write(name):
+        return lambda tmp: open(os.path.join(tmp, name), "w").write(name)
+
+    def half(tmp):
+        write("a.jpg")(tmp)
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError, match="the writer failed"):
+        atomic_write_dir(str(target), half)
+    assert os.listdir(tmp_path / "data") == []
+    assert atomic_write_dir(str(target), write("new.txt")) == str(target)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.listdir(target) == ["new.txt"] and os.stat(target).st_mode & 0o777 == 0o777 & ~mask  # as mkdir makes it
+    # a finished copy already there (another process's) is kept; one that is not is replaced
+    atomic_write_dir(str(target), write("other.txt"), is_complete=lambda p: True)
+    assert os.listdir(target) == ["new.txt"]
+    atomic_write_dir(str(target), write("other.txt"), is_complete=lambda p: False)
+    assert os.listdir(target) == ["other.txt"] and os.listdir(tmp_path / "data") == ["shapes"]
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(WrnDetError, match=f"cannot write {tmp_path / 'file'}"):
+        atomic_write_dir(str(tmp_path / "file"), write("x"))
+    assert (tmp_path / "file").read_text() == "in the way"
+
+
 def test_mapper_resizes_and_flips_boxes(tmp_path):
-    path, root = write_coco(str(tmp_path), IMAGES[:1], [ann(1, 1, 5, [10, 4, 20, 8]), ann(2, 1, 9, [0, 0, 60, 40], 1)])
+    root = str(tmp_path)
+    anns = [ann(1, 1, 5, [10, 4, 20, 8]), ann(2, 1, 9, [0, 0, 60, 40], 1)]
+    path = write_coco(tmp_path / "instances.json", IMAGES[:1], anns, CATS, root)
     d = coco.load_coco_json(path, root)[0]
     cfg = get_det_cfg()
     cfg.INPUT.MIN_SIZE_TRAIN = (20,)
@@ -149,7 +181,8 @@ def test_mapper_resizes_and_flips_boxes(tmp_path):
 
 def test_mapper_reports_missing_image(tmp_path):
     images = [dict(IMAGES[0], write=False)]
-    path, root = write_coco(str(tmp_path), images, [ann(1, 1, 5, [1, 1, 2, 2])])
+    root = str(tmp_path)
+    path = write_coco(tmp_path / "instances.json", images, [ann(1, 1, 5, [1, 1, 2, 2])], CATS, root)
     d = coco.load_coco_json(path, root)[0]
     out = DetectionMapper(get_det_cfg(), is_train=True)(d, 0)
     assert isinstance(out, LoadError) and os.path.join(root, "a.jpg") in out["message"]

@@ -9,15 +9,14 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import (DRAW_64, REPO, TINY_DET, run_tool, run_tool_in_process, tool_env, torchrun_two_agents,
-                      write_fake_coco)
+from helpers import (DRAW_64, REPO, TINY_DET, free_port, run_tool, run_tool_in_process, tool_env,
+                     torchrun_two_agents, write_coco_split, write_fake_coco)
 
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
 
@@ -47,7 +46,7 @@ def build_cfg(opts):
 
 def test_learns_shapes_to_ap50(trained_shapes_detector):
     """A tiny WRN-10-1-FPN (the demo's detector, narrower), trained from scratch, detects held-out shapes."""
-    # conftest's trained_shapes_detector trains it once per session (1300 iterations of 2 images on coco_root,
+    # conftest's trained_shapes_detector trains it once per test run (1300 iterations of 2 images on coco_root,
     # about 3 minutes on the 2-core development machine; measured AP 73.5, 76.0 and 73.9)
     tmp_path, results = trained_shapes_detector.dir, trained_shapes_detector.results
     ap = results["bbox"]["AP"]
@@ -167,15 +166,9 @@ def test_bfloat16_amp_and_ema_train_and_evaluate(coco_root, tmp_path, monkeypatc
         json.load(open(tmp_path / "inference" / "ema" / "coco_instances_results.json"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_and_evaluate(coco_root, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            TRAIN_NET, "--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "SOLVER.IMS_PER_BATCH", "4",
            "SOLVER.MAX_ITER", "6", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out)]
     r = subprocess.run(cmd, env=tool_env(coco_root), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -259,20 +252,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(coco_root, tmp_path, mo
     assert not os.path.exists(tmp_path / "model_final.pth")
 
 
-def _fake_coco(root, images, anns):
-    os.makedirs(os.path.join(root, "coco", "annotations"), exist_ok=True)
-    os.makedirs(os.path.join(root, "coco", "train2017"), exist_ok=True)
-    import cv2
-    import numpy as np
-
-    for im in images:
-        if im.pop("write", True):
-            cv2.imwrite(os.path.join(root, "coco", "train2017", im["file_name"]), np.zeros((32, 32, 3), np.uint8))
-    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
-    with open(os.path.join(root, "coco", "annotations", "instances_train2017.json"), "w") as f:
-        json.dump(data, f)
-
-
+THING = [{"id": 1, "name": "thing"}]
 IMG = {"id": 1, "file_name": "000001.jpg", "height": 32, "width": 32}
 
 
@@ -289,15 +269,15 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, monkeypatch, capsys, case, 
     good = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0, "area": 100}
     extra = []
     if case == "missing_image":
-        _fake_coco(root, [dict(IMG, write=False)], [good])
+        write_coco_split(root, "train2017", [dict(IMG, write=False)], [good], THING)
     elif case == "negative_width":
-        _fake_coco(root, [dict(IMG)], [dict(good, bbox=[2, 2, -10, 10])])
+        write_coco_split(root, "train2017", [dict(IMG)], [dict(good, bbox=[2, 2, -10, 10])], THING)
     elif case == "unknown_category":
-        _fake_coco(root, [dict(IMG)], [dict(good, category_id=7)])
+        write_coco_split(root, "train2017", [dict(IMG)], [dict(good, category_id=7)], THING)
     elif case == "unknown_key":
         extra = ["MODEL.WRN.DEPTH", "34"]
     elif case == "missing_weights":
-        _fake_coco(root, [dict(IMG)], [good])
+        write_coco_split(root, "train2017", [dict(IMG)], [good], THING)
         extra = ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")]
     out = tmp_path / "out"
     argv = ["--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET, "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "2",

@@ -1,6 +1,5 @@
 """What a user does with a trained detector: tools/demo.py, tools/visualize_data.py, the evaluation's pictures and
 progress, and their redrawing by tools/plot_logs.py; on the session's trained shapes detector."""
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -8,21 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_tool
 
 
 def _run(name, argv, capsys):
     from wrn_det.engine.cli import cli_main
 
-    tool = _tool(name)
+    tool = load_tool(name)
     status = cli_main(tool.main, tool.parse_args(argv))
     out = capsys.readouterr()
     return status, out.out, out.err

@@ -1,23 +1,20 @@
 """tools/export_model.py on the session's trained shapes detector: TorchScript and ONNX (onnxruntime) give the
 eager model's detections on images of several sizes, with the class names in the file."""
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 BOX_TOL, SCORE_TOL = 1e-3, 1e-4
 
 
 def _export(run, fmt, out, capsys):
     from wrn_det.engine.cli import cli_main
 
-    spec = importlib.util.spec_from_file_location("export_model_tool", REPO / "tools" / "export_model.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_model")
     argv = ["--config-file", str(run.dir / "config.yaml"), "--format", fmt, "--output", str(out),
             "MODEL.WEIGHTS", run.weights, "MODEL.DEVICE", "cpu"]
     status = cli_main(tool.main, tool.parse_args(argv))
@@ -92,9 +89,7 @@ def test_export_needs_weights_in_one_line(trained_shapes_detector, tmp_path, cap
     from wrn_det.engine.cli import cli_main
 
     run = trained_shapes_detector
-    spec = importlib.util.spec_from_file_location("export_model_tool", REPO / "tools" / "export_model.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("export_model")
     argv = ["--config-file", str(run.dir / "config.yaml"), "--format", "torchscript", "--output",
             str(tmp_path / "m.pt"), "MODEL.WEIGHTS", str(tmp_path / "missing.pth")]
     assert cli_main(tool.main, tool.parse_args(argv)) == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DRAW_64, REPO, TINY_DET, free_port, tool_env, write_fake_coco
+from helpers import DRAW_64, REPO, TINY_DET, free_port, tool_env, write_fake_coco
 
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.errors import PREEMPTED_EXIT_CODE, WrnDetError

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, load_tool
+from helpers import REPO, load_tool
 
 from wrn_det.engine import cli_main
 

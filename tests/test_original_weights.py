@@ -6,16 +6,15 @@ are folded into the convolutions (as functional-zoo did), the PyTorch-port check
 ``pytorch/resnet.py`` + ``pytorch/main.py`` build and save it. The references are those
 layouts' own forward functions (functional-zoo's ``define_model``, the port's ``f``).
 """
-import importlib.util
 import os
 import re
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import load_tool
 from torch import nn
 
 from wrn_det.models.norm import convert_norm
@@ -23,28 +22,29 @@ from wrn_det.engine.cli import cli_main
 from wrn_det.models import build_model
 from wrn_det.models.convert import read_classifier_state, read_d2_pickle
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _convert_main():
-    spec = importlib.util.spec_from_file_location("convert_weights_cli", REPO / "tools" / "convert_weights.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return lambda argv: mod.main(mod.parse_args(argv))
+    tool = load_tool("convert_weights")
+    return lambda argv: tool.main(tool.parse_args(argv))
 
 
 def _close(a, b, what):
     # within 1e-5 of the largest magnitude: random BatchNorm statistics make these large
     scale = b.abs().max().item()
     assert (a - b).abs().max().item() <= 1e-5 * scale, (what, (a - b).abs().max().item(), scale)
+
+
+def _close_outputs(net, x, ref_feats, ref_logits):
+    # the converted network in eval mode: each stage output and the logits as the layout's own forward gives them
+    net.eval()
+    with torch.no_grad():
+        feats = net.forward_features(x)
+        logits = net(x)
+    for (name, f), ref in zip(feats.items(), ref_feats):
+        _close(f, ref, name)
+    _close(logits, ref_logits, "logits")
 
 
 # ------------------------------------------------------------------ functional-zoo ----
@@ -130,13 +130,7 @@ def test_functional_zoo_export_converts_exactly(zoo_export, tmp_path, capsys):
     net = build_model("wide_resnet50_2")
     net.load_state_dict(state, strict=True)
     assert torch.all(net.layer2[0].bn2.weight == 1) and torch.all(net.layer2[0].bn2.running_mean == 0)
-    net.eval()
-    with torch.no_grad():
-        feats = net.forward_features(x)
-        logits = net(x)
-    for (name, f), ref in zip(feats.items(), ref_feats):
-        _close(f, ref, name)
-    _close(logits, ref_logits, "logits")
+    _close_outputs(net, x, ref_feats, ref_logits)
 
     # the tool writes both engines' files and warns about the folded BatchNorm
     capsys.readouterr()
@@ -275,13 +269,7 @@ def test_pytorch_port_checkpoint_converts_to_wrn_16_4(tmp_path, capsys):
     assert info["kind"] == "wrn_pytorch" and info["model_name"] == "wrn_16_4" and not info["warnings"]
     net = build_model("wrn_16_4")
     net.load_state_dict(state, strict=True)
-    net.eval()
-    with torch.no_grad():
-        feats = net.forward_features(x)
-        logits = net(x)
-    for (name, f), ref in zip(feats.items(), ref_feats):
-        _close(f, ref, name)
-    _close(logits, ref_logits, "logits")
+    _close_outputs(net, x, ref_feats, ref_logits)
 
     capsys.readouterr()
     assert cli_main(_convert_main(), [str(path), str(tmp_path / "wrn_16_4.pth")]) == 0

@@ -1,7 +1,6 @@
 """wrn_det.Predictor on the session's trained shapes detector: finds held-out shapes, equals the evaluation loop,
 takes every input type, names classes from the checkpoint; hostile checkpoints are refused in one line."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tool_env
 
 from wrn_det.engine.errors import WrnDetError
-
-REPO = Path(__file__).resolve().parents[1]
 
 # measured on the session's detector (on the shared 2-core development machine, under load from other jobs):
 # recall 0.914 and 0.891, precision 0.732 and 0.814 (two runs) at score >= 0.5 and IoU >= 0.5 over the 100
@@ -146,8 +144,8 @@ def test_names_classes_from_the_checkpoint_with_no_dataset_registered(trained_sh
             "                  'classes': p.thing_classes, 'ids': p.contiguous_id_to_thing_dataset_id,\n"
             "                  'from': p.weights['classes_from'],\n"
             "                  'meta': MetadataCatalog.get('coco_2017_train').get('thing_classes')}))\n")
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "empty"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], env=tool_env(tmp_path / "empty"), capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got == {"heavy": [], "same": True, "listed": True, "classes": ["square", "circle", "triangle"],

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tool_env
+from helpers import REPO, tool_env
 
 SCRIPT = os.path.join(REPO, "datasets", "prepare_coco.py")
 CATS = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]

@@ -5,18 +5,11 @@ import pickle
 
 import numpy as np
 import pytest
+from helpers import RunsShell
 
 from wrn_det.data.proposals import load_proposal_file, load_proposals_into_dataset, save_proposal_file
 from wrn_det.engine.errors import WrnDetError
 from wrn_det.engine.safe_pickle import safe_load_pickle
-
-
-class _RunsShell:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.target}",)
 
 
 class _OpensFile:
@@ -44,7 +37,7 @@ class _SavesWithNumpy:
         return np.save, (self.target, np.zeros(1))
 
 
-@pytest.mark.parametrize("payload", [_RunsShell, _OpensFile, _TouchesPath, _SavesWithNumpy])
+@pytest.mark.parametrize("payload", [RunsShell, _OpensFile, _TouchesPath, _SavesWithNumpy])
 def test_pickle_that_would_create_a_file_is_refused_and_nothing_runs(tmp_path, payload):
     # control: plain pickle really does create the file, so the payload is live
     control = tmp_path / "control"
@@ -72,7 +65,7 @@ def test_pickle_that_would_create_a_file_is_refused_and_nothing_runs(tmp_path, p
 
 def test_refusal_names_the_global(tmp_path):
     path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps(_RunsShell(str(tmp_path / "x"))))
+    path.write_bytes(pickle.dumps(RunsShell(str(tmp_path / "x"))))
     with pytest.raises(WrnDetError, match=r"refused to load global (posix|nt|os)\.system"):
         safe_load_pickle(str(path))
 

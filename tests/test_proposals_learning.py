@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import DRAW_64, write_fake_coco
+from helpers import DRAW_64, write_fake_coco
 
 from wrn_det.data.proposals import load_proposal_file
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import DRAW_64, run_tool_in_process, write_fake_coco
+from helpers import DRAW_64, run_tool_in_process, write_coco, write_fake_coco
 
 from wrn_det.data.det_loader import DetectionMapper
 from wrn_det.data.proposals import load_proposal_file, save_proposal_file
@@ -99,9 +99,7 @@ def test_average_recall_hand_computed():
     assert average_recall(gts, {1: torch.tensor([[50.0, 50, 60, 60], [0, 0, 9, 9]])}, limit=1)["ar"] == 0.0
 
 
-def _coco_file(path, images, anns):
-    with open(path, "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}, f)
+ONE_CLASS = [{"id": 1, "name": "a"}]
 
 
 def test_recall_equals_detectron2s(tmp_path):
@@ -125,7 +123,7 @@ def test_recall_equals_detectron2s(tmp_path):
         inst.proposal_boxes, inst.objectness_logits = Boxes(torch.cat([xy, xy + wh], 1)), torch.randn(n, generator=g)
         preds.append({"image_id": i, "proposals": inst})
     path = str(tmp_path / "gt.json")
-    _coco_file(path, images, anns)
+    write_coco(path, images, anns, ONE_CLASS)
     gts = load_gt_boxes(path)
     props = {p["image_id"]: p["proposals"].proposal_boxes.tensor[p["proposals"].objectness_logits.argsort(descending=True)]
              for p in preds}
@@ -143,8 +141,8 @@ def test_proposal_evaluator_writes_detectron2_file_and_recall(tmp_path):
     from wrn_det.data.coco import register_coco_instances
 
     path = str(tmp_path / "gt.json")
-    _coco_file(path, [{"id": 7, "file_name": "a.jpg", "height": 50, "width": 50}],
-               [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0}])
+    write_coco(path, [{"id": 7, "file_name": "a.jpg", "height": 50, "width": 50}],
+               [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0}], ONE_CLASS)
     register_coco_instances("t_prop_eval", path, str(tmp_path))
     try:
         ev = ProposalEvaluator("t_prop_eval", str(tmp_path / "inference"))

@@ -15,22 +15,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DRAW_64, REPO, run_tool, tool_env, write_fake_coco
+from helpers import DRAW_64, REPO, RunsShell, run_tool, tool_env, write_fake_coco
 
 READERS = {
     "proposal file": ("wrn_det.data.proposals", "load_proposal_file"),
     "detectron2 weights file": ("wrn_det.models.convert", "read_d2_pickle"),
 }
-
-
-class _RunsShell:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.target}",)
 
 
 class _NdarrayOverBytes:
@@ -78,7 +68,7 @@ def _length_bomb(path) -> None:
 
 
 ATTACKS = {
-    "code": ("global posix.system", lambda t: _RunsShell(t)),
+    "code": ("global posix.system", lambda t: RunsShell(t)),
     "ndarray_call": ("a direct call of numpy.ndarray", lambda t: _NdarrayOverBytes()),
     # the hidden object field's own dtype is refused before the state that hides it is read
     "hidden_object_field": ("dtype 'O8'", lambda t: _ArrayWithStateDtype(np.dtype(object))),
@@ -133,7 +123,7 @@ def test_hostile_proposal_file_through_train_net(tmp_path):
     root = write_fake_coco(tmp_path / "root", {"train2017": (2, 1)}, **DRAW_64)
     target = tmp_path / "pwned"
     evil = tmp_path / "evil.pkl"
-    evil.write_bytes(pickle.dumps(_payload("proposal file", _RunsShell(str(target)), target), protocol=2))
+    evil.write_bytes(pickle.dumps(_payload("proposal file", RunsShell(str(target)), target), protocol=2))
     res = run_tool("train_net", "--config-file", "shapes_wrn_fast_rcnn.yaml", "MODEL.DEVICE", "cpu",
                    "MODEL.WRN.NAME", "wrn_10_1", "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "()",
                    "DATASETS.PROPOSAL_FILES_TRAIN", f"('{evil}',)", "DATASETS.PROPOSAL_FILES_TEST", "()",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DRAW_64, write_fake_coco
+from helpers import DRAW_64, write_fake_coco
 
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.checkpoint import write_last_checkpoint

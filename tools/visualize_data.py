@@ -50,10 +50,8 @@ def _results_file(run: str, dataset: str, cfg) -> str:
 
 def main(args) -> int:
     """Write the pictures for parsed ``args``; returns 0, or 1 when some images could not be read."""
-    import torch
-
     from wrn_det.data.catalog import MetadataCatalog, get_detection_dataset_dicts, resolve_json_file
-    from wrn_det.data.det_loader import quiet_opencv, read_image
+    from wrn_det.data.det_loader import annotation_boxes, quiet_opencv, read_image
     from wrn_det.detection.config import get_det_cfg
     from wrn_det.detection.visualize import (ERROR_COLOUR, caption, class_colour, detection_labels, draw_boxes,
                                              match_detections, read_coco_results, save_png,
@@ -93,8 +91,7 @@ def main(args) -> int:
         stem = os.path.splitext(os.path.basename(d["file_name"]))[0]
         if args.source == "annotation":
             annos = d.get("annotations", [])
-            boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                                  for a in annos], dtype=torch.float32).reshape(-1, 4)
+            boxes = annotation_boxes(annos)
             labels = detection_labels([classes[a["category_id"]] for a in annos],
                                       prefix=["crowd" if a.get("iscrowd") else "" for a in annos])
             picture = draw_boxes(image, boxes, labels, [class_colour(a["category_id"]) for a in annos])
@@ -109,18 +106,14 @@ def main(args) -> int:
         if args.errors_only and not (any(missed) or any(false_pos)):
             continue
 
-        def xyxy(anns):
-            return torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                                 for a in anns], dtype=torch.float32).reshape(-1, 4)
-
         def contiguous(a):
             return to_contiguous[a["category_id"]]
 
-        left = draw_boxes(image, xyxy(objects),
+        left = draw_boxes(image, annotation_boxes(objects),
                           detection_labels([classes[contiguous(a)] for a in objects],
                                            prefix=["missed" if m else "" for m in missed]),
                           [ERROR_COLOUR if m else class_colour(contiguous(a)) for a, m in zip(objects, missed)])
-        right = draw_boxes(image, xyxy(dets),
+        right = draw_boxes(image, annotation_boxes(dets),
                            detection_labels([classes[contiguous(a)] for a in dets], [a["score"] for a in dets],
                                             prefix=["FP" if f else "" for f in false_pos]),
                            [ERROR_COLOUR if f else class_colour(contiguous(a)) for a, f in zip(dets, false_pos)])

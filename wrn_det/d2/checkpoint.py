@@ -28,7 +28,7 @@ from wrn_det.models.convert import (
     to_protocol_keys,
 )
 
-from wrn_det.models.weights import match_state_dict
+from wrn_det.models.weights import match_state_dict, short_list
 
 from .backbone import WRNTrunk
 from .roi_heads import WRNHeadStage
@@ -63,11 +63,6 @@ def checkpoint_metadata(cfg) -> dict:
     registered dataset to name the classes.
     """
     return builtin_checkpoint_metadata(cfg, MetadataCatalog)
-
-
-def _short(keys, n=3) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 class WRNDetectionCheckpointer(DetectionCheckpointer):
@@ -143,17 +138,18 @@ class WRNDetectionCheckpointer(DetectionCheckpointer):
         src = self._source
         if skipped_stages:
             logger.info("%s: %d tensors of stages this detector does not run were not loaded (%s)",
-                        src, len(skipped_stages), _short(skipped_stages))
+                        src, len(skipped_stages), short_list(skipped_stages, sort=True))
         if not report.ok:
             wrong = sorted(k for k, *_ in report.wrong_shape)
             not_loaded = sorted(set(report.missing) | set(wrong))
             problems = []
             if not_loaded:
+                mismatch = f" (shape mismatch: {short_list(wrong)})" if wrong else ""
                 problems.append(f"{len(not_loaded)} of the {len(wrn)} backbone tensors were not loaded "
-                                f"({_short(not_loaded)}){' (shape mismatch: ' + _short(wrong) + ')' if wrong else ''}")
+                                f"({short_list(not_loaded)}){mismatch}")
             if report.unexpected:
                 problems.append(f"{len(report.unexpected)} keys of the file match nothing in the model "
-                                f"({_short(report.unexpected)})")
+                                f"({short_list(report.unexpected, sort=True)})")
             msg = f"MODEL.WEIGHTS {src}: " + "; ".join(problems) + report.hint()
             if self.strict:
                 raise WrnDetError(msg + "; set MODEL.WRN.STRICT_WEIGHTS False to load it anyway")

@@ -49,6 +49,14 @@ def _unreadable(path: str, why: str = "") -> WrnDetError:
     return WrnDetError(f"image file {path} cannot be read: {why or 'not a readable image'}")
 
 
+def _file_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        raise _unreadable(path) from None
+
+
 def _read_cv2(path: str) -> np.ndarray:
     import cv2
 
@@ -72,11 +80,7 @@ def _read_torchvision(path: str) -> Tuple[torch.Tensor, Optional[bytes]]:
             from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     except ImportError:
         return _cv2_as_rgb_tensor(path), None
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
-        raise _unreadable(path) from None
+    raw = _file_bytes(path)
     if not raw:
         raise _unreadable(path, "empty file")
     data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -226,11 +230,7 @@ def jpeg_size(data: bytes) -> Tuple[int, int]:
 
 def read_bytes(path: str) -> EncodedImage:
     """Return the bytes of the JPEG at ``path`` with its size (no decoding)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        raise _unreadable(path) from None
+    data = _file_bytes(path)
     if data[:2] != _JPEG_MAGIC:
         raise _unreadable(path, "DATALOADER.DECODE cuda reads JPEG files only")
     try:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
 from wrn_det.data import decode
@@ -27,10 +28,16 @@ from wrn_det.engine.errors import ConfigError, WrnDetError
 __all__ = [
     "DetectionMapper", "GroupedTrainingSampler", "InferenceSampler", "build_detection_train_loader",
     "build_detection_test_loader", "LoadError", "raise_load_errors", "read_image", "check_image_file",
-    "check_dataset_images", "quiet_opencv",
+    "check_dataset_images", "quiet_opencv", "annotation_boxes",
 ]
 
 logger = logging.getLogger("wrn_det")
+
+
+def annotation_boxes(annotations: Sequence[dict], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return the (N, 4) XYXY boxes of COCO-style annotations, whose ``bbox`` is ``[x, y, width, height]``."""
+    xywh = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
+    return box_convert(xywh, "xywh", "xyxy")
 
 
 class LoadError(dict):
@@ -172,9 +179,7 @@ class DetectionMapper:
         box_sets = {}
         if self.is_train:
             annos = [a for a in d.get("annotations", []) if a.get("iscrowd", 0) == 0]
-            xywh = torch.tensor([a["bbox"] for a in annos], dtype=torch.float32).reshape(-1, 4)
-            box_sets["boxes"] = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-                                                         format="XYXY", canvas_size=(h, w))
+            box_sets["boxes"] = tv_tensors.BoundingBoxes(annotation_boxes(annos), format="XYXY", canvas_size=(h, w))
         if self.proposal_topk is not None:
             if "proposal_boxes" not in d:
                 raise WrnDetError(f"image {d['file_name']} (id {d.get('image_id')}) has no precomputed proposals; "

@@ -47,6 +47,14 @@ def _as_array(path: str, key: str, i: int, value, ndim: int) -> np.ndarray:
     return arr
 
 
+def _xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    # torch only here: the catalog imports this module, and importing the datasets stays free of torch
+    import torch
+    from torchvision.ops import box_convert
+
+    return box_convert(torch.tensor(boxes), "xywh", "xyxy").numpy()
+
+
 def load_proposal_file(path: str) -> dict:
     """Read a proposal file in detectron2's format (or the original Detectron's).
 
@@ -89,7 +97,7 @@ def load_proposal_file(path: str) -> dict:
             raise WrnDetError(f"proposal file {path}: image {ids[i]!r} has {len(b)} boxes but {len(s)} "
                               "objectness_logits; expected as many of each")
         if mode == XYWH_ABS:
-            b = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
+            b = _xywh_to_xyxy(b)
         out_boxes.append(b)
         out_logits.append(s)
     return {"ids": [i.item() if isinstance(i, np.generic) else i for i in ids], "boxes": out_boxes,

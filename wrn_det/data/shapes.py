@@ -16,12 +16,12 @@ distributed job, and every machine, sees the same data.
 """
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from wrn_det.engine.fileio import atomic_write_dir
 
 __all__ = ["CATEGORIES", "SPLITS", "shapes_root", "ensure_shapes", "generate_split", "draw_image"]
 
@@ -171,32 +171,16 @@ def _is_current(folder: str) -> bool:
 def ensure_shapes(root: Optional[str] = None) -> str:
     """Generate the shapes dataset under ``shapes_root(root)`` unless an up-to-date copy is there.
 
-    Safe when several processes call it at once: each writes into its own temporary
-    folder and renames it into place; the first rename wins. Returns the dataset folder.
+    Safe when several processes call it at once: each writes its own temporary folder and
+    renames it into place (:func:`wrn_det.engine.fileio.atomic_write_dir`); the first rename
+    wins. An older version's folder is replaced. Returns the dataset folder.
     """
     folder = shapes_root(root)
     if _is_current(folder):
         return folder
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=parent)
-    try:
+
+    def write(tmp):
         for split, (n, seed) in SPLITS.items():
             generate_split(tmp, split, n, seed)
-        if os.path.isdir(folder) and not _is_current(folder):
-            # an older version: move it aside first so the rename below can succeed
-            stale = tempfile.mkdtemp(prefix=".shapes-stale-", dir=parent)
-            try:
-                os.replace(folder, os.path.join(stale, "shapes"))
-            except OSError:
-                pass
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # another process won the race with identical content
-            if not _is_current(folder):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return atomic_write_dir(folder, write, is_complete=_is_current)

@@ -3,20 +3,22 @@
 A reader never sees a half-written file; a failure (an exception, a full disk) leaves the
 previous file as it was and no temporary file behind; files get the mode a plain
 ``open()`` would give them. :func:`atomic_write_all` extends the promise to a group of
-files that must appear together or not at all (the two outputs of a weight conversion).
+files that must appear together or not at all (the two outputs of a weight conversion),
+:func:`atomic_write_dir` to a whole folder (a generated dataset).
 Streams that grow line by line (``log.txt``, ``metrics.json``, TensorBoard events) are
 appended to instead.
 """
 import errno
 import json
 import os
+import shutil
 import tempfile
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .errors import WrnDetError
 
-__all__ = ["read_json", "atomic_write", "atomic_write_all", "atomic_save", "write_text", "write_json", "save_figure",
-           "check_output_dir"]
+__all__ = ["read_json", "atomic_write", "atomic_write_all", "atomic_write_dir", "atomic_save", "write_text",
+           "write_json", "save_figure", "check_output_dir"]
 
 Writer = Callable[[str], None]
 
@@ -39,11 +41,15 @@ def read_json(path: str, what: str = ""):
         raise WrnDetError(f"{name} cannot be read: {e.strerror or e}") from None
 
 
-def _umask_mode() -> int:
-    # mkstemp creates files readable by the owner only; give the result the mode a plain open() would
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    # mkstemp creates files readable by the owner only; give the result the mode a plain open() would
+    return 0o666 & ~_umask()
 
 
 def _temp_beside(path: str, suffix: str) -> str:
@@ -103,6 +109,49 @@ def atomic_write(path: str, write: Writer, suffix: str = "") -> str:
     See :func:`atomic_write_all` for what happens on failure.
     """
     return atomic_write_all([(path, write)], suffix)[0]
+
+
+def atomic_write_dir(path: str, write: Writer, is_complete: Optional[Callable[[str], bool]] = None) -> str:
+    """Call ``write(tmp_folder)`` on an empty temporary folder beside ``path``, then rename it to ``path``; returns
+    ``path``.
+
+    The folder appears whole or not at all: if ``write`` fails, the temporary folder is
+    removed and ``path`` is left as it was. A folder already at ``path`` is replaced, unless
+    ``is_complete(path)`` says it is a finished copy (another process that wrote the same
+    folder at the same time got there first), which is then kept. An ``OSError`` becomes a
+    :class:`WrnDetError` naming the path.
+    """
+    def complete() -> bool:
+        return is_complete is not None and is_complete(path)
+
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    except OSError as e:
+        raise _os_error(path, e) from None
+    try:
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is the owner's alone; a plain mkdir's is not
+            write(tmp)
+        except OSError as e:
+            raise _os_error(path, e) from None
+        if os.path.isdir(path) and not complete():
+            # an outdated or broken copy: move it aside (one rename) so the rename below can take its place
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            try:
+                os.replace(path, os.path.join(old, "folder"))
+            except OSError:
+                pass  # another process moved it first
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError as e:
+            if not complete():  # unless another process's finished copy took the place first
+                raise _os_error(path, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def atomic_save(obj, path: str) -> str:

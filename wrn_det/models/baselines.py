@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .common import FeatureNet, ShapeSpec, Stage
+from .common import FeatureNet, ShapeSpec, Stage, add_residual_stages
 from .wrn_cifar import BNReLU, init_original
 
 __all__ = ["PreActBottleneck", "PreActResNet", "ConvBNReLU", "NIN", "VGGCIFAR"]
@@ -101,29 +101,14 @@ class PreActResNet(FeatureNet):
         n = (depth - 2) // 9
         self.depth, self.num_classes = depth, num_classes
         self.stem = (conv_layer or nn.Conv2d)(3, 16, 3, 1, 1, bias=False)
-        in_ch = 16
-        self._stage_attrs = OrderedDict()
-        self._out_specs = OrderedDict()
         widths = (64, 128, 256)
-        for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
-            blocks = OrderedDict()
-            for j in range(n):
-                blocks[str(j)] = PreActBottleneck(in_ch, width, stride if j == 0 else 1, norm_layer, conv_layer)
-                in_ch = width
-            if i == len(widths) - 1:
-                blocks["post_act"] = BNReLU(width, norm_layer)
-            name = f"stage{i + 1}"
-            setattr(self, name, Stage(blocks))
-            self._stage_attrs[name] = name
-            self._out_specs[name] = ShapeSpec(width, 2 ** i)
+        add_residual_stages(self, 16, widths, (1, 2, 2), n,
+                            lambda cin, width, stride: PreActBottleneck(cin, width, stride, norm_layer, conv_layer),
+                            lambda width: BNReLU(width, norm_layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
         init_original(self, bn_weight_init="ones", conv_init=conv_init)
         self.memory_efficient = memory_efficient
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the activated last stage output: pool, then Linear."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class ConvBNReLU(nn.Sequential):
@@ -200,10 +185,6 @@ class NIN(FeatureNet):
         _init_as_lua_baselines(self)
         self.memory_efficient = memory_efficient
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the stage3 output: global average pooling, then ``fc``."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
 
 class VGGCIFAR(FeatureNet):
     """VGG as the authors' ``models/vgg.lua``; calling it returns logits (N, num_classes).
@@ -250,7 +231,3 @@ class VGGCIFAR(FeatureNet):
         self.fc = nn.Linear(512, num_classes)
         _init_as_lua_baselines(self)
         self.memory_efficient = memory_efficient
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the stage5 output: global average pooling, then ``fc``."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -6,20 +6,21 @@
 * :class:`FeatureNet` -- the feature protocol every network implements
   (``forward_features``, ``output_shape``, ``stage_names``, ``stem``,
   ``get_stage``, ``family``, ``default_input_size``).
+* :func:`add_residual_stages` -- the stages of the CIFAR-style residual networks.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ShapeSpec", "Stage", "FeatureNet", "checkpoint_block", "count_parameters"]
+__all__ = ["ShapeSpec", "Stage", "FeatureNet", "add_residual_stages", "checkpoint_block", "count_parameters"]
 
 
 class ShapeSpec(NamedTuple):
@@ -105,7 +106,8 @@ class FeatureNet(nn.Module):
     Subclasses set ``family``, ``default_input_size``, ``_stage_attrs`` (stage
     name -> attribute name of a :class:`Stage`), ``_out_specs`` (stage name ->
     :class:`ShapeSpec`), provide ``stem`` (a submodule or a property returning
-    a module: image -> input of the first stage) and implement ``forward_head``.
+    a module: image -> input of the first stage) and the head's ``avgpool`` and
+    ``fc`` (or their own ``forward_head``).
     """
 
     family: str = "cifar"
@@ -140,9 +142,9 @@ class FeatureNet(nn.Module):
             out[name] = x
         return out
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        """Return class logits computed from the last stage output ``x``."""
-        raise NotImplementedError
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits (N, num_classes) from the last stage output ``x``: ``avgpool``, then ``fc``."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class logits of shape (N, num_classes) for images ``x`` (N, 3, H, W)."""
@@ -161,6 +163,34 @@ class FeatureNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Stage):
                 m.memory_efficient = bool(value)
+
+
+def add_residual_stages(net: FeatureNet, in_channels: int, widths: Sequence[int], strides: Sequence[int],
+                        blocks_per_stage: int, block: Callable[[int, int, int], nn.Module],
+                        post_act: Callable[[int], nn.Module]) -> None:
+    """Give ``net`` the stages ``stage1`` ... ``stageN`` of a CIFAR-style residual network; returns nothing.
+
+    Stage ``i`` holds ``blocks_per_stage`` blocks ``block(in_channels, widths[i], stride)``
+    (keys ``stage{i+1}.{j}``), the first with ``strides[i]``, the others with stride 1; the last
+    stage ends with ``post_act(width)`` (key ``post_act``: the final BN-ReLU of a pre-activation
+    network). Sets ``net._stage_attrs`` and ``net._out_specs`` (a stage's stride is the product
+    of the strides so far).
+    """
+    net._stage_attrs = OrderedDict()
+    net._out_specs = OrderedDict()
+    out_stride = 1
+    for i, (width, stride) in enumerate(zip(widths, strides)):
+        blocks = OrderedDict()
+        for j in range(blocks_per_stage):
+            blocks[str(j)] = block(in_channels, width, stride if j == 0 else 1)
+            in_channels = width
+        if i == len(widths) - 1:
+            blocks["post_act"] = post_act(width)
+        name = f"stage{i + 1}"
+        setattr(net, name, Stage(blocks))
+        out_stride *= stride
+        net._stage_attrs[name] = name
+        net._out_specs[name] = ShapeSpec(width, out_stride)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -37,7 +37,7 @@ from torch import nn
 from wrn_det.engine.errors import a_type
 
 from .registry import build_model
-from .weights import ConversionError
+from .weights import ConversionError, blocks_per_stage, short_list
 from .wide_resnet import IMAGENET_DEPTHS
 
 __all__ = ["FUNCTIONAL_ZOO", "PYTORCH_PORT", "FOLDED_BN_WARNING", "read_original_weights",
@@ -57,21 +57,6 @@ _ZOO_KEY = re.compile(r"group(\d+)\.block(\d+)\.(conv[012]|conv_dim)\.(weight|bi
 _PORT_KEY = re.compile(r"group(\d+)\.block(\d+)\.(conv[01]|convdim|bn[01]\.\w+)")
 
 
-def _examples(keys: List[str], n: int = 3) -> str:
-    keys = sorted(map(str, keys))
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def _blocks_per_group(keys, pattern: re.Pattern, first: str) -> Dict[int, List[int]]:
-    """Return ``{group: sorted block indices}`` of the keys ``group{g}.block{b}.<first>``."""
-    groups: Dict[int, set] = {}
-    for k in keys:
-        m = pattern.fullmatch(k)
-        if m and k.endswith(first):
-            groups.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    return {g: sorted(b) for g, b in sorted(groups.items())}
-
-
 def _check_tensors(params: dict, expected: Dict[str, Tuple[int, ...]], source: str, layout: str) -> None:
     """Raise ConversionError (one line naming ``layout``) unless ``params`` holds exactly ``expected``.
 
@@ -81,11 +66,11 @@ def _check_tensors(params: dict, expected: Dict[str, Tuple[int, ...]], source: s
     missing = [k for k in expected if k not in params]
     if missing:
         raise ConversionError(f"{source} looks like {layout} but lacks {len(missing)} of its {len(expected)} "
-                              f"tensors: {_examples(missing)}")
+                              f"tensors: {short_list(missing, sort=True)}")
     extra = [k for k in params if k not in expected]
     if extra:
         raise ConversionError(f"{source} looks like {layout} but has {len(extra)} tensors that layout does not "
-                              f"have: {_examples(extra)}")
+                              f"have: {short_list(extra, sort=True)}")
     for k, shape in expected.items():
         v = params[k]
         if not torch.is_tensor(v) or not v.is_floating_point():
@@ -139,7 +124,7 @@ def _looks_like_functional_zoo(obj) -> bool:
 
 
 def _zoo_name(params: dict, source: str) -> str:
-    blocks = _blocks_per_group(params, _ZOO_KEY, "conv0.weight")
+    blocks = blocks_per_stage(params, r"group(\d+)\.block(\d+)\.conv0\.weight\Z")
     counts = tuple(len(b) for b in blocks.values())
     depth = next((d for d, (kind, c) in IMAGENET_DEPTHS.items() if kind == "bottleneck" and c == counts), None)
     if sorted(blocks) != [0, 1, 2, 3] or depth is None:
@@ -231,7 +216,7 @@ def _port_key(key: str) -> Optional[str]:
 
 
 def _port_name(params: dict, source: str) -> str:
-    blocks = _blocks_per_group(params, _PORT_KEY, "conv0")
+    blocks = blocks_per_stage(params, r"group(\d+)\.block(\d+)\.conv0\Z")
     counts = [len(b) for b in blocks.values()]
     if sorted(blocks) != [0, 1, 2] or len(set(counts)) != 1:
         raise ConversionError(f"{source} looks like {_PORT_NAME} but has {counts} blocks in groups {sorted(blocks)}; "

@@ -38,9 +38,11 @@ def is_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def short_list(keys: Iterable[str], n: int = 3) -> str:
-    """Return up to ``n`` of ``keys`` joined by commas, and how many more there are."""
-    keys = list(keys)
+def short_list(keys: Iterable, n: int = 3, sort: bool = False) -> str:
+    """Return up to ``n`` of ``keys`` (sorted first when ``sort``) joined by commas, and how many more there are."""
+    keys = [str(k) for k in keys]
+    if sort:
+        keys.sort()
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
@@ -147,17 +149,27 @@ def match_state_dict(state: Mapping[str, torch.Tensor], target: Mapping[str, tor
     return loadable, report
 
 
+def blocks_per_stage(keys: Iterable, pattern: str) -> Dict[int, List[int]]:
+    """Return ``{stage: sorted block indices}`` (stages in order) of the keys that ``pattern`` matches at their start.
+
+    The pattern's two groups are the stage and the block number, e.g. ``r"layer(\\d)\\.(\\d+)\\."``;
+    keys that are not strings are passed over.
+    """
+    blocks: Dict[int, set] = {}
+    for k in keys:
+        m = re.match(pattern, k) if isinstance(k, str) else None
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return {stage: sorted(b) for stage, b in sorted(blocks.items())}
+
+
 def guess_network(state: Mapping[str, torch.Tensor]) -> Optional[str]:
     """Return the ``wrn_det.models`` name that the key layout and shapes of ``state`` describe, or None.
 
     Recognises the ImageNet family (torchvision/timm keys: ``wide_resnet{depth}_{k}``) and
     the CIFAR-style WRNs (``wrn_{depth}_{k}``); other networks need an explicit name.
     """
-    blocks: Dict[int, set] = {}
-    for k in state:
-        m = re.match(r"layer([1-4])\.(\d+)\.", k)
-        if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    blocks = blocks_per_stage(state, r"layer([1-4])\.(\d+)\.")
     if sorted(blocks) == [1, 2, 3, 4] and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
         counts = tuple(len(blocks[i]) for i in range(1, 5))
         kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
@@ -167,11 +179,7 @@ def guess_network(state: Mapping[str, torch.Tensor]) -> Optional[str]:
                 if width % 64 == 0:
                     return f"wide_resnet{depth}_{width // 64}"
         return None
-    stage_blocks: Dict[int, set] = {}
-    for k in state:
-        m = re.match(r"stage([1-3])\.(\d+)\.", k)
-        if m:
-            stage_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stage_blocks = blocks_per_stage(state, r"stage([1-3])\.(\d+)\.")
     if sorted(stage_blocks) == [1, 2, 3] and "stem.weight" in state and "stage1.0.conv1.weight" in state:
         n = len(stage_blocks[1])
         if len(stage_blocks[2]) == n == len(stage_blocks[3]):

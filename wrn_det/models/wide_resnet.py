@@ -232,7 +232,3 @@ class WideResNet(FeatureNet):
     def bn1(self) -> nn.Module:
         """Return the stem's normalisation layer (torchvision's ``bn1``)."""
         return self.stem.bn1
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the res5 output: global average pooling, then ``fc``."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))

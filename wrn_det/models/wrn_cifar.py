@@ -22,13 +22,12 @@ Linear bias 0.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .common import FeatureNet, ShapeSpec, Stage
+from .common import FeatureNet, add_residual_stages
 from .norm import is_batch_norm
 
 __all__ = ["WideResNetCIFAR", "WideBasicBlock", "BNReLU", "init_original", "check_conv_init", "CONV_INITS"]
@@ -174,26 +173,12 @@ class WideResNetCIFAR(FeatureNet):
         widths = [16 * k, 32 * k, 64 * k]
 
         self.stem = (conv_layer or nn.Conv2d)(3, 16, 3, 1, 1, bias=False)
-        in_ch = 16
-        self._stage_attrs = OrderedDict()
-        self._out_specs = OrderedDict()
-        for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
-            blocks = OrderedDict()
-            for j in range(n):
-                blocks[str(j)] = WideBasicBlock(in_ch, width, stride if j == 0 else 1, dropout, norm_layer, conv_layer)
-                in_ch = width
-            if i == len(widths) - 1:
-                blocks["post_act"] = BNReLU(width, norm_layer)
-            name = f"stage{i + 1}"
-            setattr(self, name, Stage(blocks))
-            self._stage_attrs[name] = name
-            self._out_specs[name] = ShapeSpec(width, 2 ** i)
+        add_residual_stages(self, 16, widths, (1, 2, 2), n,
+                            lambda cin, width, stride: WideBasicBlock(cin, width, stride, dropout, norm_layer,
+                                                                      conv_layer),
+                            lambda width: BNReLU(width, norm_layer))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
 
         init_original(self, bn_weight_init, conv_init)
         self.memory_efficient = memory_efficient
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits from the (activated) last stage output: pool, then Linear."""
-        return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -17,10 +17,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_iou
 
 from wrn_det.data.catalog import resolve_json_file
 from wrn_det.data.coco import read_coco_file
+from wrn_det.data.det_loader import annotation_boxes
 from wrn_det.data.proposals import save_proposal_file
 from wrn_det.engine import comm
 
@@ -93,7 +94,7 @@ def load_gt_boxes(json_file: str) -> Dict:
             by_image[a["image_id"]].append(a)
     out = {}
     for img_id, anns in by_image.items():
-        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
+        boxes = annotation_boxes(anns, torch.float64)
         areas = torch.tensor([float(a["area"]) if isinstance(a.get("area"), (int, float)) else a["bbox"][2] * a["bbox"][3]
                               for a in anns], dtype=torch.float64)
         out[img_id] = (boxes, areas)
