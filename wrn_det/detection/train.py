@@ -33,6 +33,7 @@ from wrn_det.engine.launch import create_ddp_model
 from wrn_det.engine.optim import OptimizerStep, amp_dtype, gradient_clipper, non_finite_error
 from wrn_det.engine.run import open_output_dir, setup_run
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
+from wrn_det.engine.seed import seed_all
 from wrn_det.engine.training import TrainerBase
 
 from .config import get_det_cfg
@@ -182,6 +183,10 @@ class Trainer(TrainerBase):
         super().__init__(cfg, eval_only)
         if eval_only and not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only needs DATASETS.TEST")
+        if int(cfg.SEED) >= 0:
+            # the initial weights follow SEED however the trainer is made (tools/train_net.py's set-up seeds
+            # the same way); otherwise they would depend on what the process drew before
+            seed_all(int(cfg.SEED) + self.rank)
         self.model = build_detector(cfg)
         self.device = self.model.device
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
