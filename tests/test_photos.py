@@ -330,6 +330,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # PIL's, opening the file for pil_to_tensor
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_exif_is_orientation_1_without_an_error(tmp_path, case):
     pic = upright()
@@ -353,13 +354,27 @@ def test_hostile_exif_is_orientation_1_without_an_error(tmp_path, case):
     assert decode.exif_orientation(bytes(data)) == 1
 
 
+def _bomb_tiff():
+    """A TIFF whose header claims 60000 x 60000 pixels: PIL refuses it as a decompression bomb (not an OSError)."""
+    buf = io.BytesIO()
+    Image.new("L", (3, 3)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    e = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(e + "I", data, 4)
+    for k in range(struct.unpack_from(e + "H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        tag, kind = struct.unpack_from(e + "HH", data, at)
+        if tag in (256, 257):  # ImageWidth, ImageLength
+            struct.pack_into(e + ("H" if kind == 3 else "I"), data, at + 8, 60000)
+    return bytes(data)
+
+
 def test_unreadable_files_are_named_whatever_failed(tmp_path, monkeypatch):
-    big = tmp_path / "bomb.tif"  # a header claiming 60000 x 60000 pixels: PIL refuses it as a decompression bomb
-    big.write_bytes(_tiff([(256, 4, 1, struct.pack(">I", 60000)), (257, 4, 1, struct.pack(">I", 60000)),
-                           (258, 3, 1, struct.pack(">H", 8)), (273, 4, 1, struct.pack(">I", 8)),
-                           (277, 3, 1, struct.pack(">H", 3))]))
+    big = tmp_path / "bomb.tif"
+    big.write_bytes(_bomb_tiff())
     for decoder in DECODERS:
-        with pytest.raises(WrnDetError, match=f"^image file {big} cannot be read: "):
+        with pytest.raises(WrnDetError, match=f"^image file {big} cannot be read: Image size .3600000000 pixels. "
+                                              "exceeds limit"):
             decode.read_image(str(big), "RGB", decoder)
     path = save(Image.fromarray(upright()), tmp_path / "fine.png")
 
@@ -398,3 +413,303 @@ def test_same_pictures_as_detectron2_read_image(oriented, modes):
         assert torch.equal(ours, theirs), name  # the same PIL decoding underneath
         fast = decode.read_image(path, "RGB", "torchvision")
         assert (fast.int() - theirs.int()).abs().float().mean() < (1.0 if lossy else 1e-9), name
+
+
+# --- every path: the mapper, the test loader, the Predictor, the tools, the ImageNet loaders -----------------------
+
+
+def _cv2_png16(picture, path, orientation):
+    """Write ``picture`` (upright, 8-bit RGB) as a 16-bit colour PNG (its values times 257) stored for EXIF
+    ``orientation``; returns the path. Its high bytes are the picture."""
+    import cv2
+
+    raw = np.asarray(stored(picture, orientation))[:, :, ::-1].astype(np.uint16) * 257
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(raw))
+    return _add_exif_chunk(buf.tobytes(), path, orientation)
+
+
+@pytest.fixture(scope="module")
+def photos(oriented, tmp_path_factory):
+    """Files of every kind whose upright picture is :func:`upright`'s (exactly, or within JPEG's and a palette's
+    loss): ``{name: path}``."""
+    folder = tmp_path_factory.mktemp("photos")
+    pic = upright()
+    files = {f"{fmt}-{o}": path for (fmt, o), path in oriented.items()}
+    files["png16-6"] = _cv2_png16(pic, folder / "c16.png", 6)
+    files["cmyk-8"] = save(stored(Image.fromarray(pic).convert("CMYK"), 8), folder / "cmyk.jpg", 8)
+    files["rgba-7"] = save(stored(Image.fromarray(np.concatenate([pic, np.full((H, W, 1), 9, np.uint8)], -1)), 7),
+                           folder / "rgba.png", 7)
+    pal = Image.fromarray(pic).quantize(32)
+    files["palette-5"] = save(stored(pal, 5), folder / "pal.png", 5, transparency=0)
+    Image.fromarray(pic).quantize(64).save(folder / "frames.gif", save_all=True,
+                                           append_images=[Image.fromarray(255 - pic).quantize(64)])
+    files["gif"] = str(folder / "frames.gif")
+    Image.fromarray(pic).save(folder / "pages.tif", save_all=True, append_images=[Image.fromarray(255 - pic)])
+    files["tif-pages"] = str(folder / "pages.tif")
+    return files
+
+
+EXACT = ("png-", "png-late-", "tif-", "webp-", "png16-6", "rgba-7")  # lossless files of the very picture
+
+
+def _det_cfg(opts=()):
+    """The demo config at test size 120 (the 60-pixel pictures enlarged twice), no flip, no workers."""
+    return load_config(get_det_cfg(), "shapes_wrn_frcnn.yaml",
+                       ["INPUT.MIN_SIZE_TRAIN", "(120,)", "INPUT.MAX_SIZE_TRAIN", "1000", "INPUT.MIN_SIZE_TEST", "120",
+                        "INPUT.MAX_SIZE_TEST", "1000", "INPUT.RANDOM_FLIP", "none", "DATALOADER.NUM_WORKERS", "0",
+                        *opts])
+
+
+def _dicts(files):
+    x0, y0, x1, y1 = BOX
+    return [{"file_name": p, "height": H, "width": W, "image_id": i,
+             "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": 0, "iscrowd": 0}]}
+            for i, p in enumerate(files.values())]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_training_mapper_and_test_loader_hand_the_model_the_upright_picture(photos, decoder):
+    from wrn_det.data.det_loader import check_dataset_images
+
+    cfg = _det_cfg(["DATALOADER.DECODE", decoder])
+    fmt = cfg.INPUT.FORMAT
+    enlarged = tuple(2 * v for v in BOX)
+    dicts = _dicts(photos)
+    check_dataset_images(dicts, "photos")  # the header check: every size upright
+    mapper = DetectionMapper(cfg, True)
+    for d in dicts:
+        out = mapper(d, seed=5)
+        assert "image" in out, out
+        assert out["image"].shape == (3, 2 * H, 2 * W), d["file_name"]
+        assert close(red_box(out["image"], fmt), enlarged, 3), d["file_name"]
+        assert out["boxes"].tolist() == [list(map(float, enlarged))]  # the annotation lies on the red block
+    n = 0
+    for batch in build_detection_test_loader(cfg, dicts):
+        for x in batch:
+            assert x["image"].shape == (3, 2 * H, 2 * W) and close(red_box(x["image"], fmt), enlarged, 3), x["file_name"]
+            n += 1
+    assert n == len(dicts)
+
+
+class RedBlockFinder(torch.nn.Module):
+    """Stands in for a trained detector: one box around the red block of each image it is given, in the original
+    image's pixels (as the detector returns them, from the input's ``height`` and ``width``)."""
+
+    def __init__(self, fmt):
+        super().__init__()
+        self.fmt = fmt
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, inputs):
+        out = []
+        for x in inputs:
+            h, w = x["image"].shape[-2:]
+            x0, y0, x1, y1 = red_box(x["image"], self.fmt)
+            sx, sy = x["width"] / w, x["height"] / h
+            out.append({"boxes": torch.tensor([[x0 * sx, y0 * sy, x1 * sx, y1 * sy]]), "scores": torch.ones(1),
+                        "classes": torch.zeros(1, dtype=torch.int64)})
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder: the config at test size 120 and the checkpoint of an untrained narrow detector."""
+    from wrn_det.detection.modeling import build_detector
+    from wrn_det.engine.config import save_config
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    cfg = _det_cfg(["MODEL.WRN.NAME", "wrn_10_1", "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+                    "MODEL.DEVICE", "cpu"])
+    torch.save({"model": build_detector(cfg).state_dict(),
+                "metadata": {"thing_classes": ["block", "circle", "triangle"],
+                             "contiguous_id_to_thing_dataset_id": {0: 1, 1: 2, 2: 3}}}, folder / "model_final.pth")
+    save_config(cfg, str(folder / "config.yaml"))
+    return folder
+
+
+def test_predictor_returns_boxes_in_the_upright_pictures_pixels(photos, tiny_run):
+    from wrn_det import Predictor
+
+    p = Predictor(str(tiny_run / "config.yaml"), weights=str(tiny_run / "model_final.pth"), device="cpu")
+    p.model = RedBlockFinder(p.input_format)
+    for name, path in photos.items():
+        with Image.open(path) as im:
+            for image in (path, im):  # a path and a PIL image: turned upright
+                out = p(image)
+                assert (out["height"], out["width"]) == (H, W), name
+                assert close(out["boxes"][0].tolist(), BOX, 2), (name, out["boxes"])
+    # arrays and tensors are taken as given, as detectron2's predictor takes them: the stored, sideways pixels
+    with Image.open(photos["png-6"]) as im:
+        raw = np.asarray(im.convert("RGB"))
+    for image in (raw, chw(raw)):
+        out = p(image)
+        assert (out["height"], out["width"]) == (W, H) and close(out["boxes"][0].tolist(), red_box(chw(raw)), 2)
+    # a file that cannot be read is named as the user gave it
+    with pytest.raises(WrnDetError, match="^image file nowhere/photo.jpg cannot be read: no such file$"):
+        p("nowhere/photo.jpg")
+
+
+def _run(name, argv, capsys):
+    from helpers import load_tool
+
+    from wrn_det.engine.cli import cli_main
+
+    tool = load_tool(name)
+    capsys.readouterr()
+    status = cli_main(tool.main, tool.parse_args(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _broken_files(folder):
+    """Files no reader can use, each for another reason: ``{file name: what the error line says}``."""
+    good = io.BytesIO()
+    Image.fromarray(upright()).save(good, "JPEG")
+    files = {"cut.jpg": (good.getvalue()[:300], "cannot be read"), "text.png": (b"not an image", "cannot be read"),
+             "empty.jpg": (b"", "cannot be read: empty file"),
+             "tail.jpg": (good.getvalue()[:-2], "cannot be read: image file is truncated"),
+             "bomb.tif": (_bomb_tiff(), "cannot be read: Image size (3600000000 pixels) exceeds limit")}
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {name: why for name, (_, why) in files.items()}
+
+
+def test_demo_draws_upright_and_names_each_unreadable_file(photos, tiny_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from wrn_det.detection import predictor as predictor_module
+
+    init = predictor_module.Predictor.__init__
+
+    def with_finder(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.model = RedBlockFinder(self.input_format)
+
+    monkeypatch.setattr(predictor_module.Predictor, "__init__", with_finder)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, path in photos.items():
+        shutil.copy(path, inputs / f"{name}{path[path.rindex('.'):]}")
+    save(Image.fromarray(upright()), inputs / "reference.png")
+    broken = _broken_files(inputs)
+    out, js = tmp_path / "pictures", tmp_path / "detections.json"
+    status, stdout, err = _run("demo", ["--config-file", str(tiny_run / "config.yaml"), "--input", str(inputs),
+                                        "--output", str(out), "--json", str(js),
+                                        "MODEL.WEIGHTS", str(tiny_run / "model_final.pth")], capsys)
+    assert status == 1, err  # some failed; the others were done
+    lines = sorted(line for line in err.splitlines() if line.startswith("error:"))
+    assert len(lines) == len(broken) == len(err.strip().splitlines()), err
+    for line, (name, why) in zip(lines, sorted(broken.items())):
+        assert line.startswith(f"error: image file {inputs / name} {why}") and line.endswith("(skipped)"), line
+    done = len(photos) + 1
+    assert f"{done} of {done + len(broken)} images" in stdout and f"{len(broken)} failed" in stdout
+    results = json.loads(js.read_text())
+    assert len(results) == done
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert close((x, y, x + w, y + h), BOX, 2), r
+    reference = _png(out / "reference.png")
+    for name in photos:
+        picture = _png(out / f"{name}.png")
+        assert picture.shape == reference.shape, name  # drawn upright
+        if name.startswith(EXACT):
+            assert np.array_equal(picture, reference), name
+
+
+def test_visualize_data_draws_the_annotations_on_the_upright_picture(photos, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from wrn_det.detection.visualize import enlarge_factor
+
+    images = tmp_path / "datasets" / "coco" / "train2017"
+    images.mkdir(parents=True)
+    names = {}
+    for name, path in photos.items():
+        names[name] = f"{name}{path[path.rindex('.'):]}"
+        shutil.copy(path, images / names[name])
+    save(Image.fromarray(upright()), images / "reference.png")
+    names["reference"] = "reference.png"
+    names["cut"] = "cut.jpg"
+    _broken_files(images)
+    x0, y0, x1, y1 = BOX
+    entries = [{"id": i + 1, "file_name": f, "height": H, "width": W} for i, f in enumerate(names.values())]
+    annos = [{"id": i + 1, "image_id": i + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+              "category_id": 1, "iscrowd": 0} for i in range(len(entries))]
+    write_coco_split(tmp_path / "datasets", "train2017", entries, annos, [{"id": 1, "name": "block"}], write_images=False)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    out = tmp_path / "pictures"
+    status, stdout, err = _run("visualize_data", ["--config-file", "shapes_wrn_frcnn.yaml", "--source", "annotation",
+                                                  "--dataset", "coco_2017_train", "--output", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert status == 1 and len(lines) == 1, err  # the one unreadable image named and skipped, the others drawn
+    assert lines[0].startswith(f"error: image file {images / 'cut.jpg'} cannot be read: ") and lines[0].endswith(
+        "(skipped)"), err
+    assert "1 images failed" in stdout
+    rows = H * enlarge_factor(H, W)  # the drawn picture under its caption
+    reference = _png(out / "reference.png")[-rows:]
+    for name, f in names.items():
+        if name.startswith(EXACT):
+            assert np.array_equal(_png(out / f"{f[:f.rindex('.')]}.png")[-rows:], reference), name
+
+
+@pytest.mark.parametrize("decoder", ["pil", "torchvision", "cv2", "cuda"])
+def test_imagenet_loaders_hand_over_the_upright_picture(photos, tmp_path, decoder):
+    import shutil
+
+    from wrn_det.data.classification import read_imagenet
+
+    kept = {n: p for n, p in photos.items() if p.endswith((".jpg", ".png", ".tif", ".webp"))}  # ImageFolder's kinds
+    (tmp_path / "val" / "n0").mkdir(parents=True)
+    for i, path in enumerate(kept.values()):
+        shutil.copy(path, tmp_path / "val" / "n0" / f"{i:03d}{path[path.rindex('.'):]}")
+    ds = read_imagenet(str(tmp_path), False, None, decoder)
+    assert len(ds) == len(kept)
+    samples = [ds[i][0] for i in range(len(ds))]
+    if decoder == "cuda":
+        # the workers hand over JPEG bytes with the upright size (other files decoded there); the batch is decoded
+        # (nvJPEG on a GPU, here the CPU) and turned upright before the crops are cut
+        assert all((s.height, s.width) == (H, W) for s in samples)
+        assert {s.orientation for s in samples if s.data is not None} == set(range(1, 9))
+        assert any(s.data is None for s in samples)  # PNGs, TIFFs, WebPs, the CMYK JPEG
+        images = decode.decode_encoded(samples, "cpu")
+        for img, (path, _) in zip(images, ds.samples):
+            assert torch.equal(img, decode.read_image(path, "RGB", "torchvision")), path
+        crops = decode.gpu_crop_resize(images, [(BOX[1], BOX[0], BOX[3] - BOX[1], BOX[2] - BOX[0])] * len(images),
+                                       [False] * len(images), 16)
+        assert (crops[:, 0] > 160).all() and (crops[:, 1:] < 90).all()  # the red block, cut from the upright picture
+        return
+    for x, (path, _) in zip(samples, ds.samples):
+        img = chw(np.asarray(x)) if decoder == "pil" else x
+        assert img.shape == (3, H, W) and close(red_box(img), BOX, 1), path
+
+
+def test_a_trained_detector_sees_a_sideways_photo_as_the_upright_one(trained_shapes_detector, tmp_path):
+    """The session's shapes detector on held-out pictures stored sideways (EXIF 6, 8, 3) and as 16-bit colour PNGs
+    (EXIF 5): the very detections of the upright picture, in its pixels."""
+    from pathlib import Path
+
+    from wrn_det import Predictor
+
+    run = trained_shapes_detector
+    p = Predictor(str(run.dir / "config.yaml"), weights=run.weights, device="cpu")
+    val = sorted((Path(run.datasets_root) / "coco" / "val2017").glob("*.jpg"))[:3]
+    found = 0
+    for k, (path, o) in enumerate(zip(val, (6, 8, 3))):
+        with Image.open(path) as im:
+            pic = np.asarray(im.convert("RGB"))
+        expected = p(chw(pic))
+        found += len(expected["boxes"])
+        for f in (save(stored(pic, o), tmp_path / f"{k}.png", o), _cv2_png16(pic, tmp_path / f"{k}_16.png", 5)):
+            got = p(f)
+            assert torch.equal(got["boxes"], expected["boxes"]) and torch.equal(got["scores"], expected["scores"]), f
+            assert (got["height"], got["width"]) == pic.shape[:2]
+    assert found >= 3
