@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from wrn_det.data.decode import pil_to_tensor
 from wrn_det.data.det_loader import DetectionMapper, read_image
 from wrn_det.engine.config import CfgNode, load_config
 from wrn_det.engine.errors import ConfigError, WrnDetError
@@ -57,17 +58,25 @@ def load_predictor_config(config, opts: Sequence[str] = (), weights: Optional[st
 
 
 def image_to_tensor(image, fmt: str = "RGB") -> torch.Tensor:
-    """Return ``image`` as a uint8 (3, H, W) tensor in channel order ``fmt`` (RGB or BGR).
+    """Return ``image`` as an upright uint8 (3, H, W) tensor in channel order ``fmt`` (RGB or BGR).
 
-    ``image``: a file path (read as the evaluation reads files), a PIL image, an
-    HxWx3 uint8 numpy array (RGB) or a uint8 (3, H, W) tensor (RGB). Raises
-    :class:`WrnDetError` with one line for anything else.
+    ``image``: a file path (read as the evaluation reads files: its EXIF orientation applied,
+    every mode turned into 8-bit RGB), a PIL image (its EXIF orientation and mode likewise),
+    an HxWx3 uint8 numpy array (RGB) or a uint8 (3, H, W) tensor (RGB); arrays and tensors
+    are taken as given, as detectron2's predictor takes them. Raises :class:`WrnDetError`
+    with one line for anything else, naming the file when a path was given.
     """
-
     if isinstance(image, (str, os.PathLike)):
         return read_image(os.fspath(image), fmt)
     if type(image).__module__.startswith("PIL."):
-        image = np.array(image.convert("RGB"))
+        try:
+            image = pil_to_tensor(image, "RGB")
+        except WrnDetError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a PIL image whose data cannot be loaded (a file cut short, say)
+            name = getattr(image, "filename", "")
+            what = f"image file {name}" if name else "the PIL image"
+            raise WrnDetError(f"{what} cannot be read: {' '.join(str(e).split()) or type(e).__name__}") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WrnDetError(f"a numpy image must be HxWx3 uint8 RGB, got shape {image.shape} and dtype {image.dtype}")
