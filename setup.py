@@ -24,8 +24,11 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        # filelock: the xdist workers build the session's trained detector once, one waiting for the other
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12"],
+        # filelock: the xdist workers build the session's trained detector once, one waiting for the other;
+        # mlflow and wandb: the tracker tests, run offline (local MLflow stores, WANDB_MODE=offline)
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12", "mlflow>=2.9", "wandb>=0.16"],
+        # LOGGERS "('mlflow',)" / "('wandb',)": the experiment trackers (wrn_det.engine.trackers)
+        "trackers": ["mlflow>=2.9", "wandb>=0.16"],
         # tools/export_model.py --format onnx (onnx writes the file, onnxruntime checks it)
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
