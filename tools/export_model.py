@@ -63,8 +63,16 @@ def main(args) -> int:
         if check is None:
             how = "not run: onnxruntime is not installed (pip install -e '.[export]')"
         else:
-            how = (f"{'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'} on {check['images']} images: boxes within "
-                   f"{check['max_box']:.2g} px, scores within {check['max_score']:.2g} of PyTorch")
+            how = (f"{'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'} on {check['images']} images: "
+                   f"{check['matched']} of {check['detections']} detections of PyTorch found, boxes within "
+                   f"{check['max_box']:.2g} px, scores within {check['max_score']:.2g}")
+            if check["borderline"]:  # the rest: kept by one and not the other, for a difference within the tolerances
+                how += (f"; {len(check['borderline'])} borderline (at the score threshold, the per-image limit or a "
+                        f"tie in NMS), allowed to differ: " + "; ".join(
+                            f"image {n + 1}, {'PyTorch' if d['side'] == 'ref' else 'export'}'s class {d['class']} "
+                            f"score {d['score']:.4g} ({d['why']})" for n, d in check["borderline"][:5]))
+                if len(check["borderline"]) > 5:
+                    how += f"; and {len(check['borderline']) - 5} more"
         print(f"wrote {args.output} ({args.format}, {size:.1f} MiB, {len(predictor.thing_classes)} classes); check {how}",
               flush=True)
         return 0
