@@ -68,9 +68,6 @@ def _number(parent, tag: str, where: str) -> float:
 
 
 def _parse(path: str, data: bytes):
-    if len(data) > MAX_ANNOTATION_BYTES:
-        raise WrnDetError(f"VOC annotation {path} is larger than {MAX_ANNOTATION_BYTES >> 20} MiB; expected a VOC "
-                          "annotation file (a size and a list of objects)")
     # VOC files never declare a DTD; refusing one keeps entity expansion (the "billion laughs") and external
     # entities out of the parser, whatever the XML library's own limits
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
@@ -96,8 +93,13 @@ def read_voc_annotation(path: str, class_index: Dict[str, int]) -> Tuple[int, in
     annotation: see the module's docstring.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_ANNOTATION_BYTES + 1)
+        with open(path, "rb", buffering=0) as f:
+            # the size first: a huge file is refused unread (a pipe or device, of size 0, gives one byte)
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_ANNOTATION_BYTES:
+                raise WrnDetError(f"VOC annotation {path} is larger than {MAX_ANNOTATION_BYTES >> 20} MiB; expected a "
+                                  "VOC annotation file (a size and a list of objects)")
+            data = f.read(size + 1)
     except FileNotFoundError:
         raise WrnDetError(f"VOC annotation {path} not found; expected one Annotations/<file id>.xml per id of the "
                           "split") from None
