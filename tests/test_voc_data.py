@@ -86,6 +86,7 @@ LAUGHS = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
     (SIMPLE.format(difficult="maybe", ymin=1), "has <difficult> 'maybe'; expected 0 or 1"),
     (LAUGHS, "declares a DTD or entities; expected plain XML"),
     ('<!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><annotation>&x;</annotation>', "declares a DTD"),
+    (LAUGHS.replace('<?xml version="1.0"?>', "").encode("utf-16"), "declares a DTD or entities"),  # not in the bytes
 ])
 def test_hostile_annotation_file_is_one_line_naming_it(tmp_path, content, expected):
     folder = write_tree(tmp_path / "VOCx", {"a": SIMPLE.format(difficult=0, ymin=1), "b": content},

@@ -22,9 +22,10 @@ from wrn_det.detection.evaluation.voc import VOCGroundTruth
 CLASSES = ("cat", "dog", "person")
 
 # What detectron2's PascalVOCDetectionEvaluator returned on these detections (AP, AP50, AP75), with the
-# per-class AP50 from its voc_eval on the same text files: detectron2 0.6 (commit 02b5c4e2) built in a second
-# venv, numpy 2.4.6, printed by test_same_numbers_as_detectron2_itself with
-#   PYTHONPATH=. /path/to/d2venv/bin/python -m pytest -q -p no:xdist tests/test_voc_eval.py -k detectron2_itself -s
+# per-class AP50 from its voc_eval on the same text files: detectron2 0.6 (commit 02b5c4e2) built from source in
+# a second venv (/work/d2venv, which also sees this project's packages; numpy 2.4.6), printed by
+# test_same_numbers_as_detectron2_itself when run from the repository root as
+#   PYTHONPATH=. /work/d2venv/bin/python -m pytest -q -p no:xdist tests/test_voc_eval.py -k detectron2_itself -s
 D2_NUMBERS = {
     2007: {"AP": 42.00046400211019, "AP50": 66.96104002911922, "AP75": 53.05567507662113,
            "AP50-cat": 68.73141125631433, "AP50-dog": 58.57035756090488, "AP50-person": 73.58135127013846},

@@ -67,14 +67,31 @@ def _number(parent, tag: str, where: str) -> float:
     return value
 
 
+class _DoctypeFound(Exception):
+    pass
+
+
+class _NoDoctype(ET.TreeBuilder):
+    """A tree builder that stops the parse at a document type declaration, before any entity is declared."""
+
+    def doctype(self, name, pubid, system):
+        raise _DoctypeFound()
+
+
 def _parse(path: str, data: bytes):
     # VOC files never declare a DTD; refusing one keeps entity expansion (the "billion laughs") and external
-    # entities out of the parser, whatever the XML library's own limits
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise WrnDetError(f"VOC annotation {path} declares a DTD or entities; expected plain XML (refused unparsed: "
+    # entities out of the parser, whatever the XML library's own limits: at once in the bytes, and in any other
+    # encoding (UTF-16, say) when the parser meets the declaration
+    refused = WrnDetError(f"VOC annotation {path} declares a DTD or entities; expected plain XML (refused unparsed: "
                           "entity expansion)")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise refused
     try:
-        root = ET.fromstring(data)
+        parser = ET.XMLParser(target=_NoDoctype())
+        parser.feed(data)
+        root = parser.close()
+    except _DoctypeFound:
+        raise refused from None
     except ET.ParseError as e:
         line, col = getattr(e, "position", (0, 0))
         raise WrnDetError(f"VOC annotation {path} is not well-formed XML (line {line}, column {col}); expected an "
