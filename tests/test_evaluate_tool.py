@@ -10,7 +10,7 @@ import logging
 import pytest
 from helpers import load_tool, write_coco
 
-from wrn_det.data import catalog, voc
+from wrn_det.data import catalog
 
 BACKENDS = ["faster_coco_eval", "pycocotools"]
 

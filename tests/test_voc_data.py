@@ -39,6 +39,7 @@ def test_builtin_names_read_detectron2s_layout_and_conventions(tmp_path, monkeyp
         year = 2007 if "2007" in name else 2012
         assert meta.year == year and meta.evaluator_type == "pascal_voc" and len(meta.thing_classes) == 20
         assert meta.dirname == str(root / f"VOC{year}") and meta.split == name.split("_")[-1]
+        assert [d["image_id"] for d in dicts] == list(ok)
     first = catalog.DatasetCatalog.get("voc_2007_test")[0]
     assert first["image_id"] == "2007_000027" and (first["width"], first["height"]) == (500, 375)
     assert first["file_name"] == str(root / "VOC2007" / "JPEGImages" / "2007_000027.jpg")
