@@ -35,9 +35,11 @@ logger = logging.getLogger("wrn_det")
 
 
 def annotation_boxes(annotations: Sequence[dict], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Return the (N, 4) XYXY boxes of COCO-style annotations, whose ``bbox`` is ``[x, y, width, height]``."""
-    xywh = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
-    return box_convert(xywh, "xywh", "xyxy")
+    """Return the (N, 4) XYXY boxes of annotations, whose ``bbox`` is ``[x, y, width, height]`` (COCO's) or, with
+    ``"bbox_mode": 0`` (detectron2's XYXY_ABS, as the VOC reader gives), ``[x0, y0, x1, y1]``."""
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
+    xyxy = torch.tensor([a.get("bbox_mode", 1) == 0 for a in annotations], dtype=torch.bool)
+    return torch.where(xyxy[:, None], boxes, box_convert(boxes, "xywh", "xyxy"))
 
 
 class LoadError(dict):
