@@ -25,7 +25,7 @@ folder the Hugging Face Hub shows as a model: ``config.yaml``, ``model.safetenso
 ``README.md`` model card (network, dataset, classes, the evaluation table and training
 command of the run in ``--run-dir``, ``--license``, the paper's citation), read back by
 ``wrn_det.Predictor.from_pretrained`` (detectors) and ``wrn_det.models.from_pretrained``
-(classifiers); upload it with ``huggingface-cli upload <you>/<name> FOLDER``. The config
+(classifiers); upload it with ``hf upload <you>/<name> FOLDER`` (huggingface_hub). The config
 says which kind of model it is (a classification config has ``MODEL.NAME``). Weights come
 through ``MODEL.WEIGHTS`` (for detectors: builtin or detectron2-engine checkpoints);
 ``KEY VALUE`` pairs override the config.

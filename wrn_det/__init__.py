@@ -12,8 +12,6 @@ as soon as timm is imported, before or after ``wrn_det``
 (:mod:`wrn_det.models.timm_models`): ``import timm, wrn_det; timm.create_model("wrn_28_10")``.
 Until timm is imported this costs nothing but a finder on ``sys.meta_path``.
 """
-import importlib.abc
-import importlib.util
 import sys
 
 __version__ = "0.1.0"
@@ -51,8 +49,9 @@ def _register_in_timm() -> None:
         warnings.warn(f"wrn_det could not register its networks in timm's registry: {type(e).__name__}: {e}")
 
 
-class _RegisterAfterLoading(importlib.abc.Loader):
-    """timm's own loader, plus the registration once timm's package has run."""
+class _RegisterAfterLoading:
+    """timm's own loader, plus the registration once timm's package has run (a loader in importlib's protocol;
+    importlib.abc is not imported, to keep ``import wrn_det`` light)."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -68,12 +67,15 @@ class _RegisterAfterLoading(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-class _TimmFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``timm`` is first imported, wraps the loader the other finders give it."""
+class _TimmFinder:
+    """Finds nothing itself: when ``timm`` is first imported, wraps the loader the other finders give it (a meta path
+    finder in importlib's protocol)."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "timm":
             return None
+        import importlib.util
+
         if self in sys.meta_path:
             sys.meta_path.remove(self)  # once: the finders below find the real timm
         spec = importlib.util.find_spec("timm")
@@ -82,7 +84,7 @@ class _TimmFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-if "timm" in sys.modules:
+if sys.modules.get("timm") is not None:  # imported already (None: blocked, as if not installed)
     _register_in_timm()
 elif not any(isinstance(f, _TimmFinder) for f in sys.meta_path):
     sys.meta_path.insert(0, _TimmFinder())

@@ -259,5 +259,5 @@ def _model_card(predictor: "Predictor", run_dir: Optional[str], license: str, re
         datasets=hub_ids, metrics=["mean_average_precision"], license=license, evaluation=rows,
         evaluated_on=f"{evaluated_on} (COCO box AP)", eval_results=results,
         command=run_command(run_dir) if run_dir else None,
-        usage=f"from wrn_det import Predictor\n\npredictor = Predictor.from_pretrained({repo_id!r})\n"
+        usage=f"from wrn_det import Predictor\n\npredictor = Predictor.from_pretrained(\"{repo_id}\")\n"
               "out = predictor(\"photo.jpg\")  # boxes, scores, classes, class_names")

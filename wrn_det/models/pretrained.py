@@ -148,7 +148,7 @@ def save_pretrained(model: nn.Module, folder: str, cfg, run_dir: Optional[str] =
         datasets=[HUB_DATASETS[dataset]] if dataset in HUB_DATASETS else [], metrics=["accuracy"], license=license,
         evaluation=rows, evaluated_on=f"the {pretty} test set (errors in %)", eval_results=results,
         command=run_command(run_dir) if run_dir else None,
-        usage=f"from wrn_det.models import from_pretrained\n\nmodel = from_pretrained({repo!r})  # eval mode\n"
+        usage=f"from wrn_det.models import from_pretrained\n\nmodel = from_pretrained(\"{repo}\")  # eval mode\n"
               "logits = model(images)  # images normalised as `config.yaml` INPUT says")
     fields = classifier_file_fields(model, cfg)
     return write_model_folder(folder, model.state_dict(), fields.pop("config"), card, fields)
