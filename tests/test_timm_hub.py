@@ -146,7 +146,7 @@ def test_registration_follows_timm_whichever_is_imported_first(tmp_path):
             "    import timm, wrn_det\n"
             "    light = []\n"
             "print(json.dumps({'light': light, 'ours': timm.is_model('wrn_28_10') and timm.is_model('vgg_cifar'),\n"
-            "                  'theirs': timm.models.get_arch_pretrained_cfgs('wide_resnet50_2') != {}}))\n")
+            "                  'theirs': timm.is_model_pretrained('wide_resnet50_2')}))\n")  # timm's, with its weights
     for first in ("wrn_det", "timm"):
         r = subprocess.run([sys.executable, "-c", code, first], env=tool_env(), capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)

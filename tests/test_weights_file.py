@@ -79,7 +79,7 @@ def test_detector_safetensors_load_to_the_same_tensors_and_detections(name, opts
 
 def test_reader_tells_what_each_file_is(tmp_path):
     from wrn_det.models import build_model
-    from wrn_det.models.convert import builtin_checkpoint, d2_checkpoint, to_protocol_keys  # noqa: F401
+    from wrn_det.models.convert import builtin_checkpoint, d2_checkpoint
 
     net = build_model("wrn_10_1")
     state = net.state_dict()
@@ -135,11 +135,11 @@ def _raw_safetensors(path, header: dict, data: bytes, length=None):
     path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
 
 
-def _good(tmp_path):
+def _good():
     """A real detector file's tensors and header, to attack."""
-    model = _detector(*CASES[0], 0)
     from wrn_det.detection.weights import detector_file_fields
 
+    model = _detector(*CASES[0], 0)
     return model.state_dict(), detector_file_fields(model, _cfg(*CASES[0]), META)
 
 
@@ -162,7 +162,7 @@ def _good(tmp_path):
 def test_hostile_safetensors_is_one_line(tmp_path, case, expected):
     from wrn_det.detection.weights import load_inference_weights
 
-    state, fields = _good(tmp_path)
+    state, fields = _good()
     path = tmp_path / f"{case}.safetensors"
     save_safetensors(str(path), state, **fields)
     raw = path.read_bytes()
