@@ -67,8 +67,9 @@ class GeneralizedRCNN(DetectorBase):
 
     def _forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensors)
+        # the targets' copies are queued before the backbone's work, not behind it
         targets = self.targets(batched_inputs) if self.training else None
+        features = self.backbone(images.tensors)
         if self.rpn is not None:
             rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
             proposals, rpn_losses = self.rpn(images, rpn_features, targets)
@@ -134,11 +135,12 @@ class ProposalNetwork(DetectorBase):
 
     def _forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
+        targets = self.targets(batched_inputs) if self.training else None  # queued before the backbone's work
         features = self.backbone(images.tensors)
         feats = OrderedDict((f, features[f]) for f in self.rpn.in_features)
         if self.training:
             # torchvision's RPN also selects proposals in training; they are not needed here (as in detectron2)
-            _, losses = self.rpn(images, feats, self.targets(batched_inputs))
+            _, losses = self.rpn(images, feats, targets)
             return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
         results = []
         for (boxes, logits), x, size in zip(self.propose(images, list(feats.values())), batched_inputs,
