@@ -29,7 +29,7 @@ from wrn_det.engine.errors import ConfigError, NonFiniteLossError, WrnDetError
 from wrn_det.engine.events import MetricsWriter, trim_metrics
 from wrn_det.engine.fileio import atomic_save, write_json
 from wrn_det.engine.launch import create_ddp_model
-from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
+from wrn_det.engine.optim import OptimizerStep, amp_dtype, fused_if_supported, non_finite_error
 from wrn_det.engine.progress import progress
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
@@ -222,9 +222,10 @@ class ClsTrainer(TrainerBase):
         s = self.cfg.SOLVER
         self.base_lr = s.BASE_LR * (s.IMS_PER_BATCH / s.REFERENCE_BATCH_SIZE if s.REFERENCE_BATCH_SIZE > 0 else 1.0)
         try:
+            params = list(self.model.parameters())
             self.optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=self.base_lr, momentum=s.MOMENTUM, dampening=s.DAMPENING,
-                weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+                params, lr=self.base_lr, momentum=s.MOMENTUM, dampening=s.DAMPENING,
+                weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV, **fused_if_supported(params, self.device))
         except ValueError as e:
             raise ConfigError(f"SOLVER (BASE_LR/MOMENTUM/DAMPENING/WEIGHT_DECAY/NESTEROV): {e}") from None
         steps = [int(x) for x in s.STEPS]
