@@ -137,10 +137,13 @@ def _det_opts(path: Path, out: Path):
             "DATALOADER.NUM_WORKERS", "0", "LOG_PERIOD", "1", "SEED", "0", "OUTPUT_DIR", str(out / path.stem)]
     if "rpn" in path.stem:
         opts += ["DATASETS.TEST", "('coco_2017_train', 'coco_2017_val')"]
-    if "fast_rcnn" in path.stem:
-        props = out / path.stem.replace("fast_rcnn", "rpn") / "inference"
+    if "fast_rcnn" in path.stem:  # the proposals (and, for the demo, the weights) of the RPN run of its family
+        rpn = out / path.stem.replace("fast_rcnn", "rpn")
+        props = rpn / "inference"
         opts += ["DATASETS.PROPOSAL_FILES_TRAIN", f"('{props}/coco_2017_train/box_proposals.pkl',)",
                  "DATASETS.PROPOSAL_FILES_TEST", f"('{props}/coco_2017_val/box_proposals.pkl',)"]
+        if path.parent.name == "demo":
+            opts += ["MODEL.WEIGHTS", str(rpn / "model_final.pth")]
     return opts
 
 
@@ -182,9 +185,10 @@ def _run_configs(family: str, data: str, out: str) -> None:
             "losses": [r.get("train_loss", r.get("total_loss")) for r in rows
                        if r.get("train_loss", r.get("total_loss")) is not None],
         }
-        if comm.is_main_process():  # the weights are not needed: keep the disk free for the next config
+        if comm.is_main_process():  # the weights are not needed (but an RPN's final ones): keep the disk free
             for f in Path(cfg.OUTPUT_DIR).glob("*.pth"):
-                f.unlink()
+                if "rpn" not in path.stem or f.name != "model_final.pth":
+                    f.unlink()
         for name in ("wrn_det", "wrn_det.cls"):
             logging.getLogger(name).handlers.clear()
     if comm.is_main_process():
