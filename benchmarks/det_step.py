@@ -300,11 +300,13 @@ def detectron2_row(config: str, opts, device, autocast, builtin: Row) -> Row:
 
     torch.manual_seed(0)
     if config == D2_R50_CONFIG:
-        from detectron2 import model_zoo
+        import detectron2
         from detectron2.config import get_cfg
 
         cfg = get_cfg()
-        cfg.merge_from_file(model_zoo.get_config_file(config))
+        # the model zoo's file, found without detectron2.model_zoo (it imports pkg_resources, which
+        # recent setuptools no longer has)
+        cfg.merge_from_file(os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", config))
         mean, std = list(builtin.model.pixel_mean.flatten().tolist()), list(builtin.model.pixel_std.flatten().tolist())
         cfg.merge_from_list(["MODEL.DEVICE", str(device), "MODEL.WEIGHTS", "", "MODEL.RESNETS.STRIDE_IN_1X1", False,
                              "MODEL.PIXEL_MEAN", mean, "MODEL.PIXEL_STD", std, "INPUT.FORMAT", "RGB"] + opts)

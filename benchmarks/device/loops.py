@@ -43,18 +43,33 @@ def write_coco(root: str, n: int, seed: int = 0) -> None:
     folder = os.path.join(root, "coco", "train2017")
     paths = write_photo_jpegs(folder, [(480, 640)] * n, seed=seed)
     rng = random.Random(seed)
+    categories = coco_categories()
     images, annotations = [], []
     for i, path in enumerate(paths):
         images.append({"id": i + 1, "file_name": os.path.basename(path), "height": 480, "width": 640})
         for _ in range(7):
             w, h = rng.uniform(20, 300), rng.uniform(20, 200)
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": rng.randint(1, 80),
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": rng.choice(categories)["id"],
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-    categories = [{"id": c, "name": f"class{c}"} for c in range(1, 81)]
     os.makedirs(os.path.join(root, "coco", "annotations"), exist_ok=True)
     with open(os.path.join(root, "coco", "annotations", "instances_train2017.json"), "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def coco_categories() -> list:
+    """Return COCO's 80 categories (ids 1..90 and names) as detectron2 registers ``coco_2017_train`` with them.
+
+    detectron2 refuses a ``coco_2017_*`` file whose class names differ from its own; without
+    detectron2, names of our own with COCO's ids.
+    """
+    try:
+        from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+    except ImportError:
+        ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+        return [{"id": i, "name": f"class{i}"} for i in ids]
+    return [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c.get("isthing", 1)]
 
 
 def run_engine(engine: str, a, data_root: str, out: str) -> dict:
