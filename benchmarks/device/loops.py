@@ -11,8 +11,8 @@ and reads back what each wrote: the median ``time`` and ``data_time`` per iterat
 ``metrics.json`` (past the first logged window, which holds start-up and cuDNN's algorithm
 search), the largest ``max_mem`` of ``log.txt`` and the wall time of the whole command. The
 engine overhead beyond the bare step (``benchmarks/det_step.py``) shows here: data loading,
-logging, the loop. Both engines train in each engine's mixed precision (float16 with a scaler:
-``SOLVER.AMP.DTYPE`` default; ``--dtype bfloat16`` for both).
+logging, the loop. Both engines train with ``SOLVER.AMP`` on, in ``--dtype`` (float16 with a
+scaler by default; ``bfloat16``; ``none``: float32, as on a CPU, where detectron2's AMP trainer refuses to run).
 
     python benchmarks/device/loops.py [--iters 40] [--batch 8] [--workers 8] [--engines builtin,detectron2]
 """
@@ -76,7 +76,8 @@ def run_engine(engine: str, a, data_root: str, out: str) -> dict:
     """Run train_net.py on ``engine``; returns {"time", "data_time", "max_mem", "wall", "rc"}."""
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", a.config,
            "--engine", engine, "SOLVER.MAX_ITER", str(a.iters), "SOLVER.IMS_PER_BATCH", str(a.batch),
-           "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", a.dtype, "DATALOADER.NUM_WORKERS", str(a.workers),
+           *(["SOLVER.AMP.ENABLED", "False"] if a.dtype == "none" else
+             ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", a.dtype]), "DATALOADER.NUM_WORKERS", str(a.workers),
            "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "100000",
            "INPUT.MIN_SIZE_TRAIN", f"({a.size},)", "SOLVER.WARMUP_ITERS", "0", "OUTPUT_DIR", out,
            *a.opts]
@@ -112,7 +113,8 @@ def main() -> int:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=800, help="INPUT.MIN_SIZE_TRAIN (the images are 640x480)")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "none"],
+                   help="autocast dtype of both engines; none: float32 (detectron2's AMP trainer needs CUDA)")
     p.add_argument("--device", default="", help="MODEL.DEVICE (default: the config's, a GPU when present)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per engine")
     p.add_argument("opts", nargs="*", help="more KEY VALUE overrides for both engines")

@@ -78,10 +78,10 @@ step() {  # NAME LIMIT_S COMMAND...: run it with its own time limit, RESULT line
     [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name (limit ${limit} s, at $((SECONDS - start)) s)" | tee -a "$RUNLOG"
     local t0=$SECONDS
-    timeout --kill-after=5 "$limit" "$@" > >(tee "$LOG_DIR/$name.log" >> "$RUNLOG") 2>&1
-    local rc=$?
-    sleep 0.2  # the tee behind the process substitution drains
-    grep -h "^RESULT" "$LOG_DIR/$name.log" | tee -a "$RESULTS"
+    # everything to the step's log and run.log, the RESULT lines to the console and results.txt as they come
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log" | tee -a "$RUNLOG" \
+        | grep --line-buffered "^RESULT" | tee -a "$RESULTS"
+    local rc=${PIPESTATUS[0]}
     if [ $rc -ne 0 ]; then
         echo "== $name ended with status $rc$( [ $rc -eq 124 ] && echo ' (its time limit)') after $((SECONDS - t0)) s" \
             | tee -a "$RUNLOG" "$RESULTS"
@@ -94,16 +94,17 @@ if [ $SMOKE = 1 ]; then
     SMALL="--config demo/shapes_wrn_frcnn.yaml"
     step check 40 $PY benchmarks/device/check.py --device $DEV --size 64 $SMALL
     step det_step_bf16 25 $DS --size 64 --batch 1 --iters 1 --amp bf16 --rows builtin,d2 $SMALL
-    step det_step_fp32 30 $DS --size 64 --batch 1 2 --iters 1 --rows builtin,d2,builtin-r50,torchvision,d2-r50 $SMALL
+    step det_step_fp32 30 $DS --size 64 --batch 1 --iters 1 --rows builtin,d2,builtin-r50,torchvision,d2-r50 $SMALL
     step det_step_fp16 20 $DS --size 64 --batch 1 --iters 1 --amp fp16 --rows builtin,d2 $SMALL
     step loops 45 $PY benchmarks/device/loops.py --iters 2 --batch 2 --images 4 --size 64 --workers 0 \
-        --config demo/shapes_wrn_frcnn.yaml --dtype bfloat16 --engines builtin$( [ $D2 = 1 ] && echo ,detectron2) \
+        --config demo/shapes_wrn_frcnn.yaml --dtype "$( [ $DEV = cuda ] && echo bfloat16 || echo none)" \
+        --engines builtin$( [ $D2 = 1 ] && echo ,detectron2) \
         MODEL.ROI_HEADS.NUM_CLASSES 80 INPUT.MAX_SIZE_TRAIN 96 LOG_PERIOD 1
     step profile 20 $PY benchmarks/device/profile_step.py --device $DEV --size 64 --batch 1 --iters 1 --row-limit 8 \
         $SMALL --rows builtin$( [ $D2 = 1 ] && echo ,d2)
     step gpu_wrn_28_10 15 $PY benchmarks/gpu.py --device $DEV --model wrn_10_1 --batch 8 --steps 2 --warmup 1 \
         --variants fp32,bf16-cl-fused
-    step gpu_wide_resnet50_2 15 $PY benchmarks/gpu.py --device $DEV --model wide_resnet50_2 --batch 2 --steps 1 \
+    step gpu_wide_resnet50_2 15 $PY benchmarks/gpu.py --device $DEV --model wide_resnet50_2 --batch 1 --steps 1 \
         --warmup 1 --variants fp32
     step det_data 15 $PY benchmarks/det_data.py --images 4 --rounds 1
     step summary 10 $PY benchmarks/device/summary.py "$RESULTS" "$LOG_DIR/det_data.log" --size 64 --batch 1
