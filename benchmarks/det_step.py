@@ -18,8 +18,9 @@ Rows (``--rows``, default all that can run):
   row's weights (so both see the same proposals);
 * ``builtin-r50``: the builtin engine, ResNet-50-FPN (the same config with
   ``MODEL.WRN.NAME wide_resnet50_1``, torchvision's ResNet-50 layout);
-* ``torchvision``: torchvision's own ``fasterrcnn_resnet50_fpn`` (FrozenBN, res2..res5
-  trained, its own defaults) with the ``builtin-r50`` row's weights;
+* ``torchvision``: torchvision's own ``fasterrcnn_resnet50_fpn`` (FrozenBN, res3..res5
+  trained as the builtin config's ``FREEZE_AT 2`` does: stem and res2 frozen, its own defaults)
+  with the ``builtin-r50`` row's weights;
 * ``d2-r50``: detectron2's own R50-FPN (``COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml``
   of its model zoo, with the stride in the 3x3 convolutions and the pixel statistics of
   the builtin config, so that it is the same network) with the ``builtin-r50`` row's weights.
@@ -31,11 +32,20 @@ falls on every row. Each ``--size`` gives one table: short side ``size``, long s
 ``4/3 size`` (at most 1333: ``--size 800`` is COCO's training size).
 
 Goals (detectron2 time / builtin time, WRN-34-2-FPN, same config and precision): training
->= 1.2x and inference >= 1.5x; builtin ResNet-50-FPN inference no slower than
-torchvision's model (torchvision time / builtin time >= 1).
+>= 1.2x on the CPU, >= 1.3x on a GPU, and inference >= 1.5x; builtin ResNet-50-FPN inference no
+slower than torchvision's model (torchvision time / builtin time >= 1).
 
-    python benchmarks/det_step.py [--size 256 800] [--batch 2] [--iters 3] [--device cpu]
-                                  [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16]
+    python benchmarks/det_step.py [--size 256 800] [--batch 2 8] [--iters 3] [--device cpu]
+                                  [--rows builtin,d2,builtin-r50,torchvision,d2-r50] [--amp bf16|fp16]
+                                  [--builtin-opts MODEL.CHANNELS_LAST True ...]
+
+Every table also gives images per second (training: batch / s per iteration; inference:
+1 / s per image) and, on CUDA, each row's peak memory in training (``torch.cuda.max_memory_allocated``
+around its iterations); each row prints a ``RESULT det_step_<row>_...`` line as its table is done.
+``--amp fp16`` is float16 autocast with a gradient scaler (``torch.amp.GradScaler``), for the
+builtin and detectron2 rows (torchvision's and detectron2's R50 rows run in fp32 and bf16 only).
+``--builtin-opts``: config overrides for the builtin rows alone (``MODEL.CHANNELS_LAST True``,
+``MODEL.COMPILE True``).
 
 Ablation rows, by name only: the builtin row built with one fast CPU piece off by its
 config key (same weights): ``builtin-no-fastconv`` (``MODEL.FAST_CPU.CONV False``: ``nn.Conv2d``,
@@ -77,10 +87,12 @@ LABELS = {"builtin": "builtin, WRN-34-2-FPN", "d2": "detectron2, WRN-34-2-FPN",
           "builtin-tv-roialign": "builtin WRN-34-2-FPN, torchvision RoIAlign",
           "builtin-r50": "builtin, ResNet-50-FPN", "torchvision": "torchvision fasterrcnn_resnet50_fpn",
           "d2-r50": "detectron2, its own R50-FPN"}
-GOAL_TRAIN, GOAL_INFER, GOAL_TV = 1.2, 1.5, 1.0
+GOAL_TRAIN, GOAL_TRAIN_GPU, GOAL_INFER, GOAL_TV = 1.2, 1.3, 1.5, 1.0
+# rows that run with --amp fp16 (float16 autocast and a gradient scaler)
+FP16_ROWS = ("builtin", "d2") + tuple(ABLATIONS)
 
 
-def make_inputs(n: int, size: int, seed: int = 0, vary: bool = False):
+def make_inputs(n: int, size: int, seed: int = 0, vary: bool = False, num_classes: int = 80):
     """Return ``n`` dicts with a uint8 image of short side ``size`` (4:3, long side at most 1333),
     XYXY ``boxes`` and ``classes``. ``vary``: every image of another padded size (32 pixels
     less in height for every other image, 32 less in width every two images)."""
@@ -94,7 +106,7 @@ def make_inputs(n: int, size: int, seed: int = 0, vary: bool = False):
         xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
         wh = 16 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
         out.append({"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
-                    "boxes": torch.cat([xy, xy + wh], 1), "classes": torch.randint(0, 80, (k,), generator=g),
+                    "boxes": torch.cat([xy, xy + wh], 1), "classes": torch.randint(0, num_classes, (k,), generator=g),
                     "height": h, "width": w})
     return out
 
@@ -112,8 +124,31 @@ def _sgd(model):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
 
 
-def builtin_row(opts, device, autocast) -> Row:
-    """The builtin engine's Faster R-CNN built from CONFIG with the ``KEY VALUE`` overrides ``opts``.
+class Step:
+    """Backward and SGD update of one row, through a gradient scaler under float16 (``AMP["scaler"]``)."""
+
+    def __init__(self, model, device):
+        self.opt = _sgd(model)
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=AMP["dtype"] == torch.float16)
+
+    def __call__(self, loss) -> None:
+        """Zero the gradients, backpropagate ``loss`` and update."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+#: the autocast dtype of every row (None: float32), set by main()
+AMP = {"dtype": None}
+#: --builtin-opts: config overrides of the builtin rows, set by main()
+BUILTIN_OPTS = []
+#: --config: the project config of the builtin and d2 rows (and their ablations), set by main()
+ROW_CONFIG = [CONFIG]
+
+
+def builtin_row(opts, device, autocast, config: str = CONFIG) -> Row:
+    """The builtin engine's Faster R-CNN built from ``config`` with the ``KEY VALUE`` overrides ``opts``.
 
     Every row is built from the same seed, so rows of one network have the same weights
     (the ablation rows' ``MODEL.FAST_CPU`` keys change no weight).
@@ -123,18 +158,16 @@ def builtin_row(opts, device, autocast) -> Row:
     from wrn_det.engine.config import load_config
 
     torch.manual_seed(0)
-    cfg = load_config(get_det_cfg(), CONFIG, ["MODEL.DEVICE", str(device)] + opts)
+    cfg = load_config(get_det_cfg(), config, ["MODEL.DEVICE", str(device)] + opts + BUILTIN_OPTS)
     model = build_detector(cfg)
     trained_like(model)
-    opt = _sgd(model)
+    step = Step(model, device)
 
     def train(batch):
         model.train()
         with autocast():
             loss = sum(model(batch).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
+        step(loss)
 
     @torch.no_grad()
     def infer(x):
@@ -169,12 +202,13 @@ def torchvision_row(builtin_r50: Row, size: int, device, autocast) -> Row:
     from torchvision.ops import FrozenBatchNorm2d
 
     torch.manual_seed(0)
+    # res3..res5 trained (layer2..layer4), as the builtin config's FREEZE_AT 2
     backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=4)
+                                   trainable_layers=3)
     # min_size = the images' short side: torchvision's transform then leaves them at that size
     model = FasterRCNN(backbone, num_classes=81, min_size=size, max_size=1333).to(device)
     copy_builtin_to_torchvision(builtin_r50.model, model)
-    opt = _sgd(model)
+    step = Step(model, device)
 
     def to_tv(batch):
         imgs = [x["image"].to(device).float() / 255 for x in batch]
@@ -186,9 +220,7 @@ def torchvision_row(builtin_r50: Row, size: int, device, autocast) -> Row:
         imgs, tg = to_tv(batch)
         with autocast():
             loss = sum(model(imgs, tg).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(loss)
 
     @torch.no_grad()
     def infer(x):
@@ -268,11 +300,13 @@ def detectron2_row(config: str, opts, device, autocast, builtin: Row) -> Row:
 
     torch.manual_seed(0)
     if config == D2_R50_CONFIG:
-        from detectron2 import model_zoo
+        import detectron2
         from detectron2.config import get_cfg
 
         cfg = get_cfg()
-        cfg.merge_from_file(model_zoo.get_config_file(config))
+        # the model zoo's file, found without detectron2.model_zoo (it imports pkg_resources, which
+        # recent setuptools no longer has)
+        cfg.merge_from_file(os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", config))
         mean, std = list(builtin.model.pixel_mean.flatten().tolist()), list(builtin.model.pixel_std.flatten().tolist())
         cfg.merge_from_list(["MODEL.DEVICE", str(device), "MODEL.WEIGHTS", "", "MODEL.RESNETS.STRIDE_IN_1X1", False,
                              "MODEL.PIXEL_MEAN", mean, "MODEL.PIXEL_STD", std, "INPUT.FORMAT", "RGB"] + opts)
@@ -282,7 +316,7 @@ def detectron2_row(config: str, opts, device, autocast, builtin: Row) -> Row:
         cfg = build_config(config, ["MODEL.DEVICE", str(device)] + opts)
     model = build_model(cfg)
     copy_builtin_to_d2(builtin.model, model, resnet=config == D2_R50_CONFIG)
-    opt = _sgd(model)
+    step = Step(model, device)
 
     def to_d2(x):
         h, w = x["image"].shape[-2:]
@@ -293,9 +327,7 @@ def detectron2_row(config: str, opts, device, autocast, builtin: Row) -> Row:
         model.train()
         with EventStorage(0), autocast():  # detectron2's heads log their statistics into the storage
             loss = sum(model([to_d2(x) for x in batch]).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(loss)
 
     @torch.no_grad()
     def infer(x):
@@ -320,12 +352,12 @@ def build_rows(names, size: int, device, autocast):
     rows = {}
     d2 = have_detectron2()
     if "builtin" in names or "d2" in names:
-        rows["builtin"] = builtin_row([], device, autocast)
+        rows["builtin"] = builtin_row([], device, autocast, ROW_CONFIG[0])
     if "d2" in names and d2:
-        rows["d2"] = detectron2_row(CONFIG, [], device, autocast, builtin=rows["builtin"])
+        rows["d2"] = detectron2_row(ROW_CONFIG[0], [], device, autocast, builtin=rows["builtin"])
     for name, (overrides, _) in ABLATIONS.items():
         if name in names:
-            rows[name] = builtin_row(overrides, device, autocast)
+            rows[name] = builtin_row(overrides, device, autocast, ROW_CONFIG[0])
     if "builtin-r50" in names or "torchvision" in names or ("d2-r50" in names and d2):
         rows["builtin-r50"] = builtin_row(["MODEL.WRN.NAME", "wide_resnet50_1"], device, autocast)
     if "torchvision" in names:
@@ -335,29 +367,39 @@ def build_rows(names, size: int, device, autocast):
     return {k: v for k, v in rows.items() if k in names}
 
 
-def run_size(size: int, a, device, autocast) -> dict:
-    """Time every row at one size; print the table; return ``name -> (s/iter, s/image, detections/image)``."""
+def run_size(size: int, batch: int, a, device, autocast) -> dict:
+    """Time every row at one size and batch; print the table and each row's RESULT line.
+
+    Returns ``name -> (s/iter, s/image, detections/image, peak training memory in MiB or NaN)``.
+    """
     # --vary-sizes: the warm-up round has images of its own, so that no size comes twice
     first = 1 if a.vary_sizes else 0
-    inputs = make_inputs(a.batch * (max(a.iters, 1) + first), size, vary=a.vary_sizes)
+    inputs = make_inputs(batch * (max(a.iters, 1) + first), size, vary=a.vary_sizes, num_classes=a.num_classes)
     rows = build_rows(a.rows, size, device, autocast)
     h, w = inputs[0]["image"].shape[-2:]
     sizes = " and smaller, each its own size" if a.vary_sizes else ""
+    precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}[a.amp]
     print(f"\n{device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'bf16 autocast' if a.amp == 'bf16' else 'fp32'}; images {h}x{w}{sizes}, "
-          f"batch {a.batch}, median of {a.iters} alternating rounds", flush=True)
+          f"{precision}; images {h}x{w}{sizes}, batch {batch}, median of {a.iters} alternating rounds", flush=True)
+    cuda = device.type == "cuda"
+    peaks = {}
 
-    def train_side(row):
+    def train_side(name, row):
         def run(r):
-            b = inputs[(max(r + first, 0) * a.batch) % len(inputs):][:a.batch]
-            return timed(lambda: row.train(b), device)
+            b = inputs[(max(r + first, 0) * batch) % len(inputs):][:batch]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t = timed(lambda: row.train(b), device)
+            if cuda:
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+            return t
         return run
 
     dets = {}
 
     def infer_side(name, row):
         def run(r):
-            b = inputs[(max(r + first, 0) * a.batch) % len(inputs):][:a.batch]
+            b = inputs[(max(r + first, 0) * batch) % len(inputs):][:batch]
             outs = []
             t = sum(timed(lambda: outs.append(row.infer(x)), device) for x in b)
             dets.setdefault(name, []).extend(len(_boxes(o)) for o in outs)
@@ -366,18 +408,34 @@ def run_size(size: int, a, device, autocast) -> dict:
 
     # inference first, on the initial weights (training moves each engine's weights its own way)
     infer = alternate({k: infer_side(k, r) for k, r in rows.items()}, a.iters)
-    train = alternate({k: train_side(r) for k, r in rows.items()}, a.iters) if not a.no_train else {}
-    print(f"{'engine, backbone':<38}{'s/iter (train)':>15}{'s/image (test)':>16}{'detections/image':>18}")
+    train = alternate({k: train_side(k, r) for k, r in rows.items()}, a.iters) if not a.no_train else {}
+    print(f"{'engine, backbone':<38}{'s/iter (train)':>15}{'img/s':>8}{'s/image (test)':>16}{'img/s':>8}"
+          f"{'detections/image':>18}{'peak MiB':>10}")
     out = {}
     for k in rows:
         tr, inf = median(train.get(k, [])), median(infer[k])
         nd = sum(dets[k]) / max(len(dets[k]), 1)
-        out[k] = (tr, inf, nd)
-        print(f"{LABELS[k]:<38}{tr:>15.3f}{inf:>16.3f}{nd:>18.1f}", flush=True)
+        peak = peaks.get(k, float("nan"))
+        out[k] = (tr, inf, nd, peak)
+        print(f"{LABELS[k]:<38}{tr:>15.3f}{batch / tr:>8.2f}{inf:>16.3f}{1 / inf:>8.2f}{nd:>18.1f}{peak:>10.0f}",
+              flush=True)
     for k in ("d2", "d2-r50"):
         if k in a.rows and k not in rows:
             print(f"{LABELS[k]:<38}{'detectron2 not installed':>31}")
+    tag = _tag(a, batch)
+    for k, (tr, inf, _, peak) in out.items():
+        print(f"RESULT det_step_{k}_s{size}{tag} train {batch / tr:.3g} img/s, inference {1 / inf:.3g} img/s, "
+              f"peak {peak:.0f} MiB (no goal)", flush=True)
+    del rows
+    if cuda:
+        torch.cuda.empty_cache()
     return out
+
+
+def _tag(a, batch: int) -> str:
+    """Return the suffix of the RESULT names: precision, batch (when not 2), varied sizes."""
+    return (("" if a.amp == "none" else f"_{a.amp}") + ("" if batch == 2 else f"_b{batch}")
+            + ("_varied" if a.vary_sizes else ""))
 
 
 def _boxes(out):
@@ -387,49 +445,72 @@ def _boxes(out):
 
 
 def main() -> int:
-    """Print one table per size and the RESULT lines; returns 0."""
+    """Print one table per size and batch and the RESULT lines; returns 0."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, nargs="+", default=[256], help="short side(s) of the images (800: COCO)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[2], help="images per training iteration (several: a "
+                   "table each)")
     p.add_argument("--iters", type=int, default=3, help="alternating rounds (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=lambda s: [r for r in s.split(",") if r], default=list(DEFAULT_ROWS),
                    help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast for every row")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="autocast for every row: bf16, or fp16 with a gradient scaler (builtin and d2 rows)")
     p.add_argument("--no-train", action="store_true", help="inference rows only")
     p.add_argument("--vary-sizes", action="store_true",
                    help="every image of its own padded size (no packed weights: see the module docstring)")
+    p.add_argument("--config", default=CONFIG, help="project config of the builtin and d2 rows (the R50 rows keep "
+                   f"{CONFIG}); a small one checks the script quickly, e.g. demo/shapes_wrn_frcnn.yaml")
+    p.add_argument("--builtin-opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="config overrides for the builtin rows (e.g. MODEL.CHANNELS_LAST True)")
     a = p.parse_args()
     bad = [r for r in a.rows if r not in ROWS]
     if bad:
         p.error(f"--rows: unknown {bad}; choose from {', '.join(ROWS)}")
+    if len(a.builtin_opts) % 2:
+        p.error("--builtin-opts takes KEY VALUE pairs")
+    BUILTIN_OPTS[:] = a.builtin_opts
+    ROW_CONFIG[:] = [a.config]
+    from wrn_det.detection.config import get_det_cfg
+    from wrn_det.engine.config import load_config
+
+    a.num_classes = min(load_config(get_det_cfg(), a.config, []).MODEL.ROI_HEADS.NUM_CLASSES, 80)
+    if a.amp == "fp16":
+        skipped = [r for r in a.rows if r not in FP16_ROWS]
+        if skipped:
+            print(f"--amp fp16: rows {', '.join(skipped)} left out (fp16 rows: {', '.join(FP16_ROWS)})")
+        a.rows = [r for r in a.rows if r in FP16_ROWS]
     logging.getLogger("wrn_det").setLevel(logging.WARNING)
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     device = torch.device(a.device)
+    AMP["dtype"] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.amp]
 
     def autocast():
-        if a.amp == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if AMP["dtype"] is not None:
+            return torch.autocast(device.type, dtype=AMP["dtype"])
         return nullcontext()
 
-    tag = ("" if a.amp == "none" else f"_{a.amp}") + ("_varied" if a.vary_sizes else "")
+    goal_train = GOAL_TRAIN_GPU if device.type == "cuda" else GOAL_TRAIN
     for size in a.size:
-        res = run_size(size, a, device, autocast)
-        ours, d2 = res.get("builtin"), res.get("d2")
-        note = "" if d2 else "detectron2 not installed or row not run"
-        if not a.no_train:
-            result(f"det_train_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[0] / ours[0] if d2 and ours else None,
-                   GOAL_TRAIN, note=note)
-        result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
-               GOAL_INFER, note=note)
-        for k, (_, what) in ABLATIONS.items():
-            if k in res and ours:
-                if not a.no_train:
-                    print(f"RESULT det_train_gain_{what}_s{size}{tag} {res[k][0] / ours[0]:.2f}x (no goal)")
-                print(f"RESULT det_infer_gain_{what}_s{size}{tag} {res[k][1] / ours[1]:.2f}x (no goal)")
-        tv, r50 = res.get("torchvision"), res.get("builtin-r50")
-        result(f"det_infer_torchvision_over_builtin_r50_fpn_s{size}{tag}", tv[1] / r50[1] if tv and r50 else None,
-               GOAL_TV, note="" if tv and r50 else "rows not run")
+        for batch in a.batch:
+            tag = _tag(a, batch)
+            res = run_size(size, batch, a, device, autocast)
+            ours, d2 = res.get("builtin"), res.get("d2")
+            note = "" if d2 else "detectron2 not installed or row not run"
+            if not a.no_train:
+                result(f"det_train_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[0] / ours[0] if d2 and ours else None,
+                       goal_train, note=note)
+            result(f"det_infer_d2_over_builtin_wrn34_2_fpn_s{size}{tag}", d2[1] / ours[1] if d2 and ours else None,
+                   GOAL_INFER, note=note)
+            for k, (_, what) in ABLATIONS.items():
+                if k in res and ours:
+                    if not a.no_train:
+                        print(f"RESULT det_train_gain_{what}_s{size}{tag} {res[k][0] / ours[0]:.2f}x (no goal)")
+                    print(f"RESULT det_infer_gain_{what}_s{size}{tag} {res[k][1] / ours[1]:.2f}x (no goal)")
+            tv, r50 = res.get("torchvision"), res.get("builtin-r50")
+            if a.amp != "fp16":
+                result(f"det_infer_torchvision_over_builtin_r50_fpn_s{size}{tag}",
+                       tv[1] / r50[1] if tv and r50 else None, GOAL_TV, note="" if tv and r50 else "rows not run")
     return 0
 
 

@@ -23,6 +23,7 @@ from wrn_det.data import decode
 from wrn_det.data.decode import read_image  # the loaders' reader, named here for the detection tools
 from wrn_det.engine import comm
 from wrn_det.engine.comm import local_batch_size
+from wrn_det.engine.device import resolve_device
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 __all__ = [
@@ -327,7 +328,20 @@ def build_detection_train_loader(cfg, dicts: List[dict], seed: int, start_iter: 
         # its own generator, so creating the loader leaves the global torch RNG untouched
         generator=torch.Generator().manual_seed(int(seed)),
         persistent_workers=False,
+        pin_memory=pins_memory(cfg),
     )
+
+
+def pins_memory(cfg) -> bool:
+    """Return True when the batches for ``cfg``'s model go to a GPU: the loader then pins them in page-locked memory.
+
+    The model copies pinned tensors with ``non_blocking=True``: the copy runs beside the
+    computation instead of holding up the host until it is done.
+    """
+    try:
+        return resolve_device(cfg.MODEL.DEVICE).type == "cuda"
+    except WrnDetError:  # a bad MODEL.DEVICE is reported where the model is built
+        return False
 
 
 def build_detection_test_loader(cfg, dicts: List[dict], mapper: Optional[DetectionMapper] = None) -> tud.DataLoader:
@@ -339,4 +353,5 @@ def build_detection_test_loader(cfg, dicts: List[dict], mapper: Optional[Detecti
         batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None,
         generator=torch.Generator().manual_seed(0),
+        pin_memory=pins_memory(cfg),
     )

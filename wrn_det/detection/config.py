@@ -34,6 +34,11 @@ def add_wrn_config(cfg: CN) -> CN:
     pooler's own CPU RoIAlign kernel (torchvision's arithmetic, vectorised); False:
     torchvision's ``roi_align``. Same weights and state-dict keys either way; on a GPU the
     three change nothing (those paths are the CPU's).
+    ``MODEL.CHANNELS_LAST`` (False): on CUDA, the detector's weights and feature maps in
+    channels-last memory (the layout of cuDNN's fastest bfloat16/float16 convolutions); same
+    results, no effect on the CPU. ``MODEL.COMPILE`` (False): ``torch.compile`` the backbone
+    (with the FPN) and the box head in place (state-dict keys unchanged); the first
+    iterations, and each new input size, pay the compilation. detectron2's engine ignores both.
     ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
     ``DATALOADER.DECODE``: the builtin engine's JPEG decoder, ``torchvision`` (default) or
     ``cv2``/``pil`` (:mod:`wrn_det.data.decode`); detectron2's engine reads images with its own mapper.
@@ -49,6 +54,8 @@ def add_wrn_config(cfg: CN) -> CN:
     cfg.MODEL.FAST_CPU.CONV = True
     cfg.MODEL.FAST_CPU.PACK_WEIGHTS = True
     cfg.MODEL.FAST_CPU.ROI_ALIGN = True
+    cfg.MODEL.CHANNELS_LAST = False
+    cfg.MODEL.COMPILE = False
     cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
     cfg.DATALOADER.DECODE = "torchvision"
     return cfg
