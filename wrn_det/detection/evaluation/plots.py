@@ -268,7 +268,7 @@ def _draw_per_class_curves(data: dict, path: str) -> str:
     gx, gy, top = 0.2, 0.42, 1.02
     ax = fig.add_axes((0.45 / (3 * cols), 0.4 / (2.6 * rows), 1 - 0.5 / (3 * cols), 1 - 0.45 / (2.6 * rows)))
     ax.set_axis_off()
-    ax.set(xlim=(-gx, cols * (1 + gx) - gx + 0.02), ylim=(-0.08, rows * (top + gy) - gy + 0.22))
+    ax.set(xlim=(-gx, cols * (1 + gx) - 0.5 * gx), ylim=(-0.08, rows * (top + gy) - gy + 0.22))
     origin = [((k % cols) * (1 + gx), (rows - 1 - k // cols) * (top + gy)) for k in range(n)]
     ticks = (0.0, 0.25, 0.5, 0.75, 1.0)
     frames, grid = [], []
@@ -284,10 +284,14 @@ def _draw_per_class_curves(data: dict, path: str) -> str:
         ax.add_collection(LineCollection(segs, colors=f"C{i}", linewidths=1.5, linestyles=style))
         handles.append(Line2D([], [], color=f"C{i}", lw=1.5, ls=style, label=f"IoU {t}"))
     ax.add_collection(LineCollection(frames, colors="black", linewidths=0.8))
-    for k, ((x0, y0), name) in enumerate(zip(origin, classes)):
-        ap = data["ap"][k]
-        ax.text(x0 + 0.5, y0 + top + 0.04, f"{name} (AP {ap:.1f})" if ap is not None else f"{name} (no objects)",
-                ha="center", va="bottom", fontsize=9)
+    titles = [f"{name} (AP {ap:.1f})" if ap is not None else f"{name} (no objects)"
+              for name, ap in zip(classes, data["ap"])]
+    # a title may take the panel's width and most of the gap; a longer one gets a smaller font
+    room = (1 + 0.8 * gx) * (ax.transData.transform((1, 0)) - ax.transData.transform((0, 0)))[0] / fig.dpi
+    for k, ((x0, y0), title) in enumerate(zip(origin, titles)):
+        width = _text_size(fig, [title], 9)[0]
+        ax.text(x0 + 0.5, y0 + top + 0.04, title, ha="center", va="bottom",
+                fontsize=9 if width <= room else max(4.0, 9 * room / width))
         # tick labels (0, 0.5, 1) on the outer panels, as axes sharing x and y show them
         if k % cols == 0:
             for v in ticks[::2]:
