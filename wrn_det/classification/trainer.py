@@ -22,7 +22,7 @@ from wrn_det.data.classification import ArraySet, build_cls_datasets
 from wrn_det.data.cls_loader import InMemoryLoader, build_imagenet_loader, imagenet_transforms
 from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
 from wrn_det.engine import comm
-from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
+from wrn_det.engine.checkpoint import TrainingCheckpointer
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.ema import ModelEMA
 from wrn_det.engine.errors import ConfigError, NonFiniteLossError, WrnDetError
@@ -36,8 +36,7 @@ from wrn_det.engine.seed import seed_all
 from wrn_det.engine.training import TrainerBase, rank_seed
 from wrn_det.models import build_model, count_parameters
 from wrn_det.models.norm import get_norm
-from wrn_det.models.convert import backbone_key_map
-from wrn_det.models.weights import is_counter, match_state_dict
+from wrn_det.models.pretrained import load_classifier_weights as load_weights  # MODEL.WEIGHTS of this trainer
 
 from .curves import append_json_stats
 from .evaluation import accuracy_counts, evaluate
@@ -65,36 +64,6 @@ def build_cls_model(cfg, num_classes: int) -> nn.Module:
         return build_model(cfg.MODEL.NAME, num_classes=num_classes, **kwargs)
     except ValueError as e:
         raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME!r} with MODEL.DROPOUT {cfg.MODEL.DROPOUT}: {e}") from None
-
-
-def load_weights(model: nn.Module, path: str, with_classifier: bool = True) -> dict:
-    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``; returns the file's dict.
-
-    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed).
-    Every tensor of the network's stem and stages must be in the file with its shape, and
-    the file may hold no tensor the network lacks; so must the classifier's with
-    ``with_classifier`` (evaluation). Without it (fine-tuning on another set of classes) a
-    classifier of another shape is left at its initialisation, with a warning. Anything
-    else raises :class:`WrnDetError` naming the file and the tensors.
-    """
-    try:
-        ckpt = load_checkpoint(path)
-    except WrnDetError as e:
-        raise WrnDetError(f"MODEL.WEIGHTS: {e}") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise WrnDetError(f"MODEL.WEIGHTS: {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
-    own = model.state_dict()
-    required = None if with_classifier else [k for k in backbone_key_map(model) if not is_counter(k)]
-    loadable, report = match_state_dict(state, own, required=required, source=path)
-    if not report.ok:
-        raise WrnDetError(f"MODEL.WEIGHTS: {path} does not fit {type(model).__name__} ({report.total} tensors): "
-                          f"{report.problems()}{report.hint()}")
-    if report.skipped:
-        logger.warning("weights %s: the classifier (%s) has another shape and keeps its initialisation",
-                       path, ", ".join(report.skipped))
-    model.load_state_dict(loadable, strict=False)
-    return ckpt
 
 
 class ClsTrainer(TrainerBase):

@@ -35,9 +35,11 @@ logger = logging.getLogger("wrn_det")
 
 
 def annotation_boxes(annotations: Sequence[dict], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Return the (N, 4) XYXY boxes of COCO-style annotations, whose ``bbox`` is ``[x, y, width, height]``."""
-    xywh = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
-    return box_convert(xywh, "xywh", "xyxy")
+    """Return the (N, 4) XYXY boxes of annotations, whose ``bbox`` is ``[x, y, width, height]`` (COCO's) or, with
+    ``"bbox_mode": 0`` (detectron2's XYXY_ABS, as the VOC reader gives), ``[x0, y0, x1, y1]``."""
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
+    xyxy = torch.tensor([a.get("bbox_mode", 1) == 0 for a in annotations], dtype=torch.bool)
+    return torch.where(xyxy[:, None], boxes, box_convert(boxes, "xywh", "xyxy"))
 
 
 class LoadError(dict):
@@ -67,25 +69,19 @@ def quiet_opencv() -> None:
 
 
 def check_image_file(path: str, height: int = 0, width: int = 0, where: str = "") -> None:
-    """Raise :class:`WrnDetError` unless ``path`` is a readable, complete image of ``height`` x ``width``.
+    """Raise :class:`WrnDetError` unless ``path`` is a readable, complete image of ``height`` x ``width`` upright.
 
     Reads the header and the file's last bytes only (no decoding): a missing file, a file
     that is no image, a JPEG or PNG cut short, or a size other than the annotation's is one
-    line naming the file (and ``where``: the image id).
+    line naming the file (and ``where``: the image id). The size compared is the upright one
+    the loader hands the model (EXIF orientations 5-8 swap the stored width and height), as
+    detectron2 checks it.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    at = f" ({where})" if where else ""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise WrnDetError(f"image file {path} cannot be read: no such file{at}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise WrnDetError(f"image file {path} cannot be read: not a readable image ({type(e).__name__}){at}") from None
-    decode.check_complete(path, where)
+    h, w, orientation = decode.image_header(path, where)
     if height and width and (h, w) != (height, width):
-        raise WrnDetError(f"image file {path} is {w}x{h} but its annotation says {width}x{height}{at}")
+        at = f" ({where})" if where else ""
+        why = f"; it is stored {h}x{w} and its EXIF orientation {orientation} turns it upright" if orientation >= 5 else ""
+        raise WrnDetError(f"image file {path} is {w}x{h} but its annotation says {width}x{height}{at}{why}")
 
 
 def check_dataset_images(dicts: Sequence[dict], what: str) -> None:

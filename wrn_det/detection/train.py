@@ -37,7 +37,7 @@ from wrn_det.engine.seed import seed_all
 from wrn_det.engine.training import TrainerBase
 
 from .config import get_det_cfg
-from .evaluation import COCOEvaluator, ProposalEvaluator, flatten_results, inference_on_dataset
+from .evaluation import COCOEvaluator, ProposalEvaluator, VOCEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
@@ -101,17 +101,23 @@ def _proposal_files(cfg, split: str) -> Optional[List[str]]:
     return files
 
 
-def build_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None):
+def build_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None, dicts: Optional[List[dict]] = None):
     """Return the evaluator of the configured detector for one test dataset.
 
     A ``ProposalNetwork`` gets a :class:`~wrn_det.detection.evaluation.proposals.ProposalEvaluator`
-    (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors a
-    :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP). Either reads and checks the
-    dataset's ground truth once, when built; ``output_dir`` may be changed between evaluations.
+    (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors the box AP
+    evaluator the dataset's metadata ``evaluator_type`` names: a
+    :class:`~wrn_det.detection.evaluation.VOCEvaluator` for ``"pascal_voc"`` (the VOC datasets),
+    a :class:`~wrn_det.detection.evaluation.COCOEvaluator` otherwise, which scores
+    ``TEST.DETECTIONS_PER_IMAGE`` detections per image. Either reads and checks the dataset's
+    ground truth once, when built (the VOC one from ``dicts`` when given: the dataset dicts
+    already read); ``output_dir`` may be changed between evaluations.
     """
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
         return ProposalEvaluator(dataset_name, output_dir)
-    return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
+    if MetadataCatalog.get(dataset_name).get("evaluator_type") == "pascal_voc":
+        return VOCEvaluator(dataset_name, output_dir, dicts=dicts)
+    return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
 
 
 class EvaluationSet(NamedTuple):
@@ -140,7 +146,7 @@ def prepare_test_sets(cfg) -> "OrderedDict[str, EvaluationSet]":
         files = [proposal_files[i]] if proposal_files is not None else None
         dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
                                             proposal_key="DATASETS.PROPOSAL_FILES_TEST")
-        evaluator = build_evaluator(cfg, name)
+        evaluator = build_evaluator(cfg, name, dicts=dicts)
         if cfg.DATALOADER.CHECK_IMAGES:
             check_dataset_images(dicts, name)
         out[name] = EvaluationSet(dicts, build_detection_test_loader(cfg, dicts), evaluator)
