@@ -56,6 +56,20 @@ torchvision's RoIAlign kernel); with the plain ``builtin`` row they show what ea
 builtin time). Every image of a run has one size, so from its second image the builtin engine's
 inference runs on packed weights (see :mod:`wrn_det.detection.modeling.fast_conv`); ``--vary-sizes``
 gives each inference image its own padded size instead (a stream with no size twice: no packing).
+
+The ``--eval-only`` row (``--eval-only-run``, instead of the tables) times the user's whole
+evaluation command, ``tools/train_net.py --eval-only``, on each engine: from the start of the
+process to its exit (imports, model and weights, dataset checks, inference with the DataLoader's
+workers, results file, COCO evaluation, pictures). It writes COCO-layout JPEGs (``coco_2017_val``:
+``--eval-images`` shapes images of short side ``--size``, 80 categories given at random; 400
+training images alike), trains the builtin engine's model on them for ``--train-iters``
+iterations with ``tools/train_net.py`` (printed; kept in ``--work-dir``, or pass ``--weights``),
+copies its weights into detectron2's layout, and alternates the two commands; RESULT line
+``det_evalonly_d2_over_builtin_wrn34_2_fpn_s<size>`` (goal 1.5x). ``--eval-batch N`` adds the
+builtin engine with ``TEST.IMS_PER_BATCH N`` (RESULT ``det_evalonly_gain_batch<N>``, no goal)::
+
+    python benchmarks/det_step.py --eval-only-run [--size 256] [--eval-images 60] [--train-iters 300]
+                                  [--iters 3] [--eval-batch 2] [--weights model_final.pth] [--work-dir DIR]
 """
 import argparse
 import logging
@@ -444,6 +458,220 @@ def _boxes(out):
     return out["boxes"]
 
 
+# ---------------------------------------------------------------------------------------------- the --eval-only row
+# the user's evaluation command, whole: tools/train_net.py --eval-only on COCO-layout JPEGs, timed from the start of
+# the process to its exit (start-up, model build, dataset checks, inference, results file, COCO eval, pictures)
+
+EVAL_CLASSES = 80
+GOAL_EVAL_ONLY = 1.5
+
+
+def coco_categories() -> list:
+    """Return COCO's 80 categories (ids 1..90 with gaps, names) from detectron2, or 80 numbered ones without it.
+
+    detectron2 registers ``coco_2017_val`` with COCO's names and ids and refuses a file with
+    other ones, so its side of the row needs these.
+    """
+    try:
+        from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+    except ImportError:
+        return [{"id": i + 1, "name": f"class{i + 1:02d}"} for i in range(EVAL_CLASSES)]
+    return [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
+
+
+def write_eval_dataset(root: str, size: int, n_train: int, n_val: int, seed: int = 0) -> str:
+    """Write ``coco/{train2017,val2017}`` (JPEGs and instances files, detectron2's layout) under ``root``; returns it.
+
+    Shapes images (:func:`wrn_det.data.shapes.draw_image`) of short side ``size`` (4:3, wide and
+    tall), up to 8 objects each, every object given one of :func:`coco_categories` at random, so
+    a lightly trained detector spreads its scores over COCO's classes. Written once: a folder
+    holding the same request is kept.
+    """
+    import json
+
+    import cv2
+    import numpy as np
+
+    from wrn_det.data.shapes import draw_image
+
+    categories = coco_categories()
+    stamp = os.path.join(root, "coco", "request.json")
+    request = {"size": size, "train": n_train, "val": n_val, "seed": seed, "categories": categories}
+    if os.path.isfile(stamp) and json.load(open(stamp)) == request:
+        return root
+    rng = np.random.default_rng(seed)
+    long_side = size * 4 // 3
+    for split, n in (("train2017", n_train), ("val2017", n_val)):
+        folder = os.path.join(root, "coco", split)
+        os.makedirs(folder, exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            img, objs = draw_image(rng, sides=(size, long_side), min_size=size / 10, max_frac=0.5, max_objects=8)
+            while img.shape[0] == img.shape[1]:  # each side is drawn from ``sides``: keep the 4:3 pictures
+                img, objs = draw_image(rng, sides=(size, long_side), min_size=size / 10, max_frac=0.5, max_objects=8)
+            name = f"{i:06d}.jpg"
+            cv2.imwrite(os.path.join(folder, name), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            images.append({"id": i + 1, "file_name": name, "height": img.shape[0], "width": img.shape[1]})
+            for o in objs:
+                cat = categories[int(rng.integers(len(categories)))]["id"]
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **o,
+                                    "category_id": cat})
+        ann = os.path.join(root, "coco", "annotations", f"instances_{split}.json")
+        os.makedirs(os.path.dirname(ann), exist_ok=True)
+        with open(ann, "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    with open(stamp, "w") as f:
+        json.dump(request, f)
+    return root
+
+
+def eval_overrides(size: int, device: str) -> list:
+    """Return the ``KEY VALUE`` overrides of CONFIG that the --eval-only row's model is trained and evaluated with.
+
+    Images of short side ``size`` (long side at most 4/3 of it), COCO's 80 categories, and
+    trained BatchNorm: the row's model starts from random weights, where FrozenBN (identity
+    statistics, the shipped config's choice for pretrained backbones) lets the activations grow
+    until the loss is not finite within ten iterations.
+    """
+    return ["MODEL.DEVICE", device, "MODEL.WRN.NORM", "BN", "MODEL.ROI_HEADS.NUM_CLASSES", str(EVAL_CLASSES),
+            "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(size * 4 // 3),
+            "INPUT.MIN_SIZE_TEST", str(size), "INPUT.MAX_SIZE_TEST", str(size * 4 // 3)]
+
+
+def train_command(python: str, out: str, size: int, iters: int, device: str) -> list:
+    """Return the ``tools/train_net.py`` command line that trains the row's model for ``iters`` iterations into ``out``."""
+    return [python, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG,
+            *eval_overrides(size, device), "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.005",
+            "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", str(min(50, iters)),
+            "SOLVER.CHECKPOINT_PERIOD", "100000", "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "5.0",
+            "DATASETS.TEST", "()", "OUTPUT_DIR", out]
+
+
+def eval_command(python: str, engine: str, weights: str, out: str, size: int, device: str, opts=()) -> list:
+    """Return the user's ``tools/train_net.py --eval-only`` command line on the row's validation images."""
+    return [python, os.path.join(ROOT, "tools", "train_net.py"), "--engine", engine, "--config-file", CONFIG,
+            "--eval-only", *eval_overrides(size, device), "DATASETS.TEST", "('coco_2017_val',)",
+            "MODEL.WEIGHTS", weights, *opts, "OUTPUT_DIR", out]
+
+
+def _run_logged(cmd: list, env: dict, log: str) -> None:
+    """Run ``cmd`` with its output in ``log``; raise RuntimeError naming the log when it fails."""
+    import subprocess
+
+    with open(log, "w") as f:
+        status = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {status}; see {log}")
+
+
+def detectron2_weights(builtin_weights: str, out: str, size: int, device: str) -> str:
+    """Write the builtin checkpoint ``builtin_weights`` in detectron2's layout to ``out`` (once); returns ``out``.
+
+    Both models are built from CONFIG with the row's overrides and every tensor is copied
+    (:func:`copy_builtin_to_d2`), so both engines evaluate the same weights.
+    """
+    if os.path.isfile(out) and os.path.getmtime(out) >= os.path.getmtime(builtin_weights):
+        return out
+    from detectron2.modeling import build_model
+
+    from wrn_det.d2.train import build_config
+    from wrn_det.detection.config import get_det_cfg
+    from wrn_det.detection.modeling import build_detector
+    from wrn_det.detection.weights import load_detector_weights
+    from wrn_det.engine.config import load_config
+
+    opts = eval_overrides(size, device)
+    builtin = build_detector(load_config(get_det_cfg(), CONFIG, opts))
+    load_detector_weights(builtin, builtin_weights)
+    d2 = build_model(build_config(CONFIG, opts))
+    copy_builtin_to_d2(builtin, d2)
+    torch.save({"model": d2.state_dict()}, out)
+    return out
+
+
+def _results_summary(folder: str) -> str:
+    """Return "N detections, AP x" of an --eval-only run's ``inference`` folder."""
+    import json
+
+    with open(os.path.join(folder, "inference", "coco_instances_results.json")) as f:
+        n = len(json.load(f))
+    ap = None
+    metrics = os.path.join(folder, "metrics.json")
+    if os.path.isfile(metrics):  # the builtin engine's; detectron2's --eval-only writes none
+        for line in open(metrics):
+            ap = json.loads(line).get("bbox/AP", ap)
+    return f"{n} detections" + (f", AP {ap:.2f}" if ap is not None else "")
+
+
+def run_eval_only(a) -> dict:
+    """The --eval-only row: time the user's evaluation command on each engine; returns ``side -> seconds``.
+
+    Writes the images (``--eval-images`` validation images and 400 training images of short
+    side ``--size[0]``) and, unless ``--weights`` names one, trains the model with
+    :func:`train_command` (``--train-iters`` iterations; kept in ``--work-dir`` for later
+    runs); then runs ``tools/train_net.py --eval-only`` on the builtin engine and on
+    detectron2's (the same weights in its layout) in turns, ``--iters`` times after one
+    unrecorded run of each, and reports the median wall time of each, from the start of the
+    process to its exit (start-up, model and weights, dataset checks, inference, results
+    file, COCO evaluation, pictures). ``--eval-batch N`` adds the builtin engine with
+    ``TEST.IMS_PER_BATCH N``.
+    """
+    import shutil
+    import time
+
+    size, work, device = a.size[0], os.path.abspath(a.work_dir), a.device
+    root = write_eval_dataset(os.path.join(work, "datasets"), size, 400, a.eval_images)
+    env = dict(os.environ, DETECTRON2_DATASETS=root)
+    weights = a.weights
+    if not weights:
+        train_dir = os.path.join(work, f"train_s{size}_i{a.train_iters}")
+        weights = os.path.join(train_dir, "model_final.pth")
+        stamp = os.path.join(root, "coco", "request.json")
+        if not os.path.isfile(weights) or os.path.getmtime(weights) < os.path.getmtime(stamp):  # none, or older data's
+            cmd = train_command(sys.executable, train_dir, size, a.train_iters, device)
+            print("training the row's model:", f"DETECTRON2_DATASETS={root}", " ".join(cmd), flush=True)
+            _run_logged(cmd, env, os.path.join(work, "train.log"))
+    sides = {"builtin": ("builtin", weights, [])}
+    if a.eval_batch > 1:
+        sides[f"builtin-batch{a.eval_batch}"] = ("builtin", weights, ["TEST.IMS_PER_BATCH", str(a.eval_batch)])
+    if have_detectron2():
+        sides["d2"] = ("detectron2", detectron2_weights(weights, os.path.join(work, "model_final_d2.pth"), size,
+                                                        device), [])
+
+    def side(name):
+        engine, w, opts = sides[name]
+
+        def run(r):
+            out = os.path.join(work, f"eval_{name}")
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = eval_command(sys.executable, engine, w, out, size, device, opts)
+            if r < 0:
+                print(f"{name}: DETECTRON2_DATASETS={root} {' '.join(cmd)}", flush=True)
+            t = time.perf_counter()
+            _run_logged(cmd, env, out + ".log")
+            dt = time.perf_counter() - t
+            print(f"  {name} round {r}: {dt:.1f} s, {_results_summary(out)}", flush=True)
+            return dt
+        return run
+
+    times = alternate({k: side(k) for k in sides}, a.iters)
+    print(f"\n--eval-only on {a.eval_images} images at {size} px, {EVAL_CLASSES} classes, {torch.get_num_threads()} "
+          f"threads, median of {a.iters} alternating runs (wall time of the command)")
+    out = {k: median(v) for k, v in times.items()}
+    for k, v in out.items():
+        print(f"{k:<24}{v:>10.1f} s")
+    if "d2" not in sides:
+        print(f"{'d2':<24}{'detectron2 not installed':>30}")
+    ours, d2 = out.get("builtin"), out.get("d2")
+    result(f"det_evalonly_d2_over_builtin_wrn34_2_fpn_s{size}", d2 / ours if d2 and ours else None, GOAL_EVAL_ONLY,
+           note="" if d2 else "detectron2 not installed")
+    if a.eval_batch > 1:
+        print(f"RESULT det_evalonly_gain_batch{a.eval_batch}_s{size} {ours / out[f'builtin-batch{a.eval_batch}']:.2f}x "
+              "(no goal)")
+    return out
+
+
 def main() -> int:
     """Print one table per size and batch and the RESULT lines; returns 0."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -463,6 +691,15 @@ def main() -> int:
                    f"{CONFIG}); a small one checks the script quickly, e.g. demo/shapes_wrn_frcnn.yaml")
     p.add_argument("--builtin-opts", nargs="*", default=[], metavar="KEY VALUE",
                    help="config overrides for the builtin rows (e.g. MODEL.CHANNELS_LAST True)")
+    p.add_argument("--eval-only-run", action="store_true",
+                   help="the --eval-only row instead of the tables: tools/train_net.py --eval-only on each engine")
+    p.add_argument("--eval-images", type=int, default=60, help="--eval-only row: validation images")
+    p.add_argument("--train-iters", type=int, default=300, help="--eval-only row: iterations of its model's training")
+    p.add_argument("--weights", default="", help="--eval-only row: a trained builtin model (no training then)")
+    p.add_argument("--eval-batch", type=int, default=1,
+                   help="--eval-only row: also the builtin engine with TEST.IMS_PER_BATCH this (if above 1)")
+    p.add_argument("--work-dir", default=os.path.join(ROOT, "output", "det_step_eval"),
+                   help="--eval-only row: its images, model and runs (kept for later runs)")
     a = p.parse_args()
     bad = [r for r in a.rows if r not in ROWS]
     if bad:
@@ -490,6 +727,9 @@ def main() -> int:
             return torch.autocast(device.type, dtype=AMP["dtype"])
         return nullcontext()
 
+    if a.eval_only_run:
+        run_eval_only(a)
+        return 0
     goal_train = GOAL_TRAIN_GPU if device.type == "cuda" else GOAL_TRAIN
     for size in a.size:
         for batch in a.batch:
@@ -516,3 +756,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

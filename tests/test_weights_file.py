@@ -244,3 +244,19 @@ def test_pickles_still_go_through_the_restricted_unpickler(tmp_path):
     with pytest.raises(WrnDetError, match=r"MODEL.WEIGHTS: .*refused to load global (posix|nt|os)\.system"):
         load_detector_weights(_detector(*CASES[0], 1), str(evil))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_finite_check_tells_nan_and_inf_from_large_finite_weights(tmp_path):
+    """Weights whose sum overflows float32 are finite and load; a single NaN, inf or -inf is refused."""
+    big = torch.full((4, 3), 3e38)  # every value finite, their sum inf
+    for name, bad in (("finite", None), ("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
+        w = big.clone()
+        if bad is not None:
+            w[2, 1] = bad
+        path = tmp_path / f"{name}.pth"
+        torch.save({"model": {"w": w, "b": torch.zeros(3), "n": torch.arange(3)}}, path)
+        if bad is None:
+            assert torch.equal(read_weights_file(str(path)).model["w"], w)
+        else:
+            with pytest.raises(WrnDetError, match="w holds non-finite values"):
+                read_weights_file(str(path)).model

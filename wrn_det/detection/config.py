@@ -4,7 +4,8 @@ The keys are detectron2's names with detectron2's defaults, restricted to those 
 engine honours, so a shipped config runs on both engines and a key this engine would
 silently ignore is an error instead. The project's own keys live under ``MODEL.WRN`` and
 ``MODEL.FAST_CPU`` (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
-including detectron2's ``get_cfg()``.
+including detectron2's ``get_cfg()``. ``TEST.IMS_PER_BATCH`` (images per forward pass in
+evaluation) is the builtin engine's alone.
 """
 from wrn_det.engine.config import CfgNode as CN
 from wrn_det.engine.config import add_run_config
@@ -197,6 +198,9 @@ def get_det_cfg() -> CN:
     _C.TEST = CN()
     _C.TEST.EVAL_PERIOD = 0
     _C.TEST.DETECTIONS_PER_IMAGE = 100
+    # images per forward pass in evaluation, batched among images of one size (one at a time is
+    # detectron2's way; the builtin engine's own key, which detectron2's engine does not accept)
+    _C.TEST.IMS_PER_BATCH = 1
 
     _C.OUTPUT_DIR = "./output"
     # SEED, CUDNN_BENCHMARK, LOG_PERIOD, PREEMPT_SIGNALS, MODEL_EMA.*, SOLVER.AMP.*: the run keys both

@@ -158,6 +158,18 @@ def _state_of(obj) -> Optional[dict]:
     return None
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Return True when floating-point ``t`` holds no NaN or inf.
+
+    Its sum first: one read of the tensor, where ``isfinite(t).all()`` writes and reads a mask of its
+    size (about a tenth of the time on a detector's 100M weights). A NaN or inf makes the sum
+    non-finite; so can an overflow of finite values, which the element-wise test then tells apart.
+    """
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _checked(state: Mapping, path: str) -> "OrderedDict[str, torch.Tensor]":
     """Return ``state`` with every value a finite tensor (numpy arrays of numbers converted), prefixes removed.
 
@@ -172,7 +184,7 @@ def _checked(state: Mapping, path: str) -> "OrderedDict[str, torch.Tensor]":
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
             raise WrnDetError(f"checkpoint {path}: {key} is {a_type(value)}, not a tensor")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not _all_finite(value):
             raise WrnDetError(f"checkpoint {path}: {key} holds non-finite values (NaN or inf); the file is corrupt "
                               "or training diverged")
         out[key] = value
