@@ -96,7 +96,8 @@ if [ $SMOKE = 1 ]; then
     step det_step_bf16 25 $DS --size 64 --batch 1 --iters 1 --amp bf16 --rows builtin,d2 $SMALL
     step det_step_fp32 30 $DS --size 64 --batch 1 --iters 1 --rows builtin,d2,builtin-r50,torchvision,d2-r50 $SMALL
     step det_step_fp16 20 $DS --size 64 --batch 1 --iters 1 --amp fp16 --rows builtin,d2 $SMALL
-    step loops 45 $PY benchmarks/device/loops.py --iters 2 --batch 2 --images 4 --size 64 --workers 0 \
+    # 5 iterations: detectron2 records no "time" for its first 3 (IterationTimer's warm-up)
+    step loops 45 $PY benchmarks/device/loops.py --iters 5 --batch 2 --images 4 --size 64 --workers 0 \
         --config demo/shapes_wrn_frcnn.yaml --dtype "$( [ $DEV = cuda ] && echo bfloat16 || echo none)" \
         --engines builtin$( [ $D2 = 1 ] && echo ,detectron2) \
         MODEL.ROI_HEADS.NUM_CLASSES 80 INPUT.MAX_SIZE_TRAIN 96 LOG_PERIOD 1
