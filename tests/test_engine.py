@@ -263,3 +263,23 @@ def test_restore_ema_loads_the_average_or_restarts_it_with_a_warning(caplog):
     assert fresh is not other and fresh.decay == 0.5 and torch.equal(fresh.module.weight, model.weight)
     assert "no EMA weights" in caplog.text
     assert restore_ema(None, saved, model) is None
+
+
+def test_console_log_follows_the_current_stdout(monkeypatch, capsys):
+    """The console handler writes to sys.stdout as it is when a record comes: a stream replaced (and closed)
+    after set-up, as a notebook or a test capture does, gets no 'Logging error' and loses no line."""
+    import io
+    import logging
+    import sys
+
+    from wrn_det.engine.events import setup_logger
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    log = setup_logger(None, 0, "wrn_det.test_console")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+    log.info("after the swap")
+    assert "after the swap" in second.getvalue() and "Logging error" not in capsys.readouterr().err
+    log.handlers.clear()

@@ -120,7 +120,8 @@ def test_detection_run_in_mlflow_file_store_and_wandb_offline_and_resumed_into_t
 
     # the first part is preempted after its third iteration (index 2), with a checkpoint
     calls = []
-    monkeypatch.setattr(PreemptionWatch, "requested", lambda self: calls.append(1) or len(calls) == 3)
+    # the flag is read once an iteration at LOG_PERIOD 1 (as a signal would set it)
+    monkeypatch.setattr(PreemptionWatch, "flag", property(lambda self: calls.append(1) or len(calls) == 3))
     with pytest.raises(Preempted):
         Trainer(cfg).train()
     client = MlflowClient(tracking_uri=store.as_uri())
@@ -128,7 +129,7 @@ def test_detection_run_in_mlflow_file_store_and_wandb_offline_and_resumed_into_t
     assert client.get_run(run_id).info.status == "KILLED"
     assert "bbox/AP" in client.get_run(run_id).data.metrics  # the evaluation after iteration 1
 
-    monkeypatch.setattr(PreemptionWatch, "requested", lambda self: False)
+    monkeypatch.setattr(PreemptionWatch, "flag", property(lambda self: False))
     trainer = Trainer(cfg)
     assert trainer.resume_or_load(resume=True) == 3
     trainer.train()

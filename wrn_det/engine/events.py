@@ -27,6 +27,22 @@ class _Buffer(logging.Handler):
         self.records.append(record)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stdout`` is when a record comes, not the one at set-up
+    (a notebook, a test's capture or a redirect may replace it, and close the old one, in between)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # the stream is always the current sys.stdout
+        pass
+
+
 def _formatter() -> logging.Formatter:
     return logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
 
@@ -45,7 +61,7 @@ def setup_logger(output_dir: Optional[str] = None, distributed_rank: int = 0, na
         logger.removeHandler(h)
         h.close()
     if distributed_rank == 0:
-        sh = logging.StreamHandler(sys.stdout)
+        sh = _StdoutHandler()
         sh.setFormatter(_formatter())
         logger.addHandler(sh)
     if output_dir:
