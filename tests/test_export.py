@@ -15,11 +15,11 @@ from helpers import REPO, load_tool
 BOX_TOL, SCORE_TOL = 1e-3, 1e-4
 
 
-def _export(run, fmt, out, capsys):
+def _export(run, fmt, out, capsys, *extra):
     from wrn_det.engine.cli import cli_main
 
     tool = load_tool("export_model")
-    argv = ["--config-file", str(run.dir / "config.yaml"), "--format", fmt, "--output", str(out),
+    argv = ["--config-file", str(run.dir / "config.yaml"), "--format", fmt, "--output", str(out), *extra,
             "MODEL.WEIGHTS", run.weights, "MODEL.DEVICE", "cpu"]
     status = cli_main(tool.main, tool.parse_args(argv))
     return status, capsys.readouterr()
@@ -99,6 +99,41 @@ def test_export_needs_weights_in_one_line(trained_shapes_detector, tmp_path, cap
     assert cli_main(tool.main, tool.parse_args(argv)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pth" in err[0] and not (tmp_path / "m.pt").exists()
+
+
+def test_hub_folder_is_read_back_and_checked_before_it_is_put_in_place(trained_shapes_detector, tmp_path, capsys,
+                                                                       monkeypatch):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -e '.[hub]')")
+    pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed (pip install -e '.[hub]')")
+    import wrn_det.engine.weights_file as weights_file
+
+    run = trained_shapes_detector
+    val = sorted((Path(run.datasets_root) / "coco" / "val2017").glob("*.jpg"))[:2]
+    check = ["--check-image", *map(str, val)]
+    folder = tmp_path / "hub"
+    status, out = _export(run, "hub", folder, capsys, *check)
+    assert status == 0, out.err
+    found = re.search(r"check Predictor.from_pretrained on 2 images: (\d+) of (\d+) detections of PyTorch found, "
+                      r"boxes within 0 px, scores within 0$", out.out.strip())
+    assert found and found[1] == found[2] and int(found[1]) > 0, out.out
+    # weights that do not come back as they went (here: box deltas scaled) are refused, the folder left as it was
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    writer = weights_file.safetensors_writer
+
+    def moved_boxes(tensors, **fields):
+        tensors = dict(tensors)
+        key = next(k for k in tensors if k.endswith("bbox_pred.weight"))
+        tensors[key] = tensors[key] * 1.5
+        return writer(tensors, **fields)
+
+    monkeypatch.setattr(weights_file, "safetensors_writer", moved_boxes)
+    status, out = _export(run, "hub", folder, capsys, *check)
+    assert status == 2
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "the hub folder export disagrees with the PyTorch model" in err[0], out.err
+    assert "nothing was written" in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
 # ------------------------------------------------------------------ comparing detections as a user would

@@ -103,7 +103,7 @@ def _det_cfg(out, max_iter):
 
 def test_detection_run_in_mlflow_file_store_and_wandb_offline_and_resumed_into_the_same_runs(
         tmp_path, monkeypatch, offline_trackers, one_thread):
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     from mlflow.tracking import MlflowClient
 

@@ -49,8 +49,8 @@ from wrn_det.engine.fileio import atomic_write
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 __all__ = ["InferenceModel", "export_torchscript", "export_onnx", "FORMATS", "ONNX_OPSET", "metadata_json",
-           "match_detections", "check_detections", "detection_limits", "check_images", "BOX_TOLERANCE",
-           "SCORE_TOLERANCE", "MATCH_IOU"]
+           "match_detections", "check_detections", "detection_limits", "check_images", "check_model_folder",
+           "BOX_TOLERANCE", "SCORE_TOLERANCE", "MATCH_IOU"]
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 18  # the first opset whose Resize antialiases
@@ -386,11 +386,13 @@ def match_detections(ref, got, cfg=None, *, box_tol: float = BOX_TOLERANCE, scor
 
 def check_images(wrapper: InferenceModel, images=None) -> list:
     """Return the images an export is checked on: ``images``, or two random ones of different sizes and shapes."""
-    if images:
-        return list(images)
-    device = wrapper.model.pixel_mean.device
+    return list(images) if images else _random_images(wrapper.min_size, wrapper.model.pixel_mean.device)
+
+
+def _random_images(min_size: int, device) -> list:
+    """Return two random uint8 images about the test size ``min_size``, one wide and one tall, on ``device``."""
     g = torch.Generator().manual_seed(1)
-    short = max(wrapper.min_size, 32)
+    short = max(int(min_size), 32)
     return [torch.randint(0, 256, size, dtype=torch.uint8, generator=g).to(device)
             for size in ((3, short + 7, short * 4 // 3 + 5), (3, short * 3 // 2 + 3, short - 5))]
 
@@ -464,6 +466,23 @@ def export_torchscript(wrapper: InferenceModel, path: str, metadata: str, images
 
     atomic_write(path, write, suffix=".pt")
     return {"path": path, **report}
+
+
+def check_model_folder(predictor, folder: str, images=None) -> dict:
+    """Raise :class:`WrnDetError` unless the Hub folder ``folder``, read back by ``Predictor.from_pretrained``,
+    gives ``predictor``'s detections on ``images``; returns :func:`check_detections`'s summary.
+
+    ``predictor`` is the :class:`wrn_det.Predictor` the folder was written from; ``images``
+    are uint8 RGB ``(3, H, W)`` tensors, by default two random ones about the test size.
+    What it catches: a config that does not rebuild the same model, weights that do not
+    load back the same, on another device or in another kind of number.
+    """
+    from .predictor import Predictor
+
+    device = predictor.model.device
+    images = list(images) if images else _random_images(int(predictor.cfg.INPUT.MIN_SIZE_TEST), device)
+    loaded = Predictor.from_pretrained(folder, device=str(device))
+    return check_detections("hub folder", loaded, predictor, images, predictor.cfg)
 
 
 def _antialias_resize_symbolic(g, input, output_size, align_corners, scale_factors):
