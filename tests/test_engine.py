@@ -178,7 +178,7 @@ def test_metrics_json_is_strict_json_and_read_back_by_one_reader(tmp_path):
 
     from wrn_det.engine.events import MetricsWriter, read_metrics, trim_metrics
 
-    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+    with MetricsWriter(str(tmp_path), loggers=()) as w:
         w.write({"epoch": 1, "loss": torch.tensor(0.5), "ap": float("nan"), "big": np.float64("inf")}, step=7)
         w.write({"epoch": 2, "loss": 0.25, "sizes": (1, float("-inf"))}, step=8)
     text = (tmp_path / "metrics.json").read_text()
@@ -211,7 +211,7 @@ def test_metrics_json_cut_short_by_a_crash_is_read_trimmed_and_appended_to(tmp_p
         assert read_metrics(str(tmp_path)) == [{"epoch": 1, "loss": 0.5}]
     assert "line 2: the last line is cut short" in caplog.text
     assert trim_metrics(str(tmp_path), lambda r: True) == 0 and path.read_text().endswith('"lo')  # nothing to drop
-    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+    with MetricsWriter(str(tmp_path), loggers=()) as w:
         w.write({"epoch": 2, "loss": 0.25}, step=2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25, "iteration": 2}]

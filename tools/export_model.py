@@ -16,16 +16,17 @@ and returns ``boxes`` (float32 ``(N, 4)`` XYXY in the image's pixels), ``scores`
 ``classes`` (contiguous ids); the class names and category ids are stored in the file
 (:mod:`wrn_det.detection.export` says what is inside and what stays outside). Before the
 file is put in place the export is run on ``--check-image`` files (default: two random
-images of different sizes) and compared with the PyTorch model: onnxruntime for ONNX
-(``pip install -e '.[export]'``), ``torch.jit.load`` for TorchScript.
+images of different sizes) and compared with the PyTorch model as a user would (by class
+and IoU; detections at the score threshold or in an NMS tie may differ and are listed):
+onnxruntime for ONNX (``pip install -e '.[export]'``), ``torch.jit.load`` for TorchScript.
 
 safetensors: the weights, with the class names and the config in the file's header (no
 code can be in it); usable as ``MODEL.WEIGHTS`` of the trainers and the predictor. hub: a
 folder the Hugging Face Hub shows as a model: ``config.yaml``, ``model.safetensors`` and a
 ``README.md`` model card (network, dataset, classes, the evaluation table and training
 command of the run in ``--run-dir``, ``--license``, the paper's citation), read back by
-``wrn_det.Predictor.from_pretrained`` (detectors) and ``wrn_det.models.from_pretrained``
-(classifiers); upload it with ``hf upload <you>/<name> FOLDER`` (huggingface_hub). The config
+``wrn_det.Predictor.from_pretrained`` (detectors: checked so on the ``--check-image`` files
+before the folder is put in place) and ``wrn_det.models.from_pretrained`` (classifiers); upload it with ``hf upload <you>/<name> FOLDER`` (huggingface_hub). The config
 says which kind of model it is (a classification config has ``MODEL.NAME``). Weights come
 through ``MODEL.WEIGHTS`` (for detectors: builtin or detectron2-engine checkpoints);
 ``KEY VALUE`` pairs override the config.
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, metavar="PATH",
                    help="the file to write (.onnx, .pt, .safetensors), or the folder (hub)")
     p.add_argument("--check-image", nargs="+", default=[], metavar="PATH",
-                   help="images to trace and check the export on (default: two random images)")
+                   help="images to trace and check the export (or the hub folder of a detector) on "
+                        "(default: two random images)")
     p.add_argument("--license", default="unknown", metavar="ID",
                    help="hub: the model card's licence, a Hub licence id (apache-2.0, mit, cc-by-4.0, ...)")
     p.add_argument("--run-dir", default=None, metavar="DIR",
@@ -130,7 +132,8 @@ def main(args) -> int:
 
     import torch
 
-    from wrn_det.detection.export import InferenceModel, export_onnx, export_torchscript, metadata_json
+    from wrn_det.detection.export import (InferenceModel, check_model_folder, export_onnx, export_torchscript,
+                                          metadata_json)
     from wrn_det.detection.predictor import Predictor, image_to_tensor
 
     with torch.no_grad():  # inference only; the caller's grad mode is left as it was
@@ -138,33 +141,52 @@ def main(args) -> int:
         weights = predictor.cfg.MODEL.WEIGHTS
         if not weights:
             raise ConfigError("set MODEL.WEIGHTS to the trained model to export")
-        if args.format in WEIGHTS_FORMATS:
-            if args.format == "hub":
-                predictor.save_pretrained(args.output, run_dir=_run_dir(args, weights), license=args.license,
-                                          repo_id=args.repo_id)
-                what = "Hub folder: config.yaml, model.safetensors, README.md"
-            else:
-                predictor.save_weights(args.output)
-                what = "safetensors"
-            print(f"wrote {args.output} ({what}; {len(predictor.thing_classes)} classes) from {weights}", flush=True)
-            return 0
         device = predictor.model.device
         images = [image_to_tensor(p, "RGB").to(device) for p in args.check_image] or None
+        if args.format in WEIGHTS_FORMATS:
+            if args.format == "hub":
+                report = {}
+
+                def check(folder):  # the folder read back as a user would, before it is put in place
+                    report["check"] = check_model_folder(predictor, folder, images)
+
+                predictor.save_pretrained(args.output, run_dir=_run_dir(args, weights), license=args.license,
+                                          repo_id=args.repo_id, check=check)
+                what = "Hub folder: config.yaml, model.safetensors, README.md"
+                how = "; check " + check_summary("Predictor.from_pretrained", report["check"])
+            else:
+                predictor.save_weights(args.output)
+                what, how = "safetensors", ""
+            print(f"wrote {args.output} ({what}; {len(predictor.thing_classes)} classes) from {weights}{how}",
+                  flush=True)
+            return 0
         wrapper = InferenceModel(predictor.model, predictor.cfg, float_resize=args.format == "onnx")
         meta = metadata_json(predictor.cfg, predictor.weights)
         export = export_onnx if args.format == "onnx" else export_torchscript
         report = export(wrapper, args.output, meta, images)
         size = os.path.getsize(args.output) / 2 ** 20
-        check = report["check"]
-        if check is None:
+        if report["check"] is None:
             how = "not run: onnxruntime is not installed (pip install -e '.[export]')"
         else:
-            how = (f"{'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'} on {check['images']} images: boxes within "
-                   f"{check['max_box']:.2g} px, scores within {check['max_score']:.2g} of PyTorch")
+            how = check_summary("onnxruntime" if args.format == "onnx" else "torch.jit.load", report["check"])
         print(f"wrote {args.output} ({args.format}, {size:.1f} MiB, {len(predictor.thing_classes)} classes); check {how}",
               flush=True)
         return 0
 
+
+def check_summary(runner: str, check: dict) -> str:
+    """Return the words of an export check's summary (``wrn_det.detection.export.check_detections``) run by
+    ``runner``: detections found, worst differences, and the borderline ones (at most five named)."""
+    how = (f"{runner} on {check['images']} images: {check['matched']} of {check['detections']} detections of "
+           f"PyTorch found, boxes within {check['max_box']:.2g} px, scores within {check['max_score']:.2g}")
+    if check["borderline"]:  # the rest: kept by one and not the other, for a difference within the tolerances
+        how += (f"; {len(check['borderline'])} borderline (at the score threshold, the per-image limit or a "
+                f"tie in NMS), allowed to differ: " + "; ".join(
+                    f"image {n + 1}, {'PyTorch' if d['side'] == 'ref' else 'export'}'s class {d['class']} "
+                    f"score {d['score']:.4g} ({d['why']})" for n, d in check["borderline"][:5]))
+        if len(check["borderline"]) > 5:
+            how += f"; and {len(check['borderline']) - 5} more"
+    return how
 
 if __name__ == "__main__":
     sys.exit(cli_main(main, parse_args()))

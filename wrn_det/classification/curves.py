@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from wrn_det.engine import comm
+from wrn_det.engine.config import flatten_config as flatten_options
 from wrn_det.engine.curves import JSON_STATS_PREFIX
 from wrn_det.engine.errors import WrnDetError
 from wrn_det.engine.events import json_value, read_json_lines
@@ -29,18 +30,6 @@ _FIGURE_KEYS = {
     "test_time", "seconds", "images_per_sec", "eval_seconds", "train_top1_err", "test_top1_err", "test_top5_err",
     "best_test_top1_err", "n_parameters",
 }
-
-
-def flatten_options(cfg, prefix: str = "") -> Dict[str, object]:
-    """Return a config (a CfgNode or nested dict) as ``{"MODEL.NAME": value, ...}`` with JSON-ready values."""
-    out: Dict[str, object] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_options(v, key + "."))
-        else:
-            out[key] = json_value(v)
-    return out
 
 
 def json_stats_line(row: dict, options: dict) -> str:

@@ -2,7 +2,7 @@
 
 One :class:`ClsTrainer` does a whole run from a config: data, model, optimizer,
 schedule, distributed wrapping, and per epoch: training, evaluation, ``metrics.json``
-and TensorBoard, an atomic checkpoint (everything ``--resume`` needs to continue
+and the ``LOGGERS`` (TensorBoard by default), an atomic checkpoint (everything ``--resume`` needs to continue
 bit for bit, in the schema of :mod:`wrn_det.engine.training`), ``model_best.pth``; at
 the end ``model_final.pth``.
 """

@@ -210,20 +210,22 @@ class Predictor:
         return save_safetensors(path, self.model.state_dict(), **self._file_fields())
 
     def save_pretrained(self, folder: str, run_dir: Optional[str] = None, license: str = "unknown",
-                        repo_id: Optional[str] = None) -> str:
+                        repo_id: Optional[str] = None, check=None) -> str:
         """Write this detector as a Hub folder (``config.yaml``, ``model.safetensors``, ``README.md``); returns it.
 
         The card names the network, the training datasets and the class names, holds the
         evaluation table of the run in ``run_dir`` (its ``metrics.json``) and the command that
         trained it (its ``log.txt``), the ``license`` and the paper's citation; ``repo_id`` is
         the Hub name its usage snippet shows. The folder is written atomically; it loads back
-        with :meth:`from_pretrained` to the same detections.
+        with :meth:`from_pretrained` to the same detections, which ``check(tmp_folder)`` may
+        verify before the folder is put in place
+        (:func:`wrn_det.detection.export.check_model_folder`, as ``tools/export_model.py`` does).
         """
         from wrn_det.engine.hub import write_model_folder
 
         fields = self._file_fields()
         card = _model_card(self, run_dir, license, repo_id or f"<you>/{os.path.basename(os.path.abspath(folder))}")
-        return write_model_folder(folder, self.model.state_dict(), fields.pop("config"), card, fields)
+        return write_model_folder(folder, self.model.state_dict(), fields.pop("config"), card, fields, check=check)
 
     def __repr__(self) -> str:
         return (f"Predictor({self.cfg.MODEL.WRN.NAME} {self.cfg.MODEL.BACKBONE.NAME}, {len(self.thing_classes)} classes, "

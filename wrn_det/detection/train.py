@@ -1,8 +1,8 @@
 """The builtin engine's iteration-based training loop, checkpoints and the train_net entry point.
 
 Mirrors detectron2's DefaultTrainer where users look: the solver keys, a log line every
-20 iterations (losses, lr, time per iteration, ETA), ``metrics.json`` and TensorBoard
-events, ``model_XXXXXXX.pth`` every ``SOLVER.CHECKPOINT_PERIOD`` iterations plus
+20 iterations (losses, lr, time per iteration, ETA), ``metrics.json`` and the ``LOGGERS``
+(TensorBoard events by default), ``model_XXXXXXX.pth`` every ``SOLVER.CHECKPOINT_PERIOD`` iterations plus
 ``model_final.pth``, ``last_checkpoint``, evaluation every ``TEST.EVAL_PERIOD`` and at the
 end. Checkpoints (the schema of :mod:`wrn_det.engine.training`, shared with the
 classification trainer) also hold the random-number states of every process and the data
@@ -37,6 +37,7 @@ from wrn_det.engine.training import LogSync, StepValues, TrainerBase
 
 from .config import get_det_cfg
 from .evaluation import COCOEvaluator, ProposalEvaluator, VOCEvaluator, flatten_results, inference_on_dataset
+from .evaluation.plots import PLOT_FILES
 from .modeling import build_detector
 from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
@@ -274,8 +275,20 @@ class Trainer(TrainerBase):
             self._loop(start, writer)
         results = self.test() if self.cfg.DATASETS.TEST else {}
         if results and comm.is_main_process():
-            writer.write(flatten_results(results), step=self.max_iter - 1)
+            self._write_evaluation(writer, results, self.max_iter - 1)
         return results
+
+    def _write_evaluation(self, writer: MetricsWriter, results: Dict, step: int) -> None:
+        """Write an evaluation's numbers at ``step``, and its pictures (``inference/**.png``) for the trackers."""
+        writer.write(flatten_results(results), step=step)
+        root = os.path.join(self.cfg.OUTPUT_DIR, "inference")
+        pictures = {}
+        for folder, _, files in os.walk(root):
+            for f in sorted(files):
+                if f in PLOT_FILES:
+                    path = os.path.join(folder, f)
+                    pictures[os.path.splitext(os.path.relpath(path, self.cfg.OUTPUT_DIR))[0]] = path
+        writer.write_images(pictures, step)
 
     def test(self) -> Dict:
         """Evaluate the model (and the EMA weights, under ``"ema"``) on every dataset of ``DATASETS.TEST``.
@@ -360,7 +373,7 @@ class Trainer(TrainerBase):
             if evaluate:
                 res = self.test()
                 if comm.is_main_process():
-                    writer.write(flatten_results(res), step=it)
+                    self._write_evaluation(writer, res, it)
                 model.train()
             if synced:  # the time per iteration counts training alone, not logging, checkpoints or evaluation
                 t_sync = time.perf_counter()

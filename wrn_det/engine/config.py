@@ -3,11 +3,11 @@
 fvcore's ``CfgNode`` does the merging; this module turns its exceptions into one-line
 :class:`ConfigError` messages that name the file and the key, and finds config files
 by name under the repository's ``configs/`` folder. :func:`add_run_config` defines the
-keys of a run that both trainers read (seed, logging, preemption, EMA, mixed precision).
+keys of a run that both trainers read (seed, logging and trackers, preemption, EMA, mixed precision).
 """
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
@@ -16,7 +16,7 @@ from .fileio import write_text
 from .errors import ConfigError, a_type
 
 __all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs", "add_run_config",
-           "RUN_TASKS"]
+           "RUN_TASKS", "flatten_config"]
 
 
 class CfgNode(_FvCfgNode):
@@ -57,6 +57,9 @@ def add_run_config(cfg: CfgNode, task: str) -> CfgNode:
     ``LOG_PERIOD`` (20 / 50): iterations between log lines (detection: also between
     ``metrics.json`` rows and TensorBoard points; classification: where a non-finite loss is
     found).
+    ``LOGGERS`` (``("tensorboard",)`` for both): where the numbers of ``metrics.json`` also go, some
+    of ``"tensorboard"``, ``"mlflow"``, ``"wandb"`` (:mod:`wrn_det.engine.trackers`); ``()`` keeps
+    ``metrics.json`` alone.
     ``PREEMPT_SIGNALS`` (SIGTERM, SIGUSR1 for both): signals that stop the run after the current
     iteration with a checkpoint (exit status 3); SLURM sends SIGTERM before killing a job, or
     SIGUSR1 with ``--signal``; ``()`` catches none.
@@ -77,6 +80,7 @@ def add_run_config(cfg: CfgNode, task: str) -> CfgNode:
     cfg.CUDNN_BENCHMARK = False
     cfg.ALLOW_TF32 = True
     cfg.LOG_PERIOD = d["LOG_PERIOD"]
+    cfg.LOGGERS = ("tensorboard",)
     cfg.PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
     cfg.MODEL_EMA = node()
     cfg.MODEL_EMA.ENABLED = False
@@ -89,6 +93,20 @@ def add_run_config(cfg: CfgNode, task: str) -> CfgNode:
     cfg.SOLVER.AMP.ENABLED = False
     cfg.SOLVER.AMP.DTYPE = d["AMP_DTYPE"]
     return cfg
+
+
+def flatten_config(cfg, prefix: str = "") -> Dict[str, object]:
+    """Return a config (a CfgNode or nested dict) as ``{"MODEL.NAME": value, ...}`` with JSON-ready values."""
+    from .events import json_value
+
+    out: Dict[str, object] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = json_value(v)
+    return out
 
 
 def config_search_dirs() -> List[Path]:

@@ -1,4 +1,4 @@
-"""Logging to the terminal and ``log.txt``, and metrics to ``metrics.json`` and TensorBoard.
+"""Logging to the terminal and ``log.txt``, and metrics to ``metrics.json`` and the experiment trackers.
 
 ``metrics.json`` holds one JSON object per line: strict JSON (NaN and infinities are
 written as null, see :func:`json_value`), read back by :func:`read_metrics` alone.
@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from collections import deque
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from . import comm
 from .errors import WrnDetError
@@ -214,53 +214,76 @@ def _drop_cut_last_line(path: str) -> None:
 
 
 class MetricsWriter:
-    """Append metrics as JSON lines to ``output_dir/metrics.json`` and as scalars to TensorBoard.
+    """Append metrics as JSON lines to ``output_dir/metrics.json`` and pass their numbers to the run's trackers.
 
-    Values go through :func:`json_value` (NaN and infinities become null and are not drawn
-    in TensorBoard). Only rank 0 writes; on other ranks every call is a no-op. An existing
-    ``metrics.json`` is appended to, so a resumed run continues its file.
+    ``loggers`` (the ``LOGGERS`` key) names the trackers (:mod:`wrn_det.engine.trackers`):
+    ``"tensorboard"`` (the default), ``"mlflow"``, ``"wandb"``; ``config`` becomes their params
+    and ``resume`` continues their runs of a resumed run. Values go through :func:`json_value`
+    (NaN and infinities become null and reach no tracker). Only rank 0 writes; on other ranks
+    every call is a no-op. An existing ``metrics.json`` is appended to, so a resumed run
+    continues its file.
     """
 
-    def __init__(self, output_dir: str, tensorboard: bool = True):
+    def __init__(self, output_dir: str, loggers: Sequence[str] = ("tensorboard",), config=None, resume: bool = False):
         self.enabled = comm.is_main_process() and bool(output_dir)
-        self._tb = None
+        self.trackers = []
         self._file = None
         if not self.enabled:
             return
+        from .trackers import open_trackers
+
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "metrics.json")
         _drop_cut_last_line(path)
         self._file = open(path, "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=output_dir)
+        try:
+            self.trackers = open_trackers(loggers, output_dir, config, resume)
+        except BaseException:
+            self._file.close()
+            raise
 
     def write(self, metrics: dict, step: int) -> None:
-        """Write one JSON object holding ``metrics`` and ``iteration``/step; numbers also go to TensorBoard."""
+        """Write one JSON object holding ``metrics`` and ``iteration``/step; its numbers (but the
+        ``iteration``) also go to the trackers at ``step``."""
         if not self.enabled:
             return
         row = {k: json_value(v) for k, v in metrics.items()}
         row.setdefault("iteration", step)
         self._file.write(json.dumps(row, sort_keys=False, allow_nan=False) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        numbers = {k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+        if numbers:
+            for t in self.trackers:
+                t.log_metrics(numbers, step)
 
-    def close(self) -> None:
-        """Flush and close the files."""
+    def write_images(self, images: Dict[str, str], step: int) -> None:
+        """Pass pictures ``{name: PNG path}`` (the evaluation's) to the trackers that take images (W&B)."""
+        if self.enabled and images:
+            for t in self.trackers:
+                t.log_images(images, step)
+
+    def write_final_checkpoint(self, path: str) -> None:
+        """Record the path of the run's final checkpoint in the trackers (MLflow tag, W&B summary)."""
+        if self.enabled and path:
+            for t in self.trackers:
+                t.log_final_checkpoint(path)
+
+    def close(self, status: str = "finished") -> None:
+        """Flush and close the file, and end the trackers' runs with ``status`` (``"finished"``,
+        ``"failed"``, ``"preempted"``)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            try:
+                t.close(status)
+            except Exception as e:  # one tracker failing to close must not hide the run's own outcome
+                logging.getLogger("wrn_det").warning("%s: closing its run failed: %s", t.name, e)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close("finished" if exc_type is None else "failed")

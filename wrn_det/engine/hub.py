@@ -21,7 +21,7 @@ predictor (``wrn_det.Predictor.from_pretrained``) and the classifiers
 """
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import WrnDetError
 from .fileio import atomic_write_dir
@@ -124,9 +124,12 @@ def model_card(*, title: str, summary: str, facts: Sequence[Tuple[str, str]], pi
 
 
 def write_model_folder(folder: str, tensors: Mapping, config_text: str, card_text: str,
-                       header: Optional[Dict] = None) -> str:
+                       header: Optional[Dict] = None, check: Optional[Callable[[str], None]] = None) -> str:
     """Write ``config.yaml``, ``model.safetensors`` (``tensors``, with ``header`` fields and the config) and
-    ``README.md`` into ``folder`` atomically, replacing what was there; returns ``folder``."""
+    ``README.md`` into ``folder`` atomically, replacing what was there; returns ``folder``.
+
+    ``check(tmp_folder)`` runs on the written folder before it is put in place: an error it
+    raises leaves ``folder`` as it was."""
     from .weights_file import safetensors_writer
 
     weights = safetensors_writer(tensors, config=config_text, **(header or {}))
@@ -137,6 +140,8 @@ def write_model_folder(folder: str, tensors: Mapping, config_text: str, card_tex
         weights(os.path.join(tmp, WEIGHTS_NAME))
         with open(os.path.join(tmp, CARD_NAME), "w", encoding="utf-8", newline="") as f:
             f.write(card_text)
+        if check is not None:
+            check(tmp)
 
     return atomic_write_dir(folder, write)
 

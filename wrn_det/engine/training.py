@@ -27,6 +27,7 @@ Checkpoints written before the schema (no ``schema`` key) are read too (:func:`u
 import contextlib
 import logging
 import math
+import os
 from typing import Callable, Hashable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -38,6 +39,7 @@ from .errors import ConfigError, Preempted, WrnDetError
 from .events import MetricsWriter
 from .preempt import PreemptionWatch, resume_requested
 from .seed import seed_all
+from .trackers import check_loggers
 
 __all__ = ["SCHEMA", "TASKS", "TrainerBase", "StepValues", "LogSync", "upgrade_checkpoint", "read_training_checkpoint",
            "rank_seed"]
@@ -198,6 +200,8 @@ class TrainerBase:
         self.resumed_from: Optional[str] = None  # the checkpoint resume_or_load continued from
         self._start: Optional[int] = None
         self._rng: Optional[dict] = None
+        if not self.eval_only:  # a tracker that cannot run stops the run before anything is written
+            check_loggers(cfg.LOGGERS)
 
     # ------------------------------------------------------------------ to implement
 
@@ -262,7 +266,11 @@ class TrainerBase:
         self.prepare_training(start)
         self.restore_random_states()  # last, so that nothing built above draws from the restored generators
         with self.running() as writer:
-            return self.run_loop(start, writer)
+            results = self.run_loop(start, writer)
+            final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+            if os.path.isfile(final):
+                writer.write_final_checkpoint(final)
+            return results
 
     # ------------------------------------------------------------------ the training state
 
@@ -324,20 +332,27 @@ class TrainerBase:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[MetricsWriter]:
-        """Watch the preemption signals (``PREEMPT_SIGNALS``) and open ``metrics.json``; yields the writer.
+        """Watch the preemption signals (``PREEMPT_SIGNALS``) and open ``metrics.json`` and the ``LOGGERS``; yields the writer.
 
-        Both are closed however the loop ends (preempted, failed, finished).
+        A resumed run continues the trackers' runs. All are closed however the loop ends
+        (preempted, failed, finished), the trackers' runs with that status.
         """
         self.preempt = PreemptionWatch(self.cfg.PREEMPT_SIGNALS)
         writer = None
+        status = "failed"
         try:
-            writer = MetricsWriter(self.cfg.OUTPUT_DIR)
+            writer = MetricsWriter(self.cfg.OUTPUT_DIR, self.cfg.LOGGERS, config=self.cfg,
+                                   resume=self.resumed_from is not None)
             yield writer
+            status = "finished"
+        except Preempted:
+            status = "preempted"
+            raise
         finally:
             self.preempt.close()
             self.preempt = None
             if writer is not None:
-                writer.close()
+                writer.close(status)
 
     def stop_if_preempted(self, iteration: int, save: Callable[[], Optional[str]],
                           agreed: Optional[bool] = None) -> None:
