@@ -235,7 +235,6 @@ def load_detector_weights(model: nn.Module, path: str, key: str = "MODEL.WEIGHTS
     hint = ""
     if d2_keys.is_detectron2_state(state):
         state = d2_keys.detectron2_to_builtin(state, model, path)
-        d2_keys.use_detectron2_anchors(model)
     if net is not None and not any(k in own for k in state):
         what = f"the backbone {type(net).__name__}"
         required = [k for k in backbone_key_map(net) if not is_counter(k)]
