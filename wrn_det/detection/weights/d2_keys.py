@@ -2,10 +2,11 @@
 
 A model trained with ``tools/train_net.py --engine detectron2`` is detectron2's
 ``GeneralizedRCNN`` around the same WRN modules (:mod:`wrn_det.d2`). Its state dict
-differs from the builtin detector's in names and in two layouts:
+differs from the builtin detector's in names and in three layouts (the third, the RPN
+head's anchor order, is described below the table):
 
 ============================================  ============================================
-detectron2                                    builtin (torchvision's detection pieces)
+detectron2                                    builtin (torchvision's state-dict layout)
 ============================================  ============================================
 ``backbone.bottom_up.{stem,res2..}.*`` (FPN)  ``backbone.bottom_up.net.<network keys>``
 ``backbone.{stem,res2..res4}.*`` (C4)         ``backbone.net.<network keys>``
