@@ -24,8 +24,12 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        # filelock: the xdist workers build the session's trained detector once, one waiting for the other
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12"],
+        # filelock: the xdist workers build the session's trained detector once, one waiting for the other;
+        # the hub extra's packages, so that CI runs the timm, safetensors and Hub folder tests
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12",
+                 "timm>=0.9.2", "huggingface_hub>=0.23", "safetensors>=0.4"],
+        # timm's registry (timm.create_model of our networks), .safetensors weights, Hugging Face Hub folders
+        "hub": ["timm>=0.9.2", "huggingface_hub>=0.23", "safetensors>=0.4"],
         # tools/export_model.py --format onnx (onnx writes the file, onnxruntime checks it)
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
     },

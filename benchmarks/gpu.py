@@ -9,8 +9,9 @@ default, the config's per-GPU batch) already on the GPU, the ImageNet recipe's S
 (Nesterov, weight decay 1e-4); it gives the step rate the ImageNet data path has to feed
 (``benchmarks/imagenet_data.py --gpu-rate``).
 
-For each variant it prints images per second, seconds per 50k-image epoch, and the
-share of the card's bf16 dense peak that the step reaches, counting 3 forward passes per
+For each variant it prints, as soon as it is measured, images per second, seconds per 50k-image
+epoch, and the share of the card's bf16 dense peak that the step reaches (a table row and a
+``RESULT gpu_<model>_<variant>`` line), counting 3 forward passes per
 training step and 2 FLOPs per multiply-accumulate of ``tools/model_info.py``. Variants
 (``--variants``, in order; compilation counts as warm-up and is reported apart):
 
@@ -216,6 +217,9 @@ def main() -> int:
         tflops = ips * flops_per_image / 1e12
         share = f"{100 * tflops / peak:.1f}" if peak else "n/a"
         print(f"{LABELS[v]:<42}{ips:>9.0f}{EPOCH_IMAGES / ips:>9.2f}{tflops:>8.1f}{share:>8}{warm:>10.1f}", flush=True)
+        # each variant's line now, so that a time limit cutting the table short loses none of those done
+        print(f"RESULT gpu_{a.model}_{v} {ips:.0f} img/s, {EPOCH_IMAGES / ips:.2f} s per 50k images, {share}% of "
+              f"bf16 peak, warm-up {warm:.1f} s (no goal)", flush=True)
         if ips > best_ips:
             best, best_ips = v, ips
         if VARIANTS[v][2]:

@@ -95,7 +95,7 @@ class TrainedDetector(NamedTuple):
 def trained_shapes_detector(det_coco_root, tmp_path_factory) -> TrainedDetector:
     """Train the learning test's WRN-10-1-FPN detector once for the whole test run; returns the run.
 
-    About 3 minutes on the 2-core development machine, spent by the first xdist worker that
+    About 1.5 minutes on the 2-core development machine, spent by the first xdist worker that
     needs it while the others wait (see :func:`_built_once`). The run folder is laid out as
     tools/train_net.py leaves it (config.yaml included), so tools can be pointed at it; tests
     only read it.

@@ -216,3 +216,31 @@ def test_builtin_engine_rejects_incomplete_backbone_weights(pretrained, tmp_path
     torch.save(ckpt, tmp_path / "bad.pth")
     with pytest.raises(WrnDetError, match="stage2.0.conv1.weight" if change == "missing" else "stage4.0.conv1.weight"):
         _builtin_detector(str(tmp_path / "bad.pth"), c4=True)
+
+
+def test_safetensors_in_and_out_of_the_converter(pretrained, tmp_path):
+    """--format safetensors writes the backbone without code; it loads as the .pth does, and is read as input too."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -e '.[hub]')")
+    from wrn_det.engine.weights_file import read_weights_file
+
+    main = _convert_main()
+    assert main([str(pretrained / "model_best.pth"), str(tmp_path / "wrn"), "--format", "pth", "safetensors"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrn.pth", "wrn.safetensors"]
+    wf = read_weights_file(str(tmp_path / "wrn.safetensors"))
+    assert (wf.kind, wf.model_name, wf.contents["wrn_det"]["format"]) == ("backbone", "wrn_10_1", "backbone")
+    pth = torch.load(tmp_path / "wrn.pth", weights_only=True)["model"]
+    assert set(wf.model) == set(pth) and all(torch.equal(wf.model[k], v) for k, v in pth.items())
+    for c4 in (True, False):
+        a = _builtin_detector(str(tmp_path / "wrn.pth"), c4=c4).state_dict()
+        b = _builtin_detector(str(tmp_path / "wrn.safetensors"), c4=c4).state_dict()
+        net = "backbone.net." if c4 else "backbone.bottom_up.net."
+        loaded = [k for k in a if k.startswith(net) and k[len(net):] in pth]
+        assert len(loaded) == len(pth) and all(torch.equal(a[k], b[k]) for k in loaded)
+    # a .safetensors as input (a Hub or timm file): the same backbone again, and into a detectron2 pickle
+    assert main([str(tmp_path / "wrn.safetensors"), str(tmp_path / "again.safetensors")]) == 0
+    again = read_weights_file(str(tmp_path / "again.safetensors")).model
+    assert all(torch.equal(again[k], v) for k, v in pth.items())
+    assert main([str(tmp_path / "wrn.safetensors"), str(tmp_path / "d2.pkl")]) == 0
+    assert read_d2_pickle(str(tmp_path / "d2.pkl"))["wrn_det"]["model_name"] == "wrn_10_1"
+    with pytest.raises(WrnDetError, match="--format asks for safetensors"):
+        main([str(pretrained / "model_best.pth"), str(tmp_path / "x.pth"), "--format", "safetensors"])

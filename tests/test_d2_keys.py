@@ -186,3 +186,34 @@ def test_mapping_covers_detectron2s_own_model(name, opts):
     plan = {d2_key for d2_key, _, _ in detectron2_key_plan(_model(name, opts))}
     theirs = set(d2.state_dict())
     assert plan == theirs, (sorted(plan - theirs)[:5], sorted(theirs - plan)[:5])
+
+
+def test_detectron2_checkpoint_as_safetensors_keeps_its_anchors_through_a_hub_file(tmp_path):
+    """A detectron2-engine detector in .safetensors loads as its .pth does; written back out (a Hub folder's weights)
+    it says its anchors are detectron2's (as every builtin RPN's are), so it loads again to the same detections."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -e '.[hub]')")
+    from wrn_det.detection.weights import detector_file_fields, load_detector_weights
+    from wrn_det.detection.weights.loading import detector_description
+    from wrn_det.engine.weights_file import read_weights_file, save_safetensors
+
+    name, opts = CASES[0]
+    src = _model(name, opts)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_safetensors(str(tmp_path / "d2.safetensors"), to_detectron2(src))
+    torch.save({"model": to_detectron2(src)}, tmp_path / "d2.pth")
+    wf = read_weights_file(str(tmp_path / "d2.safetensors"))
+    assert (wf.kind, wf.engine) == ("detector", "detectron2")
+    a, b = _model(name, opts), _model(name, opts)
+    load_detector_weights(a, str(tmp_path / "d2.pth"))
+    load_detector_weights(b, str(tmp_path / "d2.safetensors"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    save_safetensors(str(tmp_path / "builtin.safetensors"), b.state_dict(), **detector_file_fields(b, _cfg(name, opts), {}))
+    c = _model(name, opts)
+    load_detector_weights(c, str(tmp_path / "builtin.safetensors"))
+    assert detector_description(read_weights_file(str(tmp_path / "builtin.safetensors")))["anchors"] == "detectron2"
+    image = (torch.rand(3, 64, 80) * 255).to(torch.uint8)
+    with torch.no_grad():
+        want, got = (m([{"image": image, "height": 64, "width": 80}])[0] for m in (b, c))
+    assert torch.equal(want["boxes"], got["boxes"]) and torch.equal(want["scores"], got["scores"])

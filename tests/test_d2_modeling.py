@@ -149,7 +149,8 @@ def _classifier_checkpoint(tmp_path, name):
 def test_builtin_and_detectron2_backbones_give_identical_features(tmp_path, opts):
     name = opts[1]
     src = _classifier_checkpoint(tmp_path, name)
-    convert_weights(str(src), model_name=name, builtin_out=str(tmp_path / "w.pth"), d2_out=str(tmp_path / "w.pkl"))
+    convert_weights(str(src), model_name=name, builtin_out=str(tmp_path / "w.pth"), d2_out=str(tmp_path / "w.pkl"),
+                    safetensors_out=str(tmp_path / "w.safetensors"))
 
     builtin = build_detector(_builtin_cfg([*opts, "MODEL.WEIGHTS", str(tmp_path / "w.pth")])).eval()
     load_detector_weights(builtin, str(tmp_path / "w.pth"))
@@ -173,13 +174,14 @@ def test_builtin_and_detectron2_backbones_give_identical_features(tmp_path, opts
             pooled = torch.randn(4, f.shape[1], 14, 14)
             assert torch.equal(builtin.roi_heads.box_head.res5(pooled), d2.roi_heads.res5(pooled))
 
-    # the builtin-format file loads into detectron2 as well, with the same result
-    d2b = build_model(_d2_cfg(opts)).eval()
-    WRNDetectionCheckpointer(d2b).load(str(tmp_path / "w.pth"))
-    for (k, a), (_, b) in zip(d2.state_dict().items(), d2b.state_dict().items()):
-        if k.startswith(("backbone.bottom_up.", "roi_heads.res5.")) or (isinstance(d2.backbone, WRNTrunk)
-                                                                        and k.startswith("backbone.")):
-            assert torch.equal(a, b), k
+    # the builtin-format file and the .safetensors load into detectron2 as well, with the same result
+    for other in ("w.pth", "w.safetensors"):
+        d2b = build_model(_d2_cfg(opts)).eval()
+        WRNDetectionCheckpointer(d2b).load(str(tmp_path / other))
+        for (k, a), (_, b) in zip(d2.state_dict().items(), d2b.state_dict().items()):
+            if k.startswith(("backbone.bottom_up.", "roi_heads.res5.")) or (isinstance(d2.backbone, WRNTrunk)
+                                                                            and k.startswith("backbone.")):
+                assert torch.equal(a, b), (other, k)
 
 
 def test_weights_with_missing_or_unknown_backbone_keys_are_an_error(tmp_path):

@@ -142,3 +142,26 @@ def test_detectron2_checkpoint_in_the_predictor_matches_default_predictor(traine
         assert torch.equal(a.pred_classes, b["classes"])
         compared += len(a)
     assert compared > 20
+
+
+def test_voc_dataset_is_scored_with_the_voc_metric_and_coco_with_the_detection_cap(datasets_root, tmp_path,
+                                                                                    monkeypatch):
+    """The shapes set as a Pascal VOC folder trains and is scored by detectron2's PascalVOCDetectionEvaluator on
+    its engine (as the builtin engine picks its VOC evaluator); COCO evaluation counts TEST.DETECTIONS_PER_IMAGE."""
+    from wrn_det.d2.train import Trainer, build_config
+
+    out = tmp_path / "d2_voc"
+    opts = [*SHORT, "SOLVER.MAX_ITER", "2", "DATASETS.TRAIN", "('shapes_voc_train',)",
+            "DATASETS.TEST", "('shapes_voc_val',)", "OUTPUT_DIR", str(out)]
+    cmd = [sys.executable, "-m", "wrn_det.d2.train", "--config-file", DEMO, *opts]
+    res = subprocess.run(cmd, cwd=str(tmp_path), env=_env(datasets_root), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    evals = [r for r in rows if "bbox/AP50" in r]
+    assert len(evals) == 1 and {"bbox/AP", "bbox/AP50", "bbox/AP75"} <= set(evals[0])
+    assert "AP-square" not in " ".join(evals[0])  # detectron2's VOC table, not COCO's per-class AP
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_root))
+    cfg = build_config(DEMO, ["DATASETS.TEST", "('shapes_voc_val',)", "TEST.DETECTIONS_PER_IMAGE", "300"])
+    assert type(Trainer.build_evaluator(cfg, "shapes_voc_val")).__name__ == "PascalVOCDetectionEvaluator"
+    coco = Trainer.build_evaluator(cfg, "shapes_val", str(tmp_path / "inf"))
+    assert type(coco).__name__ == "COCOEvaluator" and coco._max_dets_per_image[-1] == 300

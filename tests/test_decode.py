@@ -181,3 +181,20 @@ def test_imagenet_colour_steps_with_every_decoder(tmp_path):
     assert v2.ColorJitter in kinds and Lighting in kinds and test.transform.after is None
     out = after(torch.full((3, 32, 32), 128, dtype=torch.uint8))
     assert out.dtype == torch.float32 and abs(float(out.mean()) - 128) < 80
+
+
+def test_gpu_decode_batch_is_rgb_and_upright_for_every_file(tmp_path):
+    """The GPU path's batch decoding (run here on the CPU): grayscale JPEGs come out RGB, files nvJPEG is not given
+    (PNG, CMYK JPEG) arrive decoded by the workers, and every picture equals what read_image gives."""
+    from PIL import Image
+
+    rgb = _photo(24, 40)
+    paths = [_jpeg(tmp_path / "a.jpg", 24, 40)]
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).save(tmp_path / "b.png")
+    paths += [str(tmp_path / n) for n in ("gray.jpg", "cmyk.jpg", "b.png")]
+    encoded = [decode.read_bytes(p) for p in paths]
+    assert [e.data is not None for e in encoded] == [True, True, False, False]
+    for img, e, p in zip(decode.decode_encoded(encoded, "cpu"), encoded, paths):
+        assert img.shape == (3, e.height, e.width) and torch.equal(img, decode.read_image(p, "RGB", "torchvision")), p

@@ -202,3 +202,31 @@ def test_sampler_groups_aspect_and_resumes_at_any_iteration():
     assert next(r0) != next(r1)
     shards = [InferenceSampler(10, r, 3).indices for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))
+
+
+def test_inference_batches_hold_one_image_size_and_every_image_once():
+    """TEST.IMS_PER_BATCH > 1: batches of one original size (padding then changes no image), each image once."""
+    sizes = [(64, 80), (80, 64), (64, 80), (64, 80), (80, 64), (64, 80), (48, 48), (64, 80)]
+    for world in (1, 2):
+        seen = []
+        for rank in range(world):
+            sampler = InferenceSampler(len(sizes), rank, world, batch_size=3, sizes=sizes)
+            batches = [[i for i, _ in b] for b in sampler]
+            assert len(batches) == len(sampler) and sum(map(len, batches)) == sampler.num_images
+            assert all(len(b) <= 3 and len({sizes[i] for i in b}) == 1 for b in batches)
+            seen += [i for b in batches for i in b]
+        assert sorted(seen) == list(range(len(sizes)))
+    assert [[i for i, _ in b] for b in InferenceSampler(len(sizes), batch_size=3, sizes=sizes)] == \
+        [[0, 2, 3], [5, 7], [1, 4], [6]]
+    # one at a time (the default): dataset order
+    assert [b for b in InferenceSampler(4)] == [[(0, 0)], [(1, 0)], [(2, 0)], [(3, 0)]]
+
+
+def test_inference_batch_size_below_one_is_a_config_error():
+    from wrn_det.data.det_loader import build_detection_test_loader
+    from wrn_det.engine.config import load_config
+    from wrn_det.engine.errors import ConfigError
+
+    cfg = load_config(get_det_cfg(), None, ["TEST.IMS_PER_BATCH", "0"])
+    with pytest.raises(ConfigError, match="TEST.IMS_PER_BATCH must be a positive number of images, got 0"):
+        build_detection_test_loader(cfg, [])

@@ -135,3 +135,47 @@ def test_one_evaluator_serves_every_evaluation_with_the_ground_truth_read_once(g
     pictures = [read_plot_data(str(tmp_path / folder / "pr_data.json")) for folder in ("first", "ema")]
     assert pictures[0] == pictures[1]
     assert pictures[0]["confusion"] == confusion_matrix(json_file, results)
+
+
+def _matched(ours, theirs):
+    """Return True when two images' COCO results hold the same detections within the results' rounding."""
+    if len(ours) != len(theirs):
+        return False
+    left = list(theirs)
+    for a in ours:
+        close = [b for b in left if b["category_id"] == a["category_id"] and abs(a["score"] - b["score"]) <= 1e-5 + 1e-9
+                 and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-3 + 1e-9]
+        if not close:
+            return False
+        left.remove(close[0])
+    return True
+
+
+def test_batched_evaluation_gives_the_detections_of_one_image_at_a_time(trained_shapes_detector, tmp_path,
+                                                                         monkeypatch):
+    """TEST.IMS_PER_BATCH 3 on images of four sizes: the results file holds the one-at-a-time detections."""
+    from helpers import DRAW_64, SHAPES_DETECTOR_CONFIG, write_fake_coco
+
+    from wrn_det.detection.config import get_det_cfg
+    from wrn_det.detection.train import Trainer
+    from wrn_det.engine.config import load_config
+
+    run = trained_shapes_detector
+    root = write_fake_coco(tmp_path / "data", {"val2017": (14, 21)}, **dict(DRAW_64, sides=(64, 80)))
+    monkeypatch.setenv("DETECTRON2_DATASETS", root)
+    results, batch_sizes = {}, {}
+    for batch in (1, 3):
+        out = tmp_path / f"batch{batch}"
+        cfg = load_config(get_det_cfg(), SHAPES_DETECTOR_CONFIG, run.opts + [
+            "MODEL.WEIGHTS", run.weights, "TEST.IMS_PER_BATCH", str(batch), "OUTPUT_DIR", str(out)])
+        trainer = Trainer(cfg, eval_only=True)
+        batch_sizes[batch] = [len(b) for b in trainer.test_sets["coco_2017_val"].loader.batch_sampler]
+        trainer.test()
+        per_image = {}
+        for r in json.load(open(out / "inference" / "coco_instances_results.json")):
+            per_image.setdefault(r["image_id"], []).append(r)
+        results[batch] = per_image
+    assert batch_sizes[1] == [1] * 14 and max(batch_sizes[3]) == 3 and sum(batch_sizes[3]) == 14
+    assert sum(map(len, results[1].values())) > 20
+    assert results[3].keys() == results[1].keys()
+    assert all(_matched(results[3][i], results[1][i]) for i in results[1])

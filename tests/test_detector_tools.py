@@ -171,6 +171,34 @@ def test_evaluation_draws_curves_and_confusion_matrix_and_plot_redraws_them(trai
     assert all((copy / "inference" / name).is_file() for name in PLOT_FILES)
 
 
+def test_pictures_of_eighty_classes_keep_every_name_inside_the_picture(tmp_path):
+    """COCO's 80 classes, some with long names: all four pictures are drawn and no text runs off an edge."""
+    from wrn_det.detection.evaluation.plots import PLOT_FILES, redraw
+    from wrn_det.engine.fileio import write_json
+
+    rng = np.random.default_rng(0)
+    k = 80
+    classes = [("a much longer class name " if i % 7 == 0 else "") + f"class {i}" for i in range(k)]
+    curves = {t: [sorted(rng.random(101).tolist(), reverse=True) for _ in range(k)] for t in ("0.5", "0.75")}
+    for t in curves:
+        curves[t][5] = None  # a class without objects
+    ap = [float(rng.random() * 100) for _ in range(k)]
+    ap[5] = None
+    write_json(str(tmp_path / "pr_data.json"), {
+        "classes": classes, "recall": np.linspace(0, 1, 101).tolist(), "precision": curves, "ap": ap,
+        "confusion": {"matrix": rng.integers(0, 5, (k, k + 2)).tolist(), "score": 0.5, "iou": 0.5}})
+    written = redraw(str(tmp_path))
+    assert [Path(p).name for p in written] == list(PLOT_FILES)
+    for path in written:
+        img = _png(path)
+        edges = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3), img[:, :3].reshape(-1, 3),
+                                img[:, -3:].reshape(-1, 3)])
+        assert (edges == 255).all(), path  # a name or label cut by the edge would leave its pixels there
+        assert (img < 128).any(axis=2).mean() > 0.002, path  # and something is drawn
+    # one panel per class: 8 columns of 3 inches, 10 rows of 2.6 inches at 100 dpi
+    assert _png(written[1]).shape[:2] == (2600, 2400)
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: d.update(classes=[]), "'classes' must be a non-empty list"),
     (lambda d: d["precision"]["0.5"].pop(), "must hold one curve per class (3)"),

@@ -197,6 +197,26 @@ def test_metrics_json_is_strict_json_and_read_back_by_one_reader(tmp_path):
         read_metrics(str(tmp_path / "nowhere"))
 
 
+def test_metrics_json_cut_short_by_a_crash_is_read_trimmed_and_appended_to(tmp_path, caplog):
+    """A run killed while writing a row leaves a last line without its end: readers pass it over, a resumed run's
+    writer removes it before appending (so its rows do not glue onto it), trim keeps the whole rows."""
+    import json
+    import logging
+
+    from wrn_det.engine.events import MetricsWriter, read_metrics, trim_metrics
+
+    path = tmp_path / "metrics.json"
+    path.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "lo')
+    with caplog.at_level(logging.WARNING, logger="wrn_det"):
+        assert read_metrics(str(tmp_path)) == [{"epoch": 1, "loss": 0.5}]
+    assert "line 2: the last line is cut short" in caplog.text
+    assert trim_metrics(str(tmp_path), lambda r: True) == 0 and path.read_text().endswith('"lo')  # nothing to drop
+    with MetricsWriter(str(tmp_path), tensorboard=False) as w:
+        w.write({"epoch": 2, "loss": 0.25}, step=2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25, "iteration": 2}]
+
+
 def _gather_ranks(out_dir):
     from wrn_det.engine import comm
 
@@ -243,3 +263,23 @@ def test_restore_ema_loads_the_average_or_restarts_it_with_a_warning(caplog):
     assert fresh is not other and fresh.decay == 0.5 and torch.equal(fresh.module.weight, model.weight)
     assert "no EMA weights" in caplog.text
     assert restore_ema(None, saved, model) is None
+
+
+def test_console_log_follows_the_current_stdout(monkeypatch, capsys):
+    """The console handler writes to sys.stdout as it is when a record comes: a stream replaced (and closed)
+    after set-up, as a notebook or a test capture does, gets no 'Logging error' and loses no line."""
+    import io
+    import logging
+    import sys
+
+    from wrn_det.engine.events import setup_logger
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    log = setup_logger(None, 0, "wrn_det.test_console")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+    log.info("after the swap")
+    assert "after the swap" in second.getvalue() and "Logging error" not in capsys.readouterr().err
+    log.handlers.clear()

@@ -11,8 +11,15 @@ COCO results format (XYWH boxes, the training set's category ids) plus ``file_na
 Trailing ``KEY VALUE`` pairs override the config (the weights come through
 ``MODEL.WEIGHTS``); they may stand anywhere, also right after the inputs.
 
-An image that cannot be read is named in one line and skipped; the others are still
-done and the exit status is 1. A bad config or missing weights: one line, exit status 2.
+Every image is read as the training and the evaluation read it: upright (its EXIF orientation
+applied, as photo viewers and detectron2 do) and in 8-bit RGB whatever its mode (16-bit,
+grayscale, palette, CMYK, alpha dropped, the first frame of a GIF or TIFF); boxes are drawn
+and written in the upright image's pixels.
+
+Exit status: 0 when every image was done; 1 when some could not be read (each is named in
+one ``error:`` line and skipped, whatever the reason, the others are still done, and the
+summary line says how many failed); 2 for a bad config or missing weights (one line, nothing
+done), as every tool; 130 when interrupted. (Not the number failed: 2 already means bad input.)
 """
 import argparse
 import glob
@@ -24,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from wrn_det.engine import WrnDetError, atomic_write, cli_main, parse_args_with_overrides  # noqa: E402
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
 def parse_args(argv=None):
@@ -72,7 +79,7 @@ def _output_names(files):
 
 
 def main(args) -> int:
-    """Run the demo for parsed ``args``; returns 0, or 1 when some inputs could not be read."""
+    """Run the demo for parsed ``args``; returns 0, or 1 when some inputs could not be read (see the module doc)."""
     import json
 
     import torch

@@ -15,7 +15,14 @@ within each class (faster-coco-eval): a detection that matches no object is draw
 N images (default: all); ``--errors-only`` keeps the images with a mistake.
 
 Pictures go to ``--output`` (default ``<run or OUTPUT_DIR>/visualize/<source>``) as
-``<image name>.png``. ``KEY VALUE`` pairs override the config.
+``<image name>.png``. ``KEY VALUE`` pairs override the config. Images are read as the loader
+reads them (upright by their EXIF orientation, 8-bit RGB whatever their mode), so the boxes,
+which a dataset gives in the upright image's pixels, land where they belong.
+
+Exit status: 0 when every picture was drawn; 1 when some images could not be read (each is
+named in one ``error:`` line and skipped, whatever the reason; the others are still drawn and
+the summary line says how many failed); 2 for bad input (config, dataset, results file), as
+every tool. (Not the number failed: 2 already means bad input.)
 """
 import argparse
 import os
@@ -49,7 +56,7 @@ def _results_file(run: str, dataset: str, cfg) -> str:
 
 
 def main(args) -> int:
-    """Write the pictures for parsed ``args``; returns 0, or 1 when some images could not be read."""
+    """Write the pictures for parsed ``args``; returns 0, or 1 when some images could not be read (see the module doc)."""
     from wrn_det.data.catalog import MetadataCatalog, get_detection_dataset_dicts, resolve_json_file
     from wrn_det.data.det_loader import annotation_boxes, quiet_opencv, read_image
     from wrn_det.detection.config import get_det_cfg

@@ -22,22 +22,21 @@ from wrn_det.data.classification import ArraySet, build_cls_datasets
 from wrn_det.data.cls_loader import InMemoryLoader, build_imagenet_loader, imagenet_transforms
 from wrn_det.data.cls_preprocess import normalizer_from_cfg, zca_whiten
 from wrn_det.engine import comm
-from wrn_det.engine.checkpoint import TrainingCheckpointer, load_checkpoint
+from wrn_det.engine.checkpoint import TrainingCheckpointer
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.ema import ModelEMA
 from wrn_det.engine.errors import ConfigError, NonFiniteLossError, WrnDetError
 from wrn_det.engine.events import MetricsWriter, trim_metrics
 from wrn_det.engine.fileio import atomic_save, write_json
 from wrn_det.engine.launch import create_ddp_model
-from wrn_det.engine.optim import OptimizerStep, amp_dtype, non_finite_error
+from wrn_det.engine.optim import OptimizerStep, amp_dtype, fused_if_supported, non_finite_error
 from wrn_det.engine.progress import progress
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
-from wrn_det.engine.training import TrainerBase, rank_seed
+from wrn_det.engine.training import LogSync, StepValues, TrainerBase, rank_seed
 from wrn_det.models import build_model, count_parameters
 from wrn_det.models.norm import get_norm
-from wrn_det.models.convert import backbone_key_map
-from wrn_det.models.weights import is_counter, match_state_dict
+from wrn_det.models.pretrained import load_classifier_weights as load_weights  # MODEL.WEIGHTS of this trainer
 
 from .curves import append_json_stats
 from .evaluation import accuracy_counts, evaluate
@@ -65,36 +64,6 @@ def build_cls_model(cfg, num_classes: int) -> nn.Module:
         return build_model(cfg.MODEL.NAME, num_classes=num_classes, **kwargs)
     except ValueError as e:
         raise ConfigError(f"MODEL.NAME {cfg.MODEL.NAME!r} with MODEL.DROPOUT {cfg.MODEL.DROPOUT}: {e}") from None
-
-
-def load_weights(model: nn.Module, path: str, with_classifier: bool = True) -> dict:
-    """Load ``path`` (a checkpoint of this trainer, or a plain state dict) into ``model``; returns the file's dict.
-
-    Matched by the project's matcher (``module.`` and ``_orig_mod.`` prefixes removed).
-    Every tensor of the network's stem and stages must be in the file with its shape, and
-    the file may hold no tensor the network lacks; so must the classifier's with
-    ``with_classifier`` (evaluation). Without it (fine-tuning on another set of classes) a
-    classifier of another shape is left at its initialisation, with a warning. Anything
-    else raises :class:`WrnDetError` naming the file and the tensors.
-    """
-    try:
-        ckpt = load_checkpoint(path)
-    except WrnDetError as e:
-        raise WrnDetError(f"MODEL.WEIGHTS: {e}") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise WrnDetError(f"MODEL.WEIGHTS: {path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
-    own = model.state_dict()
-    required = None if with_classifier else [k for k in backbone_key_map(model) if not is_counter(k)]
-    loadable, report = match_state_dict(state, own, required=required, source=path)
-    if not report.ok:
-        raise WrnDetError(f"MODEL.WEIGHTS: {path} does not fit {type(model).__name__} ({report.total} tensors): "
-                          f"{report.problems()}{report.hint()}")
-    if report.skipped:
-        logger.warning("weights %s: the classifier (%s) has another shape and keeps its initialisation",
-                       path, ", ".join(report.skipped))
-    model.load_state_dict(loadable, strict=False)
-    return ckpt
 
 
 class ClsTrainer(TrainerBase):
@@ -222,9 +191,10 @@ class ClsTrainer(TrainerBase):
         s = self.cfg.SOLVER
         self.base_lr = s.BASE_LR * (s.IMS_PER_BATCH / s.REFERENCE_BATCH_SIZE if s.REFERENCE_BATCH_SIZE > 0 else 1.0)
         try:
+            params = list(self.model.parameters())
             self.optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=self.base_lr, momentum=s.MOMENTUM, dampening=s.DAMPENING,
-                weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV)
+                params, lr=self.base_lr, momentum=s.MOMENTUM, dampening=s.DAMPENING,
+                weight_decay=s.WEIGHT_DECAY, nesterov=s.NESTEROV, **fused_if_supported(params, self.device))
         except ValueError as e:
             raise ConfigError(f"SOLVER (BASE_LR/MOMENTUM/DAMPENING/WEIGHT_DECAY/NESTEROV): {e}") from None
         steps = [int(x) for x in s.STEPS]
@@ -322,13 +292,22 @@ class ClsTrainer(TrainerBase):
             raise non_finite_error(str(value), f"at epoch {epoch}, iteration {it}/{self.iters_per_epoch}", f"lr {lr:g}",
                                    self.checkpointer.latest())
 
+    def _check_sync(self, sync: LogSync) -> None:
+        """Raise the non-finite-loss error for the first iteration of ``sync`` whose loss was NaN or infinite."""
+        bad = sync.first_non_finite()
+        if bad is not None:
+            (epoch, i, lr), (value,) = bad
+            self._check_finite(value, epoch, i, lr)
+
     def train_one_epoch(self, epoch: int, start_batch: int = 0, sums: torch.Tensor = None) -> dict:
         """Run one epoch of training; returns ``{"train_loss", "train_top1_err", "lr", "seconds", ...}``.
 
         ``start_batch`` and ``sums`` continue an epoch a preemption stopped (its batches and
         their augmentation depend on ``(seed, epoch)`` only, so the rest is as it would have
-        been). A preemption signal stops it after the current batch with a checkpoint
-        (:class:`~wrn_det.engine.errors.Preempted`).
+        been). A preemption signal stops it with a checkpoint (:class:`~wrn_det.engine.errors.Preempted`)
+        after the current batch in one process, at the next log step (``LOG_PERIOD``) in several.
+        Nothing in an iteration waits for the device: the losses are read, checked and logged at
+        the log steps (every ``LOG_PERIOD`` iterations and the epoch's last).
         """
         cfg = self.cfg
         ipe = self.iters_per_epoch
@@ -340,6 +319,7 @@ class ClsTrainer(TrainerBase):
         self.train_model.train()
         if sums is None:
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * n, correct, n
+        values = StepValues(["loss"])
         start = time.perf_counter()
         lr = self.base_lr
         with progress(ipe, f"epoch {epoch}/{cfg.SOLVER.EPOCHS}") as bar:
@@ -359,18 +339,23 @@ class ClsTrainer(TrainerBase):
                 with torch.no_grad():
                     top1, _ = accuracy_counts(logits.detach().float(), labels, 1)
                     n = labels.numel()
-                    sums += torch.stack([loss.detach().double() * n, top1.double(),
-                                         torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                    # the image count is a Python number: added by the kernels, never copied to the device
+                    sums[:2] += torch.stack([loss.detach().double() * n, top1.double()])
+                    sums[2:] += n
+                values.add((epoch, i + 1, lr), loss.detach())
                 if (i + 1) % cfg.LOG_PERIOD == 0 or i + 1 == ipe:
-                    value = comm.reduce_dict({"loss": loss.detach()})["loss"].item()
-                    self._check_finite(value, epoch, i + 1, lr)
+                    sync = values.collect(self.preempt_flag())
+                    self._check_sync(sync)
+                    value = sync.rows[-1][0]
                     logger.info("epoch %d/%d iter %d/%d loss %.6f lr %.6g", epoch, cfg.SOLVER.EPOCHS, i + 1, ipe, value, lr)
                     if bar is not None:
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}")
+                    if i + 1 < ipe:
+                        self.stop_if_preempted(it, lambda: self._save_within_epoch(epoch, i + 1, sums), sync.preempted)
+                elif i + 1 < ipe:
+                    self.stop_if_preempted(it, lambda: self._checked_save_within_epoch(values, epoch, i + 1, sums))
                 if bar is not None:
                     bar.update(1)
-                if i + 1 < ipe:
-                    self.stop_if_preempted(it, lambda: self._save_within_epoch(epoch, i + 1, sums))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -385,6 +370,11 @@ class ClsTrainer(TrainerBase):
             "seconds": seconds,
             "images_per_sec": count / seconds,
         }
+
+    def _checked_save_within_epoch(self, values: StepValues, epoch: int, batch: int, sums: torch.Tensor):
+        """:meth:`_save_within_epoch` for a preemption between log steps (one process), the losses checked first."""
+        self._check_sync(values.collect())
+        return self._save_within_epoch(epoch, batch, sums)
 
     def evaluate(self) -> dict:
         """Evaluate the model (and its EMA) on the test set; returns ``test_*``, ``ema_test_*`` and ``eval_seconds``."""

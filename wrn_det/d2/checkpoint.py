@@ -2,10 +2,12 @@
 
 :class:`WRNDetectionCheckpointer` is detectron2's ``DetectionCheckpointer`` plus:
 
-* ``.pkl`` files are read through a restricted unpickler (numpy arrays and plain
-  containers only), not with ``pickle.load``;
-* a builtin-engine backbone checkpoint (``tools/convert_weights.py ... out.pth``) is
-  re-keyed to the protocol names on the fly, so either converted file works here;
+* ``.pkl`` and ``.safetensors`` files are read by the project's one reader
+  (:func:`wrn_det.engine.weights_file.read_weights_file`): pickles through a restricted
+  unpickler (numpy arrays and plain containers only), not with ``pickle.load``; safetensors,
+  which hold no code, with their class names and config;
+* a builtin-engine backbone checkpoint (``tools/convert_weights.py ... out.pth``, or its
+  ``.safetensors``) is re-keyed to the protocol names on the fly, so any converted file works here;
 * after loading, the WRN tensors of the model (its :class:`WRNTrunk` and
   :class:`WRNHeadStage` modules) are checked: a backbone tensor that was not loaded, a
   checkpoint key that matches nothing (other than a stage this detector does not run),
@@ -20,13 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wrn_det.detection.weights import checkpoint_metadata as builtin_checkpoint_metadata
 from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.weights_file import DETECTRON2_PICKLE, SAFETENSORS, read_weights_file, weights_format
 from wrn_det.models import build_model
-from wrn_det.models.convert import (
-    D2_AUTHOR,
-    is_builtin_backbone_checkpoint,
-    read_d2_pickle,
-    to_protocol_keys,
-)
+from wrn_det.models.convert import D2_AUTHOR, is_builtin_backbone_checkpoint, to_protocol_keys
 
 from wrn_det.models.weights import match_state_dict, short_list
 
@@ -91,13 +89,20 @@ class WRNDetectionCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
-        if filename.endswith(".pkl"):
-            data = read_d2_pickle(filename)
+        fmt = weights_format(filename)
+        if fmt == DETECTRON2_PICKLE:
+            data = read_weights_file(filename).contents
             if "model" not in data or "__author__" not in data:
                 raise WrnDetError(f"{filename}: not a detectron2 weights pickle (expected the keys 'model' and "
                                   f"'__author__', got {sorted(data)[:6]})")
             return data
-        loaded = super()._load_file(filename)
+        if fmt == SAFETENSORS:
+            wf = read_weights_file(filename)
+            if wf.model is None:
+                raise WrnDetError(f"{filename}: holds no tensors")
+            loaded = dict(wf.contents, model=wf.model)  # checked tensors; the class names and config ride along
+        else:
+            loaded = super()._load_file(filename)
         if is_builtin_backbone_checkpoint(loaded):
             meta = loaded["wrn_det"]
             net = build_model(meta["model_name"])

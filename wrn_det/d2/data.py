@@ -4,9 +4,9 @@ Every name of :mod:`wrn_det.data.catalog` that detectron2 does not already know
 (``shapes_train``, ``shapes_val``, anything registered with the project's
 ``register_coco_instances``) is registered in detectron2's catalogs with a loader that
 calls the project's: the same files, the same checks and one-line errors, the same
-contiguous class ids. The metadata COCOEvaluator needs (``json_file``,
-``thing_classes``, ``thing_dataset_id_to_contiguous_id``) is copied over when the
-dataset is loaded. The COCO splits (``coco_2017_train``, ...) keep detectron2's own
+contiguous class ids. The metadata detectron2's evaluators need (``json_file``,
+``thing_classes``, ``thing_dataset_id_to_contiguous_id`` for COCO; ``dirname``, ``split``, ``year``
+for Pascal VOC) is copied over when the dataset is loaded. The COCO splits (``coco_2017_train``, ...) keep detectron2's own
 registration, which uses the same names and the same ``DETECTRON2_DATASETS`` layout.
 """
 from typing import Callable, List, Optional
@@ -20,7 +20,8 @@ from wrn_det.data import catalog, coco
 __all__ = ["register_datasets", "register_coco_instances", "sync_metadata"]
 
 # the metadata detectron2's loaders, mappers and COCOEvaluator read
-_METADATA_KEYS = ("thing_classes", "thing_dataset_id_to_contiguous_id", "json_file", "image_root", "evaluator_type")
+_METADATA_KEYS = ("thing_classes", "thing_dataset_id_to_contiguous_id", "json_file", "image_root", "evaluator_type",
+                  "dirname", "split", "year")
 
 
 def sync_metadata(name: str) -> None:
@@ -58,7 +59,8 @@ def register_datasets() -> List[str]:
         if name in D2DatasetCatalog.list():
             continue
         D2DatasetCatalog.register(name, _loader(name))
-        D2MetadataCatalog.get(name).set(evaluator_type="coco")
+        # COCO files, or Pascal VOC folders (the project's VOC datasets: detectron2's own VOC names keep its loader)
+        D2MetadataCatalog.get(name).set(evaluator_type=catalog.MetadataCatalog.get(name).get("evaluator_type", "coco"))
         added.append(name)
     return added
 

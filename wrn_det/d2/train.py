@@ -23,7 +23,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 from detectron2.utils import comm as d2comm
 
 from wrn_det.engine.config import load_config, resolve_config_file
@@ -102,7 +102,7 @@ def setup(args):
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's ``DefaultTrainer`` with COCO evaluation and checked ``MODEL.WEIGHTS`` loading."""
+    """detectron2's ``DefaultTrainer`` with COCO or Pascal VOC evaluation and checked ``MODEL.WEIGHTS`` loading."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -122,12 +122,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """Return a ``COCOEvaluator`` writing to ``OUTPUT_DIR/inference`` (or ``output_folder``)."""
-        if MetadataCatalog.get(dataset_name).get("json_file") is None:
+        """Return the dataset's evaluator: ``PascalVOCDetectionEvaluator`` for a Pascal VOC dataset, else a
+        ``COCOEvaluator`` writing to ``OUTPUT_DIR/inference`` (or ``output_folder``) that counts up to
+        ``TEST.DETECTIONS_PER_IMAGE`` detections per image, as the builtin engine's."""
+        meta = MetadataCatalog.get(dataset_name)
+        if meta.get("json_file") is None and meta.get("dirname") is None:
             DatasetCatalog.get(dataset_name)  # a project dataset fills in its metadata when loaded
+        if meta.get("evaluator_type") == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder,
-                             use_fast_impl=cfg.TEST.COCO_EVAL_BACKEND == "faster_coco_eval")
+                             use_fast_impl=cfg.TEST.COCO_EVAL_BACKEND == "faster_coco_eval",
+                             max_dets_per_image=int(cfg.TEST.DETECTIONS_PER_IMAGE))
 
 
 def main(args):

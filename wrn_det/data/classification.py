@@ -280,7 +280,8 @@ def read_imagenet(root: str, train: bool = True, transform=None, decoder: str = 
     """Return torchvision's ``ImageFolder`` over ``ROOT/train`` or ``ROOT/val`` (one folder per class).
 
     ``decoder``: ``DATALOADER.DECODE``; the images reach ``transform`` as
-    :func:`wrn_det.data.decode.image_loader` gives them. Raises :class:`WrnDetError`
+    :func:`wrn_det.data.decode.image_loader` gives them: upright (EXIF orientation) and in
+    8-bit RGB whatever the file's mode, with every decoder. Raises :class:`WrnDetError`
     naming the folder when it is missing or holds no class folders with images.
     """
     folder = os.path.join(root, "train" if train else "val")

@@ -23,6 +23,7 @@ from wrn_det.data import decode
 from wrn_det.data.decode import read_image  # the loaders' reader, named here for the detection tools
 from wrn_det.engine import comm
 from wrn_det.engine.comm import local_batch_size
+from wrn_det.engine.device import resolve_device
 from wrn_det.engine.errors import ConfigError, WrnDetError
 
 __all__ = [
@@ -35,9 +36,11 @@ logger = logging.getLogger("wrn_det")
 
 
 def annotation_boxes(annotations: Sequence[dict], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Return the (N, 4) XYXY boxes of COCO-style annotations, whose ``bbox`` is ``[x, y, width, height]``."""
-    xywh = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
-    return box_convert(xywh, "xywh", "xyxy")
+    """Return the (N, 4) XYXY boxes of annotations, whose ``bbox`` is ``[x, y, width, height]`` (COCO's) or, with
+    ``"bbox_mode": 0`` (detectron2's XYXY_ABS, as the VOC reader gives), ``[x0, y0, x1, y1]``."""
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=dtype).reshape(-1, 4)
+    xyxy = torch.tensor([a.get("bbox_mode", 1) == 0 for a in annotations], dtype=torch.bool)
+    return torch.where(xyxy[:, None], boxes, box_convert(boxes, "xywh", "xyxy"))
 
 
 class LoadError(dict):
@@ -67,25 +70,19 @@ def quiet_opencv() -> None:
 
 
 def check_image_file(path: str, height: int = 0, width: int = 0, where: str = "") -> None:
-    """Raise :class:`WrnDetError` unless ``path`` is a readable, complete image of ``height`` x ``width``.
+    """Raise :class:`WrnDetError` unless ``path`` is a readable, complete image of ``height`` x ``width`` upright.
 
     Reads the header and the file's last bytes only (no decoding): a missing file, a file
     that is no image, a JPEG or PNG cut short, or a size other than the annotation's is one
-    line naming the file (and ``where``: the image id).
+    line naming the file (and ``where``: the image id). The size compared is the upright one
+    the loader hands the model (EXIF orientations 5-8 swap the stored width and height), as
+    detectron2 checks it.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    at = f" ({where})" if where else ""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise WrnDetError(f"image file {path} cannot be read: no such file{at}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise WrnDetError(f"image file {path} cannot be read: not a readable image ({type(e).__name__}){at}") from None
-    decode.check_complete(path, where)
+    h, w, orientation = decode.image_header(path, where)
     if height and width and (h, w) != (height, width):
-        raise WrnDetError(f"image file {path} is {w}x{h} but its annotation says {width}x{height}{at}")
+        at = f" ({where})" if where else ""
+        why = f"; it is stored {h}x{w} and its EXIF orientation {orientation} turns it upright" if orientation >= 5 else ""
+        raise WrnDetError(f"image file {path} is {w}x{h} but its annotation says {width}x{height}{at}{why}")
 
 
 def check_dataset_images(dicts: Sequence[dict], what: str) -> None:
@@ -286,17 +283,49 @@ class GroupedTrainingSampler(tud.Sampler):
 
 
 class InferenceSampler(tud.Sampler):
-    """Batches of one ``(index, 0)``: this process's contiguous share of the dataset, each image once."""
+    """Batches of ``(index, 0)``: this process's contiguous share of the dataset, each image once.
 
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+    ``batch_size`` 1 (detectron2's inference): one image per batch, in dataset order. Larger:
+    up to ``batch_size`` images per batch, all of one ``sizes`` entry (the images' original
+    (height, width)), so that a batch pads no image beyond the size it has alone and every image's
+    detections are those of one-at-a-time inference (within float rounding); a size's last batch
+    may be smaller. ``num_images`` is this process's number of images, ``len()`` its number of batches.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, batch_size: int = 1,
+                 sizes: Optional[Sequence] = None):
         per = (size - 1) // world_size + 1 if size else 0
         self.indices = list(range(min(size, rank * per), min(size, (rank + 1) * per)))
+        self.num_images = len(self.indices)
+        self.batches = _same_size_batches(self.indices, sizes, batch_size)
 
     def __iter__(self):
-        return iter([[(i, 0)] for i in self.indices])
+        return iter([[(i, 0) for i in b] for b in self.batches])
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
+
+
+def _same_size_batches(indices: List[int], sizes: Optional[Sequence], batch_size: int) -> List[List[int]]:
+    """Return ``indices`` cut into batches of at most ``batch_size`` indices of one ``sizes[index]`` each.
+
+    A batch is emitted when its size's group fills up, the groups' remainders at the end in
+    the order their sizes first appeared. Without ``sizes`` (or with ``batch_size`` 1) every index
+    is its own group's.
+    """
+    if batch_size <= 1 or sizes is None:
+        return [[i] for i in indices] if batch_size <= 1 else [indices[k:k + batch_size]
+                                                                for k in range(0, len(indices), batch_size)]
+    groups: dict = {}
+    out = []
+    for i in indices:
+        group = groups.setdefault(tuple(sizes[i]), [])
+        group.append(i)
+        if len(group) == batch_size:
+            out.append(list(group))
+            group.clear()
+    out += [g for g in groups.values() if g]
+    return out
 
 
 def _collate(batch):
@@ -331,16 +360,39 @@ def build_detection_train_loader(cfg, dicts: List[dict], seed: int, start_iter: 
         # its own generator, so creating the loader leaves the global torch RNG untouched
         generator=torch.Generator().manual_seed(int(seed)),
         persistent_workers=False,
+        pin_memory=pins_memory(cfg),
     )
 
 
+def pins_memory(cfg) -> bool:
+    """Return True when the batches for ``cfg``'s model go to a GPU: the loader then pins them in page-locked memory.
+
+    The model copies pinned tensors with ``non_blocking=True``: the copy runs beside the
+    computation instead of holding up the host until it is done.
+    """
+    try:
+        return resolve_device(cfg.MODEL.DEVICE).type == "cuda"
+    except WrnDetError:  # a bad MODEL.DEVICE is reported where the model is built
+        return False
+
+
 def build_detection_test_loader(cfg, dicts: List[dict], mapper: Optional[DetectionMapper] = None) -> tud.DataLoader:
-    """Return a DataLoader over this process's share of ``dicts``, one image per batch, each image once."""
-    sampler = InferenceSampler(len(dicts), comm.get_rank(), comm.get_world_size())
+    """Return a DataLoader over this process's share of ``dicts``, each image once.
+
+    Batches of ``TEST.IMS_PER_BATCH`` images of one original size (see :class:`InferenceSampler`;
+    1, the default, is detectron2's one image at a time). Raises :class:`ConfigError` for a
+    batch size below 1.
+    """
+    batch = int(cfg.TEST.get("IMS_PER_BATCH", 1))
+    if batch < 1:
+        raise ConfigError(f"TEST.IMS_PER_BATCH must be a positive number of images, got {cfg.TEST.IMS_PER_BATCH}")
+    sizes = [(d.get("height"), d.get("width")) for d in dicts] if batch > 1 else None
+    sampler = InferenceSampler(len(dicts), comm.get_rank(), comm.get_world_size(), batch, sizes)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     return tud.DataLoader(
         _MappedDataset(dicts, mapper or DetectionMapper(cfg, False)),
         batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init if workers else None,
         generator=torch.Generator().manual_seed(0),
+        pin_memory=pins_memory(cfg),
     )

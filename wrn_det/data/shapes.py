@@ -13,6 +13,12 @@ Files are written on first use under ``<DETECTRON2_DATASETS>/shapes``::
 
 Generation is deterministic (a fixed seed per split), so every process of a
 distributed job, and every machine, sees the same data.
+
+The same images and boxes also come as a Pascal VOC tree (:func:`export_voc`), written on
+first use of ``shapes_voc_train`` / ``shapes_voc_val`` under ``<DETECTRON2_DATASETS>/shapes_voc``::
+
+    shapes_voc/Annotations/train_000000.xml ...  shapes_voc/JPEGImages/train_000000.jpg ...
+    shapes_voc/ImageSets/Main/train.txt          shapes_voc/ImageSets/Main/val.txt
 """
 import json
 import os
@@ -23,7 +29,8 @@ import numpy as np
 
 from wrn_det.engine.fileio import atomic_write_dir
 
-__all__ = ["CATEGORIES", "SPLITS", "shapes_root", "ensure_shapes", "generate_split", "draw_image"]
+__all__ = ["CATEGORIES", "SPLITS", "shapes_root", "ensure_shapes", "generate_split", "draw_image", "export_voc",
+           "shapes_voc_root", "ensure_shapes_voc", "SHAPES_CLASSES"]
 
 # Bump when the drawing rules change, so stale folders are regenerated.
 VERSION = 3
@@ -33,6 +40,9 @@ CATEGORIES = [
     {"id": 2, "name": "circle", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
+
+#: The class names in category-id order (the VOC tree's names).
+SHAPES_CLASSES = tuple(c["name"] for c in CATEGORIES)
 
 # split -> (number of images, seed)
 SPLITS: Dict[str, Tuple[int, int]] = {"train": (1000, 1), "val": (200, 2)}
@@ -184,3 +194,69 @@ def ensure_shapes(root: Optional[str] = None) -> str:
             generate_split(tmp, split, n, seed)
 
     return atomic_write_dir(folder, write, is_complete=_is_current)
+
+
+def shapes_voc_root(root: Optional[str] = None) -> str:
+    """Return the folder of the shapes dataset's VOC tree: ``<root or $DETECTRON2_DATASETS or datasets>/shapes_voc``."""
+    return os.path.join(os.path.dirname(shapes_root(root)), "shapes_voc")
+
+
+def _voc_version_file(voc_dir: str) -> str:
+    return os.path.join(voc_dir, "shapes_version.txt")
+
+
+def _voc_is_current(voc_dir: str) -> bool:
+    try:
+        with open(_voc_version_file(voc_dir)) as f:
+            if f.read().strip() != str(VERSION):
+                return False
+        for split in SPLITS:
+            with open(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")) as f:
+                if sum(1 for line in f if line.strip()) != SPLITS[split][0]:
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _write_voc_tree(voc_dir: str, coco_folder: str, splits: Sequence[str]) -> None:
+    from .coco import load_coco_json
+    from .voc import write_voc_split
+
+    for split in splits:
+        dicts = load_coco_json(os.path.join(coco_folder, "annotations", f"instances_{split}.json"),
+                               os.path.join(coco_folder, split))
+        for d in dicts:
+            d["file_id"] = f"{split}_{os.path.splitext(os.path.basename(d['file_name']))[0]}"
+        write_voc_split(voc_dir, split, dicts, SHAPES_CLASSES)
+    with open(_voc_version_file(voc_dir), "w") as f:
+        f.write(f"{VERSION}\n")
+
+
+def export_voc(voc_dir: str, coco_folder: Optional[str] = None, splits: Sequence[str] = ("train", "val")) -> str:
+    """Write the shapes dataset as a Pascal VOC tree at ``voc_dir``; returns ``voc_dir``.
+
+    ``coco_folder``: a shapes folder in COCO form (``<split>/``, ``annotations/instances_<split>.json``,
+    as :func:`generate_split` writes it; default: :func:`ensure_shapes`). Every image of a
+    split becomes ``JPEGImages/<split>_<name>.jpg`` (hard-linked where the file system allows)
+    with ``Annotations/<split>_<name>.xml``, listed in ``ImageSets/Main/<split>.txt``; the class
+    names are the shapes' (square, circle, triangle). The tree appears whole or not at all
+    (:func:`wrn_det.engine.fileio.atomic_write_dir`). Read it with
+    :func:`wrn_det.data.voc.register_pascal_voc` and ``class_names=SHAPES_CLASSES``.
+    """
+    coco_folder = coco_folder or ensure_shapes()
+    return atomic_write_dir(voc_dir, lambda tmp: _write_voc_tree(tmp, coco_folder, splits))
+
+
+def ensure_shapes_voc(root: Optional[str] = None) -> str:
+    """Write the shapes dataset's VOC tree under ``shapes_voc_root(root)`` unless an up-to-date copy is there.
+
+    The shapes dataset itself is generated first when needed (:func:`ensure_shapes`). Safe
+    when several processes call it at once, as :func:`ensure_shapes`. Returns the VOC folder.
+    """
+    voc_dir = shapes_voc_root(root)
+    if _voc_is_current(voc_dir):
+        return voc_dir
+    coco_folder = ensure_shapes(root)
+    return atomic_write_dir(voc_dir, lambda tmp: _write_voc_tree(tmp, coco_folder, tuple(SPLITS)),
+                            is_complete=_voc_is_current)

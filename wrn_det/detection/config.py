@@ -4,7 +4,8 @@ The keys are detectron2's names with detectron2's defaults, restricted to those 
 engine honours, so a shipped config runs on both engines and a key this engine would
 silently ignore is an error instead. The project's own keys live under ``MODEL.WRN`` and
 ``MODEL.FAST_CPU`` (and ``TEST.COCO_EVAL_BACKEND``); :func:`add_wrn_config` adds them to any CfgNode,
-including detectron2's ``get_cfg()``.
+including detectron2's ``get_cfg()``. ``TEST.IMS_PER_BATCH`` (images per forward pass in
+evaluation) is the builtin engine's alone.
 """
 from wrn_det.engine.config import CfgNode as CN
 from wrn_det.engine.config import add_run_config
@@ -34,6 +35,11 @@ def add_wrn_config(cfg: CN) -> CN:
     pooler's own CPU RoIAlign kernel (torchvision's arithmetic, vectorised); False:
     torchvision's ``roi_align``. Same weights and state-dict keys either way; on a GPU the
     three change nothing (those paths are the CPU's).
+    ``MODEL.CHANNELS_LAST`` (False): on CUDA, the detector's weights and feature maps in
+    channels-last memory (the layout of cuDNN's fastest bfloat16/float16 convolutions); same
+    results, no effect on the CPU. ``MODEL.COMPILE`` (False): ``torch.compile`` the backbone
+    (with the FPN) and the box head in place (state-dict keys unchanged); the first
+    iterations, and each new input size, pay the compilation. detectron2's engine ignores both.
     ``TEST.COCO_EVAL_BACKEND``: ``faster_coco_eval`` (default) or ``pycocotools``.
     ``DATALOADER.DECODE``: the builtin engine's JPEG decoder, ``torchvision`` (default) or
     ``cv2``/``pil`` (:mod:`wrn_det.data.decode`); detectron2's engine reads images with its own mapper.
@@ -49,6 +55,8 @@ def add_wrn_config(cfg: CN) -> CN:
     cfg.MODEL.FAST_CPU.CONV = True
     cfg.MODEL.FAST_CPU.PACK_WEIGHTS = True
     cfg.MODEL.FAST_CPU.ROI_ALIGN = True
+    cfg.MODEL.CHANNELS_LAST = False
+    cfg.MODEL.COMPILE = False
     cfg.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
     cfg.DATALOADER.DECODE = "torchvision"
     return cfg
@@ -197,6 +205,9 @@ def get_det_cfg() -> CN:
     _C.TEST = CN()
     _C.TEST.EVAL_PERIOD = 0
     _C.TEST.DETECTIONS_PER_IMAGE = 100
+    # images per forward pass in evaluation, batched among images of one size (one at a time is
+    # detectron2's way; the builtin engine's own key, which detectron2's engine does not accept)
+    _C.TEST.IMS_PER_BATCH = 1
 
     _C.OUTPUT_DIR = "./output"
     # SEED, CUDNN_BENCHMARK, LOG_PERIOD, PREEMPT_SIGNALS, MODEL_EMA.*, SOLVER.AMP.*: the run keys both

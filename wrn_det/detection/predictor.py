@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from wrn_det.data.decode import pil_to_tensor
 from wrn_det.data.det_loader import DetectionMapper, read_image
 from wrn_det.engine.config import CfgNode, load_config
 from wrn_det.engine.errors import ConfigError, WrnDetError
@@ -57,17 +58,25 @@ def load_predictor_config(config, opts: Sequence[str] = (), weights: Optional[st
 
 
 def image_to_tensor(image, fmt: str = "RGB") -> torch.Tensor:
-    """Return ``image`` as a uint8 (3, H, W) tensor in channel order ``fmt`` (RGB or BGR).
+    """Return ``image`` as an upright uint8 (3, H, W) tensor in channel order ``fmt`` (RGB or BGR).
 
-    ``image``: a file path (read as the evaluation reads files), a PIL image, an
-    HxWx3 uint8 numpy array (RGB) or a uint8 (3, H, W) tensor (RGB). Raises
-    :class:`WrnDetError` with one line for anything else.
+    ``image``: a file path (read as the evaluation reads files: its EXIF orientation applied,
+    every mode turned into 8-bit RGB), a PIL image (its EXIF orientation and mode likewise),
+    an HxWx3 uint8 numpy array (RGB) or a uint8 (3, H, W) tensor (RGB); arrays and tensors
+    are taken as given, as detectron2's predictor takes them. Raises :class:`WrnDetError`
+    with one line for anything else, naming the file when a path was given.
     """
-
     if isinstance(image, (str, os.PathLike)):
         return read_image(os.fspath(image), fmt)
     if type(image).__module__.startswith("PIL."):
-        image = np.array(image.convert("RGB"))
+        try:
+            image = pil_to_tensor(image, "RGB")
+        except WrnDetError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a PIL image whose data cannot be loaded (a file cut short, say)
+            name = getattr(image, "filename", "")
+            what = f"image file {name}" if name else "the PIL image"
+            raise WrnDetError(f"{what} cannot be read: {' '.join(str(e).split()) or type(e).__name__}") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise WrnDetError(f"a numpy image must be HxWx3 uint8 RGB, got shape {image.shape} and dtype {image.dtype}")
@@ -93,7 +102,7 @@ class Predictor:
 
     ``config``: a path, a file name under ``configs/`` or a config node (the one the model
     was trained with); ``weights``: the checkpoint (default ``MODEL.WEIGHTS``), a
-    builtin or a detectron2-engine ``model_*.pth``; ``device``: ``cpu``, ``cuda``, ...
+    builtin or a detectron2-engine ``model_*.pth``, or a ``.safetensors``; ``device``: ``cpu``, ``cuda``, ...
     (default ``MODEL.DEVICE``: CUDA when present); ``opts``: ``KEY VALUE`` overrides.
 
     Calling it on one image returns ``{"boxes": float32 (N, 4) XYXY, "scores": (N,),
@@ -101,6 +110,9 @@ class Predictor:
     (N,) dataset ids, "height", "width"}`` on the CPU, best first. Attributes: ``cfg``,
     ``model``, ``thing_classes``, ``contiguous_id_to_thing_dataset_id``, ``weights``
     (what the checkpoint held).
+
+    :meth:`from_pretrained` builds one from a Hub folder (a local folder or ``owner/name``),
+    :meth:`save_pretrained` writes one.
     """
 
     def __init__(self, config, weights: Optional[str] = None, device: Optional[str] = None, opts: Sequence[str] = ()):
@@ -160,6 +172,101 @@ class Predictor:
         inputs = self._inputs(images)
         return self._outputs(inputs, self.model(inputs))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, device: Optional[str] = None, opts: Sequence[str] = (),
+                        revision: Optional[str] = None, cache_dir: Optional[str] = None, force_download: bool = False,
+                        token=None, local_files_only: bool = False) -> "Predictor":
+        """Return the predictor of a Hub folder: ``config.yaml`` and ``model.safetensors`` (written by
+        :meth:`save_pretrained`, ``tools/export_model.py --format hub``).
+
+        ``name_or_path``: a local folder, or ``owner/name`` on the Hugging Face Hub, downloaded
+        once by ``huggingface_hub`` (``revision``, ``cache_dir``, ``force_download``, ``token``,
+        ``local_files_only`` are its arguments). ``device`` and ``opts`` as for the constructor.
+        Raises :class:`WrnDetError` in one line for a missing or broken folder.
+        """
+        from wrn_det.engine.hub import CONFIG_NAME, WEIGHTS_NAME, resolve_model_folder
+
+        folder = resolve_model_folder(name_or_path, revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, token=token, local_files_only=local_files_only)
+        return cls(os.path.join(folder, CONFIG_NAME), weights=os.path.join(folder, WEIGHTS_NAME), device=device,
+                   opts=opts)
+
+    def _file_fields(self) -> dict:
+        """Return the header fields of this detector's ``.safetensors``: class names and ids, config, description."""
+        from .weights import detector_file_fields
+
+        metadata = {"thing_classes": list(self.thing_classes),
+                    "contiguous_id_to_thing_dataset_id": dict(self.contiguous_id_to_thing_dataset_id),
+                    "datasets": [str(d) for d in self.cfg.DATASETS.TRAIN]}
+        return detector_file_fields(self.model, self.cfg, metadata)
+
+    def save_weights(self, path: str) -> str:
+        """Write this detector's weights, class names and config to the ``.safetensors`` file ``path``; returns it.
+
+        The file is a ``MODEL.WEIGHTS`` (or ``weights=``) for the predictor, evaluation and training.
+        """
+        from wrn_det.engine.weights_file import save_safetensors
+
+        return save_safetensors(path, self.model.state_dict(), **self._file_fields())
+
+    def save_pretrained(self, folder: str, run_dir: Optional[str] = None, license: str = "unknown",
+                        repo_id: Optional[str] = None) -> str:
+        """Write this detector as a Hub folder (``config.yaml``, ``model.safetensors``, ``README.md``); returns it.
+
+        The card names the network, the training datasets and the class names, holds the
+        evaluation table of the run in ``run_dir`` (its ``metrics.json``) and the command that
+        trained it (its ``log.txt``), the ``license`` and the paper's citation; ``repo_id`` is
+        the Hub name its usage snippet shows. The folder is written atomically; it loads back
+        with :meth:`from_pretrained` to the same detections.
+        """
+        from wrn_det.engine.hub import write_model_folder
+
+        fields = self._file_fields()
+        card = _model_card(self, run_dir, license, repo_id or f"<you>/{os.path.basename(os.path.abspath(folder))}")
+        return write_model_folder(folder, self.model.state_dict(), fields.pop("config"), card, fields)
+
     def __repr__(self) -> str:
         return (f"Predictor({self.cfg.MODEL.WRN.NAME} {self.cfg.MODEL.BACKBONE.NAME}, {len(self.thing_classes)} classes, "
                 f"weights {self.weights['path']} ({self.weights['engine']}), device {self.model.device})")
+
+
+# Hub dataset ids of the COCO catalog names, for the card's ``datasets`` field
+_HUB_DATASETS = {"coco": "detection-datasets/coco"}
+
+
+def _model_card(predictor: "Predictor", run_dir: Optional[str], license: str, repo_id: str) -> str:
+    """Return the model card (``README.md``) of ``predictor`` for :meth:`Predictor.save_pretrained`."""
+    from huggingface_hub import EvalResult
+
+    from wrn_det.engine.hub import evaluation_rows, model_card, run_command
+
+    cfg = predictor.cfg
+    fpn = "fpn" in cfg.MODEL.BACKBONE.NAME.lower()
+    network = f"{cfg.MODEL.WRN.NAME}-{'FPN' if fpn else 'C4'}"
+    train, test = list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)
+    hub_ids = sorted({_HUB_DATASETS[d.split("_")[0]] for d in train + test if d.split("_")[0] in _HUB_DATASETS})
+    rows = evaluation_rows(run_dir, lambda k: k.startswith("bbox/") or "/bbox/" in k) if run_dir else []
+    ap = next((v for k, v in rows if k.endswith("bbox/AP")), None)
+    evaluated_on = ", ".join(test)
+    results = [EvalResult(task_type="object-detection", dataset_type=hub_ids[0] if hub_ids else test[0],
+                          dataset_name=evaluated_on, metric_type="mean_average_precision", metric_name="box AP",
+                          metric_value=round(ap, 2))] if ap is not None and test else []
+    names = predictor.thing_classes
+    n_params = sum(p.numel() for p in predictor.model.parameters())
+    return model_card(
+        title=f"Faster R-CNN {network} on {', '.join(train)}",
+        summary=f"A Faster R-CNN object detector with a `{cfg.MODEL.WRN.NAME}` Wide Residual Network backbone "
+                f"({'FPN' if fpn else 'C4'}), trained with wrn-det's builtin engine.",
+        facts=[("Network", f"`{cfg.MODEL.META_ARCHITECTURE}`, backbone `{cfg.MODEL.BACKBONE.NAME}` over "
+                           f"`{cfg.MODEL.WRN.NAME}`, {n_params:,} parameters"),
+               ("Dataset", f"trained on {', '.join(train)}; evaluated on {evaluated_on or 'nothing'}"),
+               ("Classes", f"{len(names)}: " + ", ".join(names)),
+               ("Input", f"{cfg.INPUT.FORMAT} images, shortest side resized to {cfg.INPUT.MIN_SIZE_TEST} "
+                         f"(longest at most {cfg.INPUT.MAX_SIZE_TEST})")],
+        pipeline_tag="object-detection",
+        tags=["object-detection", "faster-rcnn", "wide-resnet", "wrn-det", "pytorch", "safetensors"],
+        datasets=hub_ids, metrics=["mean_average_precision"], license=license, evaluation=rows,
+        evaluated_on=f"{evaluated_on} (COCO box AP)", eval_results=results,
+        command=run_command(run_dir) if run_dir else None,
+        usage=f"from wrn_det import Predictor\n\npredictor = Predictor.from_pretrained(\"{repo_id}\")\n"
+              "out = predictor(\"photo.jpg\")  # boxes, scores, classes, class_names")

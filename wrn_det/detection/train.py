@@ -10,7 +10,6 @@ seed, and the data stream is a function of (seed, iteration), so ``--resume`` af
 crash continues exactly as if the run had not stopped.
 """
 import logging
-import math
 import os
 import time
 from collections import OrderedDict, deque
@@ -30,14 +29,14 @@ from wrn_det.engine.ema import ModelEMA
 from wrn_det.engine.errors import ConfigError, WrnDetError
 from wrn_det.engine.events import MetricsWriter
 from wrn_det.engine.launch import create_ddp_model
-from wrn_det.engine.optim import OptimizerStep, amp_dtype, gradient_clipper, non_finite_error
+from wrn_det.engine.optim import OptimizerStep, amp_dtype, fused_if_supported, gradient_clipper, non_finite_error
 from wrn_det.engine.run import open_output_dir, setup_run
 from wrn_det.engine.schedules import LRSchedule, build_lr_multiplier
 from wrn_det.engine.seed import seed_all
-from wrn_det.engine.training import TrainerBase
+from wrn_det.engine.training import LogSync, StepValues, TrainerBase
 
 from .config import get_det_cfg
-from .evaluation import COCOEvaluator, ProposalEvaluator, flatten_results, inference_on_dataset
+from .evaluation import COCOEvaluator, ProposalEvaluator, VOCEvaluator, flatten_results, inference_on_dataset
 from .modeling import build_detector
 from .weights import checkpoint_metadata, load_detector_weights, unwrap
 
@@ -56,7 +55,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 
     Every parameter gets ``SOLVER.BASE_LR`` and ``WEIGHT_DECAY``; those of normalisation layers
     ``WEIGHT_DECAY_NORM`` instead; then every parameter named ``bias`` (a normalisation layer's
-    too) ``BASE_LR * BIAS_LR_FACTOR`` and, when set, ``WEIGHT_DECAY_BIAS``.
+    too) ``BASE_LR * BIAS_LR_FACTOR`` and, when set, ``WEIGHT_DECAY_BIAS``. Fused on CUDA.
     """
     s = cfg.SOLVER
     groups: Dict[tuple, list] = OrderedDict()
@@ -76,8 +75,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
             groups.setdefault((lr, wd), []).append(p)
     if not groups:
         raise ConfigError("the model has no trainable parameter (check MODEL.BACKBONE.FREEZE_AT)")
+    params = [p for ps in groups.values() for p in ps]
     return torch.optim.SGD([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                           lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+                           lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV,
+                           **fused_if_supported(params, params[0].device))
 
 
 def build_lr_schedule(cfg, optimizer) -> LRSchedule:
@@ -104,17 +105,23 @@ def _proposal_files(cfg, split: str) -> Optional[List[str]]:
     return files
 
 
-def build_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None):
+def build_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None, dicts: Optional[List[dict]] = None):
     """Return the evaluator of the configured detector for one test dataset.
 
     A ``ProposalNetwork`` gets a :class:`~wrn_det.detection.evaluation.proposals.ProposalEvaluator`
-    (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors a
-    :class:`~wrn_det.detection.evaluation.COCOEvaluator` (box AP). Either reads and checks the
-    dataset's ground truth once, when built; ``output_dir`` may be changed between evaluations.
+    (proposal recall, and the proposal file ``box_proposals.pkl``); the detectors the box AP
+    evaluator the dataset's metadata ``evaluator_type`` names: a
+    :class:`~wrn_det.detection.evaluation.VOCEvaluator` for ``"pascal_voc"`` (the VOC datasets),
+    a :class:`~wrn_det.detection.evaluation.COCOEvaluator` otherwise, which scores
+    ``TEST.DETECTIONS_PER_IMAGE`` detections per image. Either reads and checks the dataset's
+    ground truth once, when built (the VOC one from ``dicts`` when given: the dataset dicts
+    already read); ``output_dir`` may be changed between evaluations.
     """
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
         return ProposalEvaluator(dataset_name, output_dir)
-    return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND)
+    if MetadataCatalog.get(dataset_name).get("evaluator_type") == "pascal_voc":
+        return VOCEvaluator(dataset_name, output_dir, dicts=dicts)
+    return COCOEvaluator(dataset_name, output_dir, cfg.TEST.COCO_EVAL_BACKEND, max_dets=cfg.TEST.DETECTIONS_PER_IMAGE)
 
 
 class EvaluationSet(NamedTuple):
@@ -143,7 +150,7 @@ def prepare_test_sets(cfg) -> "OrderedDict[str, EvaluationSet]":
         files = [proposal_files[i]] if proposal_files is not None else None
         dicts = get_detection_dataset_dicts([name], filter_empty=False, proposal_files=files,
                                             proposal_key="DATASETS.PROPOSAL_FILES_TEST")
-        evaluator = build_evaluator(cfg, name)
+        evaluator = build_evaluator(cfg, name, dicts=dicts)
         if cfg.DATALOADER.CHECK_IMAGES:
             check_dataset_images(dicts, name)
         out[name] = EvaluationSet(dicts, build_detection_test_loader(cfg, dicts), evaluator)
@@ -301,15 +308,23 @@ class Trainer(TrainerBase):
         return results
 
     def _loop(self, start_iter: int, writer: MetricsWriter) -> None:
+        """Train from ``start_iter`` to ``SOLVER.MAX_ITER``, then write ``model_final``.
+
+        Nothing in an iteration waits for the device: the losses stay on it (:class:`StepValues`)
+        until a log step (every ``LOG_PERIOD`` iterations, the first and the last, and before
+        every checkpoint or evaluation) reads them all in one all-reduce, checks them for
+        non-finite values (naming the iteration it happened at) and carries the preemption flags.
+        """
         cfg = self.cfg
         model, data = self.train_model, self.data
         window: Dict[str, deque] = {}
+        values: Optional[StepValues] = None
         log_period = int(cfg.LOG_PERIOD)
         period = int(cfg.SOLVER.CHECKPOINT_PERIOD)
         eval_period = int(cfg.TEST.EVAL_PERIOD)
         logger.info("starting training from iteration %d", start_iter)
         model.train()
-        t_start = time.perf_counter()
+        t_start = t_sync = time.perf_counter()
         for it in range(start_iter, self.max_iter):
             t0 = time.perf_counter()
             batch = next(data)
@@ -317,36 +332,58 @@ class Trainer(TrainerBase):
             lr = self.schedule.apply(it)
             with self.step.autocast():
                 loss_dict = model(batch)
+            if values is None:
+                values = StepValues(list(loss_dict))
             losses = sum(loss_dict.values())
-            reduced = comm.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
-            total = float(sum(reduced.values()))
-            if not math.isfinite(total):
-                values = ", ".join(f"{k}={float(v):.4g}" for k, v in reduced.items())
-                raise non_finite_error("non-finite", f"at iteration {it}", values, self.last_checkpoint)
+            values.add(it, torch.stack([loss_dict[k].detach().float() for k in values.names]))
             self.step.step(losses)
             if self.ema is not None:
                 self.ema.update(self.model)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            step_time = time.perf_counter() - t0
-            for k, v in list(reduced.items()) + [("total_loss", total), ("time", step_time), ("data_time", data_time)]:
-                window.setdefault(k, deque(maxlen=log_period)).append(float(v))
+            window.setdefault("data_time", deque(maxlen=log_period)).append(data_time)
             nxt = it + 1
-            if nxt % log_period == 0 or nxt == self.max_iter or it == start_iter:
-                self._log(it, lr, window, writer, time.perf_counter() - t_start, nxt - start_iter)
-            if nxt != self.max_iter:
-                self.stop_if_preempted(it, lambda: self.save(f"model_{it:07d}", it))
-            if period > 0 and nxt % period == 0 and nxt != self.max_iter:
+            checkpoint = period > 0 and nxt % period == 0 and nxt != self.max_iter
+            evaluate = eval_period > 0 and nxt % eval_period == 0 and nxt != self.max_iter and bool(cfg.DATASETS.TEST)
+            synced = nxt % log_period == 0 or nxt == self.max_iter or it == start_iter or checkpoint or evaluate
+            if synced:
+                # the one wait for the device: every iteration's losses since the last log step
+                sync = values.collect(self.preempt_flag())
+                now = time.perf_counter()
+                self._check_finite(sync, values.names)
+                per_iter = (now - t_sync) / max(len(sync.rows), 1)
+                for row in sync.rows:
+                    for k, v in zip(values.names + ["total_loss", "time"], row + [sum(row), per_iter]):
+                        window.setdefault(k, deque(maxlen=log_period)).append(v)
+                self._log(it, lr, window, writer, now - t_start, nxt - start_iter)
+                if nxt != self.max_iter:
+                    self.stop_if_preempted(it, lambda: self.save(f"model_{it:07d}", it), sync.preempted)
+            elif nxt != self.max_iter:
+                self.stop_if_preempted(it, lambda: self._save_checked(values, it))
+            if checkpoint:
                 self.save(f"model_{it:07d}", it)
-            if eval_period > 0 and nxt % eval_period == 0 and nxt != self.max_iter and cfg.DATASETS.TEST:
+            if evaluate:
                 res = self.test()
                 if comm.is_main_process():
                     writer.write(flatten_results(res), step=it)
                 model.train()
+            if synced:  # the time per iteration counts training alone, not logging, checkpoints or evaluation
+                t_sync = time.perf_counter()
         self.save("model_final", self.max_iter - 1)
 
+    def _check_finite(self, sync: LogSync, names: List[str]) -> None:
+        """Raise the non-finite-loss error when an iteration of ``sync`` had a NaN or infinite loss."""
+        bad = sync.first_non_finite()
+        if bad is not None:
+            it, row = bad
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, row))
+            raise non_finite_error("non-finite", f"at iteration {it}", detail, self.last_checkpoint)
+
+    def _save_checked(self, values: StepValues, it: int) -> Optional[str]:
+        """Save after ``it`` for a preemption between log steps (one process): the losses since the last are checked first."""
+        self._check_finite(values.collect(), values.names)
+        return self.save(f"model_{it:07d}", it)
+
     def _log(self, it: int, lr: float, window: Dict[str, deque], writer: MetricsWriter, elapsed: float, done: int):
-        med = {k: sorted(v)[len(v) // 2] for k, v in window.items()}
+        med = {k: sorted(v)[len(v) // 2] for k, v in window.items() if v}
         per_iter = elapsed / max(done, 1)
         eta = per_iter * (self.max_iter - it - 1)
         losses = {k: v for k, v in med.items() if k.startswith("loss") or k == "total_loss"}

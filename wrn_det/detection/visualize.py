@@ -4,16 +4,18 @@ Boxes and labels are drawn with torchvision's ``draw_bounding_boxes``; labels si
 filled background in the box's colour, in a TrueType font (DejaVu Sans, which ships
 with matplotlib) sized to the picture, and small images are enlarged first so that the
 labels stay readable. Pictures are written as PNG through the project's atomic writer.
-Also here: :func:`read_coco_results`, the checked reader of a COCO results file.
+:func:`read_coco_results`, the checked reader of a COCO results file, is named here for the drawing tools
+(it lives with the COCO evaluation).
 """
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from wrn_det.engine.fileio import atomic_write, read_json
-from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.fileio import atomic_write
+
+from .evaluation.coco import read_coco_results  # noqa: F401  (the drawing tools' reader of results files)
 
 __all__ = ["class_colour", "ERROR_COLOUR", "draw_boxes", "detection_labels", "side_by_side", "save_png", "caption",
            "enlarge_factor", "read_coco_results", "match_detections", "MIN_SIDE"]
@@ -147,38 +149,3 @@ def match_detections(json_file: str, results: List[dict], threshold: float, iou:
     return preview.cocoGt, preview.cocoDt
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def read_coco_results(path: str, image_ids: Optional[set] = None, category_ids: Optional[set] = None
-                      ) -> Dict[int, List[dict]]:
-    """Return the detections of a COCO box results file grouped by image id.
-
-    Each entry must hold an integer ``image_id`` (one of ``image_ids`` when given), an
-    integer ``category_id`` (one of ``category_ids``), a ``bbox`` of four finite numbers
-    ``[x, y, width, height]`` with non-negative sides and a finite ``score``. Raises
-    :class:`WrnDetError` naming the file and the entry otherwise.
-    """
-    if not os.path.isfile(path):
-        raise WrnDetError(f"results file {path} not found (an evaluation writes inference/coco_instances_results.json)")
-    data = read_json(path, "results file")
-    if not isinstance(data, list):
-        raise WrnDetError(f"results file {path}: expected a list of detections, got a {type(data).__name__}")
-    by_image: Dict[int, List[dict]] = {}
-    for i, r in enumerate(data):
-        where = f"results file {path}, entry {i}"
-        if not isinstance(r, dict):
-            raise WrnDetError(f"{where}: expected an object, got a {type(r).__name__}")
-        img, cat, box, score = r.get("image_id"), r.get("category_id"), r.get("bbox"), r.get("score")
-        if type(img) is not int or (image_ids is not None and img not in image_ids):
-            raise WrnDetError(f"{where}: image_id {img!r} is not an image of the dataset")
-        if type(cat) is not int or (category_ids is not None and cat not in category_ids):
-            raise WrnDetError(f"{where}: category_id {cat!r} is not a category of the dataset")
-        if not isinstance(box, list) or len(box) != 4 or not all(_number(v) for v in box) or box[2] < 0 or box[3] < 0:
-            raise WrnDetError(f"{where}: bbox {box!r} is not [x, y, width, height] with finite values and sides >= 0")
-        if not _number(score):
-            raise WrnDetError(f"{where}: score {score!r} is not a finite number")
-        by_image.setdefault(img, []).append({"image_id": img, "category_id": cat, "bbox": [float(v) for v in box],
-                                             "score": float(score)})
-    return by_image

@@ -77,7 +77,7 @@ def default_argument_parser(description: str = "wrn-det") -> argparse.ArgumentPa
     )
     p.add_argument("--config-file", "--config", default="", metavar="FILE", help="config path or a file name under configs/")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if it exists")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate: MODEL.WEIGHTS, or with --resume the newest checkpoint in OUTPUT_DIR")
     p.add_argument("--num-gpus", type=_count(1), default=1,
                    help="processes per machine (GPUs; on a CPU-only machine, CPU processes with gloo)")
     p.add_argument("--num-machines", type=_count(1), default=1, help="total number of machines")

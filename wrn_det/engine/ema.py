@@ -3,11 +3,15 @@
 Built on ``torch.optim.swa_utils.AveragedModel`` with buffers averaged too (BatchNorm
 statistics). Its ready-made ``get_ema_multi_avg_fn`` would decay integer buffers as well
 (BatchNorm's ``num_batches_tracked``, which then stays frozen), so the averaging function
-here lerps floating-point tensors and copies the others.
+here lerps floating-point tensors and copies the others. Its ``update_parameters`` reads its
+update counter (a tensor on the model's device) twice per call, a wait for the GPU at every
+step; the update here counts on the host and does the same arithmetic.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import defaultdict
 from typing import Optional
 
 import torch
@@ -49,10 +53,31 @@ class ModelEMA:
         self.module = self.averaged.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._updates = 0  # the host's copy of averaged.n_averaged
 
+    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average towards the current weights of ``model`` (same architecture)."""
-        self.averaged.update_parameters(model)
+        """Move the average towards the current weights of ``model`` (same architecture); nothing waits for the device.
+
+        What ``AveragedModel.update_parameters`` does with buffers averaged: the first update
+        copies, the later ones apply the averaging function per (device, dtype) group.
+        """
+        mine = list(itertools.chain(self.module.parameters(), self.module.buffers()))
+        theirs = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+        if self._updates == 0:
+            for e, m in zip(mine, theirs):
+                e.copy_(m)
+        else:
+            groups = defaultdict(lambda: ([], []))
+            for e, m in zip(mine, theirs):
+                group = groups[(e.device, e.dtype)]
+                group[0].append(e)
+                group[1].append(m.to(e.device))
+            average = self.averaged.multi_avg_fn
+            for ema_tensors, model_tensors in groups.values():
+                average(ema_tensors, model_tensors, None)
+        self._updates += 1
+        self.averaged.n_averaged.add_(1)
 
     def state_dict(self) -> dict:
         """Return the averaged weights as a state dict of the model's keys."""
@@ -61,12 +86,13 @@ class ModelEMA:
     @property
     def num_updates(self) -> int:
         """Return how many updates the average has seen."""
-        return int(self.averaged.n_averaged)
+        return self._updates
 
     def load_state_dict(self, state: dict, num_updates: int = 1) -> None:
         """Load averaged weights saved by :meth:`state_dict`, with the number of updates they had seen."""
         self.module.load_state_dict(state)
-        self.averaged.n_averaged.fill_(int(num_updates))
+        self._updates = int(num_updates)
+        self.averaged.n_averaged.fill_(self._updates)
 
 
 def restore_ema(ema: Optional[ModelEMA], checkpoint: dict, model: nn.Module) -> Optional[ModelEMA]:

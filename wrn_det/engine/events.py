@@ -27,6 +27,22 @@ class _Buffer(logging.Handler):
         self.records.append(record)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stdout`` is when a record comes, not the one at set-up
+    (a notebook, a test's capture or a redirect may replace it, and close the old one, in between)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # the stream is always the current sys.stdout
+        pass
+
+
 def _formatter() -> logging.Formatter:
     return logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
 
@@ -45,7 +61,7 @@ def setup_logger(output_dir: Optional[str] = None, distributed_rank: int = 0, na
         logger.removeHandler(h)
         h.close()
     if distributed_rank == 0:
-        sh = logging.StreamHandler(sys.stdout)
+        sh = _StdoutHandler()
         sh.setFormatter(_formatter())
         logger.addHandler(sh)
     if output_dir:
@@ -102,8 +118,9 @@ def _metrics_file(path: str) -> str:
 def _object_lines(path: str, prefix: Optional[str] = None):
     """Yield ``(line, object)`` for every JSON line of ``path``: each line, or with ``prefix``, what follows ``prefix``.
 
-    Lines without ``prefix`` and blank lines are passed over. Raises :class:`WrnDetError` naming
-    the file and line for a line that is not one JSON object.
+    Lines without ``prefix`` and blank lines are passed over, and so is a last line cut short (no
+    newline at its end and no JSON object: the run stopped while writing it), with a warning.
+    Raises :class:`WrnDetError` naming the file and line for any other line that is not one JSON object.
     """
     with open(path, errors="replace") as f:
         for n, line in enumerate(f, 1):
@@ -122,6 +139,10 @@ def _object_lines(path: str, prefix: Optional[str] = None):
             except ValueError as e:
                 why = getattr(e, "msg", str(e))
             if why:
+                if not line.endswith("\n"):
+                    logging.getLogger("wrn_det").warning("%s, line %d: the last line is cut short (%s); passed over",
+                                                         path, n, why)
+                    return
                 raise WrnDetError(f"{path}, line {n}: not a JSON object ({why}); expected one JSON object per line")
             yield line, row
 
@@ -166,6 +187,32 @@ def trim_metrics(path: str, keep: Callable[[dict], bool]) -> int:
     return len(lines) - len(kept)
 
 
+def _drop_cut_last_line(path: str) -> None:
+    """Remove a last line cut short (no newline at its end) from ``path``, atomically, so rows appended
+    after it start on a line of their own; returns None. A missing or empty file is left as it is."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+    except FileNotFoundError:
+        return
+    keep = data[: data.rfind(b"\n") + 1]
+    logging.getLogger("wrn_det").warning("%s: its last line was cut short (%d bytes); removed before appending",
+                                         path, len(data) - len(keep))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(keep)
+
+    atomic_write(path, write)
+
+
 class MetricsWriter:
     """Append metrics as JSON lines to ``output_dir/metrics.json`` and as scalars to TensorBoard.
 
@@ -181,7 +228,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._file = open(os.path.join(output_dir, "metrics.json"), "a")
+        path = os.path.join(output_dir, "metrics.json")
+        _drop_cut_last_line(path)
+        self._file = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -1,8 +1,11 @@
 """The optimizer step both trainers share: mixed precision, gradient clipping, the non-finite-loss stop.
 
 ``SOLVER.AMP.ENABLED`` + ``SOLVER.AMP.DTYPE`` (``bfloat16`` | ``float16``) mean autocast on the
-run's device: CUDA in either dtype (``float16`` with a gradient scaler), the CPU in
-``bfloat16``. ``SOLVER.CLIP_GRADIENTS`` (detectron2's keys) clips after unscaling.
+run's device, CUDA or the CPU, in either dtype; ``float16`` with a gradient scaler (on a CPU
+without float16 units it is slow: a check, not a speed-up). ``SOLVER.CLIP_GRADIENTS``
+(detectron2's keys) clips after unscaling. Nothing in a step waits for the device: with a
+fused optimizer (:func:`fused_if_supported`) the scaler skips a step with non-finite
+gradients on the device, without reading its flag on the host.
 """
 import contextlib
 from typing import Callable, List, Optional
@@ -11,7 +14,8 @@ import torch
 
 from .errors import ConfigError, NonFiniteLossError
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "gradient_clipper", "OptimizerStep", "non_finite_error", "NonFiniteLossError"]
+__all__ = ["AMP_DTYPES", "amp_dtype", "gradient_clipper", "OptimizerStep", "non_finite_error", "NonFiniteLossError",
+           "fused_if_supported"]
 
 AMP_DTYPES = ("bfloat16", "float16")
 
@@ -19,18 +23,29 @@ AMP_DTYPES = ("bfloat16", "float16")
 def amp_dtype(amp_cfg, device: torch.device) -> Optional[torch.dtype]:
     """Return the autocast dtype ``SOLVER.AMP`` asks for on ``device``, or None for float32.
 
-    Raises :class:`ConfigError` for an unknown ``SOLVER.AMP.DTYPE`` and for float16 on the CPU.
+    float16 and bfloat16 both work on CUDA and on the CPU (whose autocast has float16 since
+    torch 2.4). Raises :class:`ConfigError` for an unknown ``SOLVER.AMP.DTYPE``.
     """
     name = amp_cfg.get("DTYPE", "float16")
     if name not in AMP_DTYPES:
         raise ConfigError(f"SOLVER.AMP.DTYPE must be one of {', '.join(AMP_DTYPES)}, got {name!r}")
     if not amp_cfg.ENABLED:
         return None
-    if device.type == "cpu" and name == "float16":
-        raise ConfigError("SOLVER.AMP.DTYPE float16 needs CUDA; use bfloat16 for mixed precision on the CPU")
     if device.type not in ("cpu", "cuda"):
         return None
     return getattr(torch, name)
+
+
+def fused_if_supported(params, device: torch.device) -> dict:
+    """Return the keyword arguments that make ``torch.optim.SGD`` fused on ``device``: ``{"fused": True}`` on CUDA.
+
+    The fused kernel updates all parameters at once and takes the gradient scaler's
+    non-finite flag on the device (no wait for the GPU in a float16 step). The CPU keeps the
+    default (``foreach``) implementation, whose results the tests and checkpoints were made with.
+    """
+    if device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
 
 
 def gradient_clipper(clip_cfg) -> Optional[Callable[[List[torch.nn.Parameter]], None]]:

@@ -2,9 +2,13 @@
 
 Clusters stop long jobs: SLURM sends SIGTERM (or, with ``--signal``, SIGUSR1) some time
 before the kill, torchrun restarts a failed worker group. :class:`PreemptionWatch` turns the
-signals named by ``PREEMPT_SIGNALS`` into a flag that every process reads at the end of
-each training step (one reduction, so that all stop at the same iteration); the trainer
-then writes a checkpoint at that iteration and raises :class:`Preempted`
+signals named by ``PREEMPT_SIGNALS`` into this process's flag. A single process acts on it at
+the end of the step the signal came in. Processes of a distributed run must all stop at the
+same iteration, so there the flags travel in the all-reduce that carries the logged losses
+to the host at each log step (every ``LOG_PERIOD`` iterations, and at checkpoints): the run
+stops at the first such step after the signal, at most ``LOG_PERIOD`` iterations later,
+rather than paying a reduction and a wait for the GPU at every step. The trainer then writes
+a checkpoint at that iteration and raises :class:`Preempted`
 (:meth:`wrn_det.engine.training.TrainerBase.stop_if_preempted`), which the command
 line turns into one log line and exit status :data:`PREEMPTED_EXIT_CODE`. A second signal
 while the checkpoint is written is only logged: the write is atomic either way.
@@ -18,10 +22,6 @@ import signal
 import threading
 from typing import Iterable
 
-import torch
-import torch.distributed as dist
-
-from . import comm
 from .errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "PreemptionWatch", "resume_requested"]
@@ -40,7 +40,7 @@ def _signal_numbers(names: Iterable[str]):
 
 
 class PreemptionWatch:
-    """Catch the preemption signals of a run; :meth:`requested` says (on every rank alike) whether to stop now.
+    """Catch the preemption signals of a run; :attr:`flag` says whether one came to this process.
 
     Handlers are installed for the life of the object and the previous ones restored by
     :meth:`close`. Outside the main thread (where Python allows no handlers) it watches nothing.
@@ -64,14 +64,9 @@ class PreemptionWatch:
         self._flag = True
         logger.warning("%s received: stopping after this step with a checkpoint", name)
 
-    def requested(self) -> bool:
-        """Return True when any process caught a preemption signal (a collective call in a distributed run)."""
-        if comm.get_world_size() > 1:
-            flag = torch.tensor([1.0 if self._flag else 0.0])
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self._flag = bool(flag.item())
+    @property
+    def flag(self) -> bool:
+        """Return True once a preemption signal came to this process (no communication: see the module's text)."""
         return self._flag
 
     def saving(self) -> "PreemptionWatch":

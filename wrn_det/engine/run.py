@@ -3,7 +3,7 @@
 Two steps, so that a run that fails its checks leaves nothing behind:
 
 * :func:`setup_run`: console logging (kept for ``log.txt``), one line with the rank, torch
-  version and command, the seed of this process, cuDNN benchmarking;
+  version and command, the seed of this process, cuDNN benchmarking, TensorFloat-32;
 * :func:`open_output_dir`: ``OUTPUT_DIR`` created (rank 0), ``log.txt`` started with
   everything logged so far, ``config.yaml`` written (rank 0).
 """
@@ -20,16 +20,17 @@ from .events import attach_log_file, setup_logger
 from .fileio import check_output_dir
 from .seed import seed_all
 
-__all__ = ["setup_run", "open_output_dir"]
+__all__ = ["setup_run", "open_output_dir", "set_tf32"]
 
 
 def setup_run(cfg, logger_names: Iterable[str] = ("wrn_det",), seed_per_rank: bool = True) -> int:
     """Start logging and seed this process for the run ``cfg`` describes; returns the seed.
 
     ``cfg.SEED`` >= 0 seeds rank ``r`` with ``SEED + r`` (``seed_per_rank``) or ``SEED``;
-    a negative seed draws one; ``cfg.CUDNN_BENCHMARK`` turns on cuDNN's algorithm search
-    (the keys of :func:`~wrn_det.engine.config.add_run_config`). ``OUTPUT_DIR`` is checked (a
-    file in its way is an error) but not created.
+    a negative seed draws one; ``cfg.CUDNN_BENCHMARK`` turns on cuDNN's algorithm search and
+    ``cfg.ALLOW_TF32`` TensorFloat-32 (:func:`set_tf32`) (the keys of
+    :func:`~wrn_det.engine.config.add_run_config`). ``OUTPUT_DIR`` is checked (a file in its way
+    is an error) but not created.
     """
     check_output_dir(cfg.OUTPUT_DIR)
     rank, world = comm.get_rank(), comm.get_world_size()
@@ -42,7 +43,19 @@ def setup_run(cfg, logger_names: Iterable[str] = ("wrn_det",), seed_per_rank: bo
     log.info("using seed %d for this process", seed)
     if cfg.CUDNN_BENCHMARK:
         torch.backends.cudnn.benchmark = True
+    set_tf32(cfg.get("ALLOW_TF32", True))
     return seed
+
+
+def set_tf32(allow: bool) -> bool:
+    """Let float32 matrix products and cuDNN convolutions use TensorFloat-32 (``allow``) or not; returns ``allow``.
+
+    Only GPUs with TF32 units (Ampere and newer) are affected; elsewhere it changes nothing.
+    """
+    allow = bool(allow)
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    return allow
 
 
 def open_output_dir(cfg, logger_names: Iterable[str] = ("wrn_det",)) -> str:

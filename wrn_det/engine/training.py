@@ -26,7 +26,10 @@ Checkpoints written before the schema (no ``schema`` key) are read too (:func:`u
 """
 import contextlib
 import logging
-from typing import Callable, Iterator, Optional, Tuple
+import math
+from typing import Callable, Hashable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
 
 from . import comm
 from .checkpoint import TrainingCheckpointer, load_checkpoint
@@ -36,7 +39,8 @@ from .events import MetricsWriter
 from .preempt import PreemptionWatch, resume_requested
 from .seed import seed_all
 
-__all__ = ["SCHEMA", "TASKS", "TrainerBase", "upgrade_checkpoint", "read_training_checkpoint", "rank_seed"]
+__all__ = ["SCHEMA", "TASKS", "TrainerBase", "StepValues", "LogSync", "upgrade_checkpoint", "read_training_checkpoint",
+           "rank_seed"]
 
 logger = logging.getLogger("wrn_det")
 
@@ -96,6 +100,77 @@ def read_training_checkpoint(path: str, task: str) -> dict:
     if ckpt.get("task") != task:
         raise WrnDetError(f"--resume: {path} is a checkpoint of {ckpt.get('task')!r} training; this run is {task}")
     return ckpt
+
+
+class LogSync(NamedTuple):
+    """What a log step read on the host: the iterations since the previous one, their values, the preemption flag."""
+
+    #: the labels the loop gave its iterations (``StepValues.add``), oldest first
+    iterations: List[Hashable]
+    #: one row per iteration: its values averaged over the processes, in ``StepValues.names`` order
+    rows: List[List[float]]
+    #: True when a preemption signal came to any process
+    preempted: bool
+
+    def first_non_finite(self) -> Optional[Tuple[Hashable, List[float]]]:
+        """Return ``(iteration, values)`` of the first iteration with a NaN or infinite value, or None."""
+        for it, row in zip(self.iterations, self.rows):
+            if not all(math.isfinite(v) for v in row):
+                return it, row
+        return None
+
+
+class StepValues:
+    """The scalars of every training iteration (the losses), kept on the device until a log step reads them.
+
+    ``add(iteration, values)`` keeps this iteration's 1-D tensor as it is, without waiting for
+    the device. :meth:`collect`, at a log step, stacks the iterations since the previous one,
+    averages them over the processes in one all-reduce that also carries each process's
+    preemption flag, and reads the result on the host: the one wait for the device between
+    log steps, after which every iteration's values are known (the non-finite check names the
+    iteration a value went bad at, whichever it was).
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self._iterations: List[Hashable] = []
+        self._values: List[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        """Return the number of iterations added since the last :meth:`collect`."""
+        return len(self._values)
+
+    def add(self, iteration: Hashable, values: torch.Tensor) -> None:
+        """Keep ``values`` (1-D, in :attr:`names` order, on any device) of ``iteration``; nothing is read yet."""
+        self._iterations.append(iteration)
+        self._values.append(values.detach().reshape(-1).float())
+
+    def collect(self, preempted: bool = False) -> LogSync:
+        """Return the values since the last call, averaged over processes, and whether any process was preempted.
+
+        ``preempted``: this process's flag. A collective call in a distributed run: every
+        process calls it at the same iterations, with as many added.
+        """
+        its, values = self._iterations, self._values
+        self._iterations, self._values = [], []
+        world = comm.get_world_size()
+        if not values and world == 1:
+            return LogSync([], [], bool(preempted))
+        k = len(self.names)
+        device = values[0].device if values else torch.device("cpu")
+        rows = torch.stack(values) if values else torch.zeros((0, k), device=device)
+        # the flag is made on the device by a fill, not copied there from the host
+        packed = torch.cat([rows.reshape(-1).double(), torch.full((1,), float(bool(preempted)), dtype=torch.float64,
+                                                                  device=device)])
+        if world > 1:
+            if comm.is_dist() and torch.distributed.get_backend() == "nccl" and packed.device.type != "cuda":
+                packed = packed.cuda()
+            torch.distributed.all_reduce(packed)
+        host = packed.tolist()
+        flat, flag = host[:-1], host[-1]
+        n = len(its)
+        out = [[v / world for v in flat[i * k:(i + 1) * k]] for i in range(n)]
+        return LogSync(list(its), out, flag > 0)
 
 
 class TrainerBase:
@@ -264,16 +339,29 @@ class TrainerBase:
             if writer is not None:
                 writer.close()
 
-    def stop_if_preempted(self, iteration: int, save: Callable[[], Optional[str]]) -> None:
-        """After ``iteration``: when a preemption signal came (to any process), ``save()`` and raise :class:`Preempted`.
+    def stop_if_preempted(self, iteration: int, save: Callable[[], Optional[str]],
+                          agreed: Optional[bool] = None) -> None:
+        """After ``iteration``: when the run is to stop for a preemption signal, ``save()`` and raise :class:`Preempted`.
 
-        Every process calls it at the same steps (the check is a collective call in a
-        distributed run); ``save`` returns the checkpoint written.
+        ``agreed``: the flag every process read at a log step (:meth:`StepValues.collect`).
+        Without it a single process acts on its own flag, and a process of a distributed run
+        does nothing (its peers cannot know: they learn of it at the next log step). ``save``
+        returns the checkpoint written.
         """
-        if self.preempt is None or not self.preempt.requested():
+        if self.preempt is None:
+            return
+        if agreed is None:
+            if self.world_size > 1:
+                return
+            agreed = self.preempt.flag
+        if not agreed:
             return
         with self.preempt.saving():
             path = save()
         stop = Preempted(iteration, path)
         logger.warning("%s", stop)
         raise stop
+
+    def preempt_flag(self) -> bool:
+        """Return this process's own preemption flag (False outside :meth:`running`)."""
+        return self.preempt is not None and self.preempt.flag

@@ -101,6 +101,7 @@ class PreActResNet(FeatureNet):
         n = (depth - 2) // 9
         self.depth, self.num_classes = depth, num_classes
         self.stem = (conv_layer or nn.Conv2d)(3, 16, 3, 1, 1, bias=False)
+        self._stem_spec = ShapeSpec(16, 1)
         widths = (64, 128, 256)
         add_residual_stages(self, 16, widths, (1, 2, 2), n,
                             lambda cin, width, stride: PreActBottleneck(cin, width, stride, norm_layer, conv_layer),
@@ -172,6 +173,7 @@ class NIN(FeatureNet):
             return ConvBNReLU(cin, cout, k, eps=1e-5, bias=conv_bias, norm_layer=norm_layer, conv_layer=conv_layer)
 
         self.stem = block(3, 192, 5)
+        self._stem_spec = ShapeSpec(192, 1)
         self.stage1 = Stage(block(192, 160, 1), block(160, 96, 1))
         self.stage2 = Stage(nn.MaxPool2d(3, 2, ceil_mode=True),
                             block(96, 192, 5), block(192, 192, 1), block(192, 192, 1))
@@ -210,6 +212,7 @@ class VGGCIFAR(FeatureNet):
         super().__init__()
         self.num_classes = num_classes
         self.stem = ConvBNReLU(3, 64, 3, eps=1e-3, norm_layer=norm_layer, conv_layer=conv_layer)
+        self._stem_spec = ShapeSpec(64, 1)
         self._stage_attrs = OrderedDict()
         self._out_specs = OrderedDict()
         plan = [(64, 2), (128, 2), (256, 4), (512, 4), (512, 4)]

@@ -105,9 +105,9 @@ class FeatureNet(nn.Module):
 
     Subclasses set ``family``, ``default_input_size``, ``_stage_attrs`` (stage
     name -> attribute name of a :class:`Stage`), ``_out_specs`` (stage name ->
-    :class:`ShapeSpec`), provide ``stem`` (a submodule or a property returning
-    a module: image -> input of the first stage) and the head's ``avgpool`` and
-    ``fc`` (or their own ``forward_head``).
+    :class:`ShapeSpec`), ``_stem_spec`` (the stem output's :class:`ShapeSpec`), provide
+    ``stem`` (a submodule or a property returning a module: image -> input of the first
+    stage) and the head's ``avgpool`` and ``fc`` (or their own ``forward_head``).
     """
 
     family: str = "cifar"
@@ -128,6 +128,20 @@ class FeatureNet(nn.Module):
         if name not in self._stage_attrs:
             raise KeyError(f"unknown stage {name!r}; this network has {self.stage_names}")
         return getattr(self, self._stage_attrs[name])
+
+    @property
+    def feature_info(self) -> List[dict]:
+        """Return the feature maps as timm describes them: the stem's, then each stage's.
+
+        One dict per map with ``num_chs`` (channels), ``reduction`` (stride relative to the
+        input) and ``module`` (the child module whose output it is: ``stem``, then the stage
+        attributes). The stem comes first, as the stem activation of timm's ResNets does, so
+        ``out_indices=(1, 2, 3, 4)`` picks the four stages of a wide ResNet there too.
+        """
+        info = [{"num_chs": self._stem_spec.channels, "reduction": self._stem_spec.stride, "module": "stem"}]
+        info += [{"num_chs": spec.channels, "reduction": spec.stride, "module": self._stage_attrs[name]}
+                 for name, spec in self._out_specs.items()]
+        return info
 
     def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
         """Return an ordered mapping stage name -> ShapeSpec(channels, stride)."""

@@ -40,14 +40,13 @@ import torch
 import yaml
 from torch import nn
 
-from wrn_det.engine.checkpoint import load_checkpoint
 from wrn_det.engine.errors import WrnDetError
 from wrn_det.engine.fileio import atomic_write, atomic_write_all
-from wrn_det.engine.safe_pickle import safe_load_pickle
+from wrn_det.engine.weights_file import read_weights_file, safetensors_writer
 
 from .original_weights import read_original_weights
 from .registry import build_model
-from .weights import ConversionError, guess_network, is_counter, match_state_dict, strip_wrappers
+from .weights import ConversionError, guess_network, is_counter, match_state_dict
 
 __all__ = [
     "ConversionError", "BACKBONE_FORMAT", "D2_AUTHOR",
@@ -115,10 +114,6 @@ def backbone_key_map(net: nn.Module) -> "OrderedDict[str, str]":
 # reading classification checkpoints
 
 
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
-
-
 def _name_from_config_text(text: str) -> Optional[str]:
     try:
         cfg = yaml.safe_load(text)
@@ -139,32 +134,35 @@ def read_classifier_state(path: str, use_ema: bool = False) -> Tuple["OrderedDic
     :mod:`wrn_det.models.original_weights`, whose ``info`` also has ``warnings``),
     ``ema`` (whether the EMA weights were taken) and ``model_name`` (the
     network named in the checkpoint's config or in ``config.yaml`` beside it, else None).
-    Raises :class:`ConversionError` (one line) for anything else.
+    Any format the one reader reads (:func:`~wrn_det.engine.weights_file.read_weights_file`:
+    ``.pth``/``.bin``, ``.safetensors``). Raises :class:`ConversionError` (one line) for anything else.
     """
-    ckpt = load_checkpoint(path)
+    wf = read_weights_file(path)
+    ckpt = wf.contents
     original = read_original_weights(ckpt, path, use_ema)  # the authors' layouts (functional-zoo, PyTorch port)
     if original is not None:
         return original
     info = {"kind": None, "ema": False, "model_name": None}
-    if _is_state_dict(ckpt):
-        info["kind"], main, ema = "state_dict", ckpt, None
-    elif isinstance(ckpt, dict) and _is_state_dict(ckpt.get("model")):
+    main = wf.model
+    if main is not None and "model" in ckpt:
         meta = ckpt.get("wrn_det")
         if isinstance(meta, dict) and meta.get("format") == BACKBONE_FORMAT:
             info["kind"], info["model_name"] = "wrn_det_backbone", meta.get("model_name")
         else:
             info["kind"] = "wrn_det"
-        main, ema = ckpt["model"], ckpt.get("ema")
         if isinstance(ckpt.get("config"), str):
             info["model_name"] = _name_from_config_text(ckpt["config"])
-    elif isinstance(ckpt, dict) and _is_state_dict(ckpt.get("state_dict")):
-        info["kind"], main, ema = "timm", ckpt["state_dict"], ckpt.get("state_dict_ema")
+    elif main is not None and "state_dict" in ckpt:
+        info["kind"] = "timm"
+    elif main is not None:
+        info["kind"] = "state_dict"
     else:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConversionError(f"{path}: no network weights found; expected a state dict, a wrn_det checkpoint "
                               f"({{'model': ..., 'ema': ...}}) or a timm checkpoint ({{'state_dict': ...}}), got {keys}")
     if use_ema:
-        if not _is_state_dict(ema):
+        ema = wf.ema
+        if ema is None:
             raise ConversionError(f"{path}: --ema was asked for but the checkpoint holds no EMA weights "
                                   "('ema' of tools/train_cls.py with MODEL_EMA.ENABLED, or timm's 'state_dict_ema')")
         main, info["ema"] = ema, True
@@ -173,7 +171,7 @@ def read_classifier_state(path: str, use_ema: bool = False) -> Tuple["OrderedDic
         if info["kind"] == "wrn_det" and os.path.isfile(cfg_file):
             with open(cfg_file) as f:
                 info["model_name"] = _name_from_config_text(f.read())
-    return strip_wrappers(main), info
+    return main, info
 
 
 def extract_backbone(state: Dict[str, torch.Tensor], model_name: str, source: str = "the checkpoint"
@@ -267,35 +265,35 @@ def save_d2_checkpoint(ckpt: dict, path: str) -> str:
 
 
 def read_d2_pickle(path: str) -> dict:
-    """Return the dict stored in a detectron2 weights pickle, read through the project's restricted unpickler.
+    """Return the dict stored in a detectron2 weights pickle (``.pkl``), as the one reader reads it.
 
     Only numpy arrays of plain dtypes, numbers, strings and plain containers are built
-    (:func:`wrn_det.engine.safe_pickle.safe_load_pickle`); anything else, a missing or a
-    corrupt file raises :class:`WrnDetError` with one line naming the file.
+    (:func:`wrn_det.engine.weights_file.read_weights_file`, through the restricted
+    unpickler); anything else, a missing or a corrupt file raises :class:`ConversionError`
+    with one line naming the file.
     """
     try:
-        obj = safe_load_pickle(path, "detectron2 weights file")
+        return read_weights_file(path).contents
     except WrnDetError as e:
         raise ConversionError(str(e)) from None
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: expected a dict in the detectron2 weights pickle, got {type(obj).__name__}")
-    return obj
 
 
 def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Optional[str] = None,
-                    d2_out: Optional[str] = None, use_ema: bool = False) -> dict:
+                    d2_out: Optional[str] = None, use_ema: bool = False, safetensors_out: Optional[str] = None) -> dict:
     """Convert the classification checkpoint ``src`` and write the requested outputs.
 
     ``model_name``: the ``wrn_det.models`` network; when None, the name stored with a
     wrn_det checkpoint is used, else the one the key layout shows. ``builtin_out`` /
-    ``d2_out``: paths of the builtin backbone checkpoint and of the detectron2 pickle
-    (either may be None). Both files go to temporary files first and are renamed at
-    the end, so a failure leaves no partial file. Returns a summary dict
-    (``model_name``, ``kind``, ``ema``, ``num_tensors``, ``num_params``, ``dropped``,
-    ``written``).
+    ``d2_out`` / ``safetensors_out``: paths of the builtin backbone checkpoint, of the
+    detectron2 pickle and of the backbone as safetensors (the builtin checkpoint's tensors, its
+    description in the header; it serves both engines; any may be None). All files go to
+    temporary files first and are renamed at the end, so a failure leaves no partial file.
+    Returns a summary dict (``model_name``, ``kind``, ``ema``, ``num_tensors``,
+    ``num_params``, ``dropped``, ``written``).
     """
-    if not builtin_out and not d2_out:
-        raise ConversionError("nothing to write: give a builtin (.pth) and/or a detectron2 (.pkl) output path")
+    if not builtin_out and not d2_out and not safetensors_out:
+        raise ConversionError("nothing to write: give a builtin (.pth), a detectron2 (.pkl) and/or a .safetensors "
+                              "output path")
     state, info = read_classifier_state(src, use_ema=use_ema)
     name = model_name or info["model_name"] or guess_network(state)
     if not name:
@@ -310,6 +308,9 @@ def convert_weights(src: str, model_name: Optional[str] = None, builtin_out: Opt
         writers.append((builtin_out, lambda tmp: torch.save(builtin_checkpoint(backbone, name, **meta), tmp)))
     if d2_out:
         writers.append((d2_out, lambda tmp: _pickle_to(d2_checkpoint(backbone, net, name, **meta), tmp)))
+    if safetensors_out:
+        ckpt = builtin_checkpoint(backbone, name, **meta)
+        writers.append((safetensors_out, safetensors_writer(ckpt["model"], wrn_det=ckpt["wrn_det"])))
     written = atomic_write_all(writers)
     own = net.state_dict(keep_vars=True)
     n_params = sum(own[k].numel() for k in backbone if isinstance(own[k], nn.Parameter))

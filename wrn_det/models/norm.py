@@ -38,16 +38,20 @@ class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the batch over all processes, on any device.
 
     On CUDA the statistics are gathered by ``nn.SyncBatchNorm``'s own autograd function
-    (its fused kernels). ``nn.SyncBatchNorm`` refuses CPU tensors (and DistributedDataParallel
-    refuses it on CPU modules); on the CPU (gloo) the per-channel count, sum and centred sum
-    of squares are summed over processes with the differentiable ``all_reduce`` of
-    ``torch.distributed.nn``, so output and gradients are those of plain BatchNorm on the
-    global batch. Outside training, or in a single process, it is exactly ``nn.BatchNorm2d``,
-    whose parameters, buffers and state-dict keys it has. Calling it returns the normalised tensor.
+    (its fused kernels, which accumulate half and bfloat16 inputs in float32 and return float32
+    means and inverse deviations). ``nn.SyncBatchNorm`` refuses CPU tensors (and
+    DistributedDataParallel refuses it on CPU modules); on the CPU (gloo) the per-channel count,
+    sum and centred sum of squares are summed over processes with the differentiable
+    ``all_reduce`` of ``torch.distributed.nn``, so output and gradients are those of plain
+    BatchNorm on the global batch. Under any autocast the statistics are computed, summed and
+    kept in float32 (a bfloat16 sum over 100,000+ values per channel keeps 8 significant bits);
+    the output has the input's dtype. Outside training, or in a single process, it is exactly
+    ``nn.BatchNorm2d``, whose parameters, buffers and state-dict keys it has. Calling it
+    returns the normalised tensor.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the batch-normalised ``x`` (N, C, H, W)."""
+        """Return the batch-normalised ``x`` (N, C, H, W), in ``x``'s dtype."""
         if not _distributed_training(self):
             return super().forward(x)
         if x.device.type == "cuda":
@@ -63,13 +67,19 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
         momentum = self._momentum()
         mean, var = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        return sync_batch_norm.apply(x, self.weight, self.bias, mean, var, self.eps, momentum,
-                                     dist.group.WORLD, dist.get_world_size())
+        # outside autocast: the kernels then see the parameters and buffers in their own float32
+        with torch.autocast("cuda", enabled=False):
+            return sync_batch_norm.apply(x, self.weight, self.bias, mean, var, self.eps, momentum,
+                                         dist.group.WORLD, dist.get_world_size())
 
     def _forward_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self._all_reduce_float32(x.float()).to(x.dtype)
+
+    def _all_reduce_float32(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         shape = (1, c, 1, 1)
-        count = torch.tensor([x.numel() // c], dtype=x.dtype, device=x.device)
+        count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
         # two reductions: the mean first, then the centred squares, for the same
         # numerical behaviour as a two-pass variance on one device
         total = differentiable_all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
@@ -79,14 +89,14 @@ class SyncBatchNorm(nn.BatchNorm2d):
         var = differentiable_all_reduce((xc * xc).sum(dim=(0, 2, 3))) / n
         y = xc * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 momentum = self._momentum()
                 # running_var holds the unbiased variance, as nn.BatchNorm2d
                 unbiased = var.detach() * (n / (n - 1).clamp(min=1.0))
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(unbiased, momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         return y
 
 

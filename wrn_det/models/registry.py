@@ -25,7 +25,7 @@ from .baselines import NIN, VGGCIFAR, PreActResNet
 from .wide_resnet import WideResNet
 from .wrn_cifar import WideResNetCIFAR
 
-__all__ = ["build_model", "list_models", "CANONICAL_MODELS"]
+__all__ = ["build_model", "list_models", "model_class", "CANONICAL_MODELS"]
 
 # The configurations reported in the WRN paper and its code (CIFAR, SVHN),
 # the ImageNet-style wide ResNets at k = 2, and the baselines.
@@ -55,6 +55,23 @@ _FAMILIES: List[Tuple[re.Pattern, type, int, Callable[[re.Match], dict]]] = [
 def list_models() -> List[str]:
     """Return the canonical model names (every other depth/width of a pattern also builds)."""
     return list(CANONICAL_MODELS)
+
+
+def _unknown(name) -> ValueError:
+    return ValueError(
+        f"unknown model {name!r}; known models: {', '.join(CANONICAL_MODELS)} "
+        f"(also any wrn_{{depth}}_{{k}}, wide_resnet{{18,34,50,101,152}}_{{k}}, preact_resnet{{9n+2}})")
+
+
+def model_class(name: str) -> Tuple[type, int]:
+    """Return ``(network class, default number of classes)`` for ``name``, building nothing.
+
+    Raises ValueError (listing the known names) for a name no family matches.
+    """
+    for pattern, cls, default_classes, _ in _FAMILIES:
+        if isinstance(name, str) and pattern.fullmatch(name):
+            return cls, default_classes
+    raise _unknown(name)
 
 
 def build_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.Module:
@@ -90,6 +107,4 @@ def build_model(name: str, num_classes: Optional[int] = None, **kwargs) -> nn.Mo
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         return cls(num_classes=num_classes, **parse(match), **kwargs)
-    raise ValueError(
-        f"unknown model {name!r}; known models: {', '.join(CANONICAL_MODELS)} "
-        f"(also any wrn_{{depth}}_{{k}}, wide_resnet{{18,34,50,101,152}}_{{k}}, preact_resnet{{9n+2}})")
+    raise _unknown(name)

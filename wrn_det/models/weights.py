@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from wrn_det.engine.errors import WrnDetError
+from wrn_det.engine.weights_file import WRAPPER_PREFIXES, strip_wrappers
 
 from .wide_resnet import IMAGENET_DEPTHS
 
@@ -27,10 +28,6 @@ __all__ = ["ConversionError", "WRAPPER_PREFIXES", "MatchReport", "strip_wrappers
 
 class ConversionError(WrnDetError):
     """A weights file does not fit or cannot be converted: unreadable, wrong network, missing or unknown keys."""
-
-
-#: Prefixes wrappers add to every key: DataParallel / DistributedDataParallel, torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def is_counter(key: str) -> bool:
@@ -46,26 +43,10 @@ def short_list(keys: Iterable, n: int = 3, sort: bool = False) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def strip_wrappers(state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """Return ``state`` without the wrapper prefixes that every key carries (in any order and number).
-
-    A prefix is removed only when every key has it, so a network with a real ``module``
-    child keeps its keys.
-    """
-    state = OrderedDict(state)
-    changed = True
-    while changed and state:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if all(k.startswith(p) for k in state):
-                state = OrderedDict((k[len(p):], v) for k, v in state.items())
-                changed = True
-    return state
-
-
 @dataclass
 class MatchReport:
-    """What :func:`match_state_dict` found; ``ok`` when nothing required is missing, unknown or misshapen."""
+    """What :func:`match_state_dict` found; ``ok`` when nothing required is missing, unknown, misshapen or of
+    another kind of number."""
 
     source: str
     total: int                                     # required tensors of the model
@@ -74,12 +55,13 @@ class MatchReport:
     unexpected: List[str] = field(default_factory=list)   # file keys that match no model key
     wrong_shape: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # (model key, file, model shape)
     skipped: List[str] = field(default_factory=list)      # optional model keys of another shape in the file
+    wrong_dtype: List[Tuple[str, str, str]] = field(default_factory=list)  # (model key, file dtype, model dtype)
     looks_like: Optional[str] = None               # the network the file's key layout shows
 
     @property
     def ok(self) -> bool:
         """Return True when every required tensor loads and the file has no unknown key."""
-        return not (self.missing or self.unexpected or self.wrong_shape)
+        return not (self.missing or self.unexpected or self.wrong_shape or self.wrong_dtype)
 
     def problems(self, n: int = 3) -> str:
         """Return the report's problems as one phrase ("missing 2: a, b; of another shape 1: c ...")."""
@@ -89,6 +71,9 @@ class MatchReport:
         if self.wrong_shape:
             shapes = [f"{k} {tuple(a)} (the model has {tuple(b)})" for k, a, b in self.wrong_shape]
             parts.append(f"of another shape {len(shapes)}: {short_list(shapes, n)}")
+        if self.wrong_dtype:
+            kinds = [f"{k} {a} (the model has {b})" for k, a, b in self.wrong_dtype]
+            parts.append(f"of another dtype {len(kinds)}: {short_list(kinds, n)}")
         if self.unexpected:
             parts.append(f"unknown to the model {len(self.unexpected)}: {short_list(self.unexpected, n)}")
         return "; ".join(parts)
@@ -98,6 +83,20 @@ class MatchReport:
         if self.looks_like and self.looks_like != name:
             return f" (its layout looks like {self.looks_like!r})"
         return ""
+
+
+def _number_kind(value) -> Optional[str]:
+    """Return "float", "complex", "bool" or "integer" for a tensor or numpy array, None for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool:
+            return "bool"
+        return "float" if value.is_floating_point() else "complex" if value.is_complex() else "integer"
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # numpy arrays of a pickle
+    return {"f": "float", "c": "complex", "b": "bool", "i": "integer", "u": "integer"}.get(kind)
+
+
+def _dtype_name(value) -> str:
+    return str(value.dtype).replace("torch.", "")
 
 
 def match_state_dict(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
@@ -111,8 +110,10 @@ def match_state_dict(state: Mapping[str, torch.Tensor], target: Mapping[str, tor
     when their shape fits and are listed in ``skipped`` otherwise. ``ignore(key)``: file keys
     to leave out of the comparison (counters always are). ``suffix``: a file key may also
     name the one model key that ends with ``"." + key`` (detectron2's matching of its
-    pickles). Returns ``(loadable, report)``: the tensors to load, keyed as the model, and
-    the :class:`MatchReport`.
+    pickles). A file tensor of another kind of number than the model's (integers or booleans for
+    floating-point weights: ``load_state_dict`` would cast them silently) does not load either.
+    Returns ``(loadable, report)``: the tensors to load, keyed as the model, and the
+    :class:`MatchReport`.
     """
     state = strip_wrappers(state)
     req = [k for k in target if not is_counter(k)] if required is None else list(required)
@@ -143,9 +144,17 @@ def match_state_dict(state: Mapping[str, torch.Tensor], target: Mapping[str, tor
             else:
                 report.skipped.append(name)
             continue
+        have, want_kind = _number_kind(value), _number_kind(target[name])
+        if want_kind is not None and have != want_kind:
+            if name in req_set:
+                report.wrong_dtype.append((name, _dtype_name(value), _dtype_name(target[name])))
+            else:
+                report.skipped.append(name)
+            continue
         loadable[name] = value
     report.matched = list(loadable)
-    report.missing = [k for k in req if k not in loadable and k not in {w[0] for w in report.wrong_shape}]
+    refused = {w[0] for w in report.wrong_shape} | {w[0] for w in report.wrong_dtype}
+    report.missing = [k for k in req if k not in loadable and k not in refused]
     return loadable, report
 
 

@@ -181,6 +181,7 @@ class WideResNet(FeatureNet):
         self.stem = nn.Sequential(OrderedDict([
             ("conv1", (conv_layer or nn.Conv2d)(3, 64, 7, 2, 3, bias=False)), ("bn1", norm_layer(64)),
             ("relu", nn.ReLU(inplace=True)), ("maxpool", nn.MaxPool2d(3, 2, 1))]))
+        self._stem_spec = ShapeSpec(64, 4)
         # torchvision's keys in the state dict: stem.conv1.weight is saved and loaded as conv1.weight
         self.register_state_dict_post_hook(_stem_keys_out)
         self.register_load_state_dict_pre_hook(_stem_keys_in)

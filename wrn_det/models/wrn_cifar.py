@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .common import FeatureNet, add_residual_stages
+from .common import FeatureNet, ShapeSpec, add_residual_stages
 from .norm import is_batch_norm
 
 __all__ = ["WideResNetCIFAR", "WideBasicBlock", "BNReLU", "init_original", "check_conv_init", "CONV_INITS"]
@@ -173,6 +173,7 @@ class WideResNetCIFAR(FeatureNet):
         widths = [16 * k, 32 * k, 64 * k]
 
         self.stem = (conv_layer or nn.Conv2d)(3, 16, 3, 1, 1, bias=False)
+        self._stem_spec = ShapeSpec(16, 1)
         add_residual_stages(self, 16, widths, (1, 2, 2), n,
                             lambda cin, width, stride: WideBasicBlock(cin, width, stride, dropout, norm_layer,
                                                                       conv_layer),

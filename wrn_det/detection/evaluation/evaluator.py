@@ -14,7 +14,7 @@ import torch
 from wrn_det.engine import comm
 from wrn_det.engine.progress import progress
 
-__all__ = ["inference_on_dataset", "flatten_results", "format_table", "PROGRESS_LOG_SECONDS"]
+__all__ = ["inference_on_dataset", "num_images", "flatten_results", "format_table", "PROGRESS_LOG_SECONDS"]
 
 logger = logging.getLogger("wrn_det")
 
@@ -27,6 +27,13 @@ def format_table(rows: List[List], headers: List[str]) -> str:
     out = [line(headers), "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def num_images(loader) -> int:
+    """Return how many images ``loader`` holds for this process: its sampler's ``num_images``
+    (:class:`~wrn_det.data.det_loader.InferenceSampler`), else its length (one image per batch)."""
+    count = getattr(getattr(loader, "batch_sampler", None), "num_images", None)
+    return int(count) if count is not None else len(loader)
 
 
 # without a terminal, inference logs its progress this often (seconds), as detectron2's inference loop does
@@ -42,7 +49,7 @@ def inference_on_dataset(model: torch.nn.Module, loader, evaluator) -> Dict[str,
     evaluator.reset()
     was_training = model.training
     model.eval()
-    total = len(loader)  # this process's images: the test loader yields one per batch
+    total = num_images(loader)
     n, t0 = 0, time.perf_counter()
     last_log = t0
     try:

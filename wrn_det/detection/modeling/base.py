@@ -112,7 +112,9 @@ class DetectorBase(nn.Module):
 
     def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
         """Return the normalised images, zero-padded to a common size divisible by the backbone's stride."""
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        # non_blocking: pinned batches (a GPU run's loader pins them) are copied beside the computation
+        images = [(x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
         sizes = [tuple(im.shape[-2:]) for im in images]
         h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
         d = self.size_divisibility
@@ -125,7 +127,8 @@ class DetectorBase(nn.Module):
 
     def targets(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
         """Return torchvision-style targets: XYXY ``boxes`` and ``labels`` 1..K (0 is background)."""
-        return [{"boxes": x["boxes"].to(self.device, torch.float32), "labels": x["classes"].to(self.device) + 1}
+        return [{"boxes": x["boxes"].to(self.device, torch.float32, non_blocking=True),
+                 "labels": x["classes"].to(self.device, non_blocking=True) + 1}
                 for x in batched_inputs]
 
     @staticmethod

@@ -116,7 +116,7 @@ def _pack_worth_it(x: Tensor, weight: Tensor) -> bool:
     # threads, one image: 2.5x at 8x11 pixels and 1024 channels, 1.5x for the stride-2 3x3 from 512
     # channels at 16x22, 1.1x at 16x22 and 512 channels (13x); even at 25x34 and 1024 channels
     # (10.8x), slower below)
-    return weight.numel() >= 12 * x[0].numel()
+    return x.shape[0] > 0 and weight.numel() >= 12 * x[0].numel()  # an empty batch (no RoI) has no x[0]
 
 
 def _gemm_worth_it(x: Tensor, weight: Tensor) -> bool:

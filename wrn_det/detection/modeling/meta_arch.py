@@ -34,7 +34,7 @@ from .registry import META_ARCH_REGISTRY
 from .roi_heads import build_roi_heads
 from .rpn import build_rpn, select_top_proposals
 
-__all__ = ["GeneralizedRCNN", "ProposalNetwork", "build_detector"]
+__all__ = ["GeneralizedRCNN", "ProposalNetwork", "build_detector", "compile_detector"]
 
 
 @META_ARCH_REGISTRY.register()
@@ -62,8 +62,9 @@ class GeneralizedRCNN(DetectorBase):
 
     def _forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensors)
+        # the targets' copies are queued before the backbone's work, not behind it
         targets = self.targets(batched_inputs) if self.training else None
+        features = self.backbone(images.tensors)
         if self.rpn is not None:
             rpn_features = OrderedDict((f, features[f]) for f in self.rpn.in_features)
             proposals, rpn_losses = self.rpn(images, rpn_features, targets)
@@ -90,7 +91,12 @@ class GeneralizedRCNN(DetectorBase):
 
 
 def build_detector(cfg) -> nn.Module:
-    """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present)."""
+    """Return the detector named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE`` (CUDA when unset and present).
+
+    ``MODEL.CHANNELS_LAST`` puts its weights in channels-last memory on CUDA (every convolution's
+    output follows its weight's layout); ``MODEL.COMPILE`` compiles the backbone and the box
+    head in place (:func:`compile_detector`).
+    """
     name = cfg.MODEL.META_ARCHITECTURE
     try:
         cls = META_ARCH_REGISTRY.get(name)
@@ -98,7 +104,32 @@ def build_detector(cfg) -> nn.Module:
         raise ConfigError(f"MODEL.META_ARCHITECTURE {name!r} is unknown; expected one of "
                           f"{sorted(k for k, _ in META_ARCH_REGISTRY)}") from None
     model = cls(cfg)
-    return model.to(prepare_device(resolve_device(cfg.MODEL.DEVICE)))
+    device = prepare_device(resolve_device(cfg.MODEL.DEVICE))
+    model = model.to(device)
+    if cfg.MODEL.get("CHANNELS_LAST", False) and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.MODEL.get("COMPILE", False):
+        compile_detector(model)
+    return model
+
+
+def compile_detector(model: nn.Module, **compile_kwargs) -> List[str]:
+    """``torch.compile`` the detector's backbone and box head in place; returns the names of the modules compiled.
+
+    ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``backend``...).
+    ``nn.Module.compile`` keeps the modules, their parameters and their state-dict keys (no
+    ``_orig_mod.`` prefix), so checkpoints, the EMA and DistributedDataParallel see the same
+    model. The RPN's and RoI heads' sampling and box geometry, data-dependent by nature, stay eager.
+    """
+    done = []
+    for name in ("backbone", "roi_heads.box_head"):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a ProposalNetwork has no box head
+            continue
+        module.compile(**compile_kwargs)
+        done.append(name)
+    return done
 
 
 @META_ARCH_REGISTRY.register()
@@ -127,11 +158,12 @@ class ProposalNetwork(DetectorBase):
 
     def _forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
+        targets = self.targets(batched_inputs) if self.training else None  # queued before the backbone's work
         features = self.backbone(images.tensors)
         feats = OrderedDict((f, features[f]) for f in self.rpn.in_features)
         if self.training:
             # the proposals are not used by an RPN trained alone: not computed
-            _, losses = self.rpn(images, feats, self.targets(batched_inputs), need_proposals=False)
+            _, losses = self.rpn(images, feats, targets, need_proposals=False)
             return losses
         results = []
         for (boxes, logits), x, size in zip(self.propose(images, list(feats.values())), batched_inputs,

@@ -39,18 +39,13 @@ import torch
 from torch import nn
 
 from wrn_det.engine.errors import WrnDetError, a_type
+from wrn_det.engine.weights_file import is_detectron2_state  # the reader tells a detectron2 checkpoint by its keys
 from wrn_det.models.convert import backbone_key_map
 
 __all__ = ["is_detectron2_state", "detectron2_key_plan", "detectron2_to_builtin", "rpn_anchor_order"]
 
 # how a detectron2 tensor becomes the builtin one
 _SAME, _CLS_SCORE, _BBOX_PRED, _RPN_ANCHORS = "same", "cls_score", "bbox_pred", "rpn_anchors"
-
-
-def is_detectron2_state(state: Dict[str, object]) -> bool:
-    """Return True when a detector state dict uses detectron2's module names (see the module docstring)."""
-    return any(k.startswith(("proposal_generator.", "roi_heads.res5.")) or k.startswith("roi_heads.box_head.fc")
-               or k.startswith("roi_heads.box_head.conv") for k in state)
 
 
 def _backbone_plan(model: nn.Module) -> List[Tuple[str, str, str]]:

@@ -1,43 +1,47 @@
 """Detector weights: ``MODEL.WEIGHTS`` for training and evaluation, checkpoints for inference, their class metadata.
 
-A file is one of:
+A file (``.pth``, a detectron2 ``.pkl``, ``.safetensors``) is read once by the project's one
+reader (:func:`wrn_det.engine.weights_file.read_weights_file`: tensors checked, metadata,
+what kind of file), its keys planned, then matched by the one matcher. It is one of:
 
 * a detector checkpoint of the builtin engine (``model_XXXXXXX.pth``, ``model_final.pth``),
   which also carries ``"metadata"`` (:func:`checkpoint_metadata`): the training set's class
   names and its contiguous id -> dataset category id map, so that a predictor needs no
   registered dataset;
-* a detector checkpoint of the detectron2 engine (``.pth``, or a ``.pkl`` read through the
-  restricted unpickler), whose keys :mod:`wrn_det.detection.weights.d2_keys` maps to the builtin ones;
+* a detector checkpoint of the detectron2 engine (``.pth``, ``.safetensors``, or a ``.pkl`` read
+  through the restricted unpickler), whose keys :mod:`wrn_det.detection.weights.d2_keys` maps to the builtin ones;
 * a backbone (classification network) file: ``tools/convert_weights.py`` output, our
   classification checkpoints, torchvision / timm state dicts.
 
 Every file is matched by the project's one matcher (:func:`wrn_det.models.weights.match_state_dict`);
-this module decides what it is matched against and formats the report. Strict
+this module decides what it is matched against (the key plan) and formats the report. Strict
 (``MODEL.WRN.STRICT_WEIGHTS``) means: every tensor the detector runs comes from the file
 with its shape and finite values, for detector checkpoints as for backbone files.
 """
 import json
 import logging
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from wrn_det.data.catalog import MetadataCatalog, resolve_json_file
-from wrn_det.engine.checkpoint import load_checkpoint
 from wrn_det.engine.errors import WrnDetError, a_type
-from wrn_det.models.convert import backbone_key_map, read_d2_pickle
-from wrn_det.models.weights import is_counter, match_state_dict, short_list, strip_wrappers
+from wrn_det.engine.weights_file import WeightsFile, read_weights_file
+from wrn_det.models.convert import backbone_key_map
+from wrn_det.models.weights import is_counter, match_state_dict, short_list
 
 from . import d2_keys
 
 __all__ = ["METADATA_KEY", "load_detector_weights", "load_inference_weights", "DetectorWeights",
-           "checkpoint_metadata", "read_class_metadata", "num_detector_classes", "backbone_network", "unwrap"]
+           "checkpoint_metadata", "read_class_metadata", "num_detector_classes", "backbone_network", "unwrap",
+           "detector_file_fields", "detector_description"]
 
 logger = logging.getLogger("wrn_det")
 
 METADATA_KEY = "metadata"
+DETECTOR_FORMAT = "detector"  # ``wrn_det.format`` of a detector's .safetensors
 # where the classification network sits inside the builtin detectors (C4, FPN)
 _NET_PREFIXES = ("backbone.net.", "backbone.bottom_up.net.")
 
@@ -154,34 +158,25 @@ def _classes_from_config(cfg, num_classes: int):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _as_tensor(key: str, value, path: str) -> torch.Tensor:
-    """Return ``value`` as a tensor (numpy arrays of numbers are converted), refusing anything else and NaN/inf."""
-    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    if not isinstance(value, torch.Tensor):
-        raise WrnDetError(f"checkpoint {path}: {key} is {a_type(value)}, not a tensor")
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise WrnDetError(f"checkpoint {path}: {key} holds non-finite values (NaN or inf); the file is corrupt "
-                          "or training diverged")
-    return value
-
-
-def _read(path: str, key: str) -> dict:
+def _read(path: str, key: str) -> WeightsFile:
+    """Read ``path`` once (:func:`read_weights_file`); every failure is one line starting with ``key``."""
     try:
-        return read_d2_pickle(path) if str(path).endswith(".pkl") else load_checkpoint(path)
+        return read_weights_file(path)
     except WrnDetError as e:
         raise WrnDetError(f"{key}: {e}") from None
 
 
-def _model_state(ckpt, path: str, key: str) -> Dict[str, torch.Tensor]:
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state or not any(hasattr(v, "shape") for v in state.values()):
-        raise WrnDetError(f"{key}: {path} holds no state dict of tensors (expected a dict of tensors or "
+def _weights_of(wf: WeightsFile, key: str, use_ema: bool) -> Dict[str, torch.Tensor]:
+    """Return the tensors of ``wf`` to load: its model's, or its EMA's with ``use_ema``."""
+    if use_ema:
+        if wf.ema is None:
+            raise WrnDetError(f"{key}: {wf.path} holds no EMA weights (a checkpoint of a run with MODEL_EMA.ENABLED); "
+                              "set MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY False to evaluate its model weights")
+        return wf.ema
+    if wf.model is None:
+        raise WrnDetError(f"{key}: {wf.path} holds no state dict of tensors (expected a dict of tensors or "
                           "{'model': ...})")
-    bad = next((k for k in state if not isinstance(k, str)), None)
-    if bad is not None:
-        raise WrnDetError(f"{key}: {path}: model key {bad!r} is not a string")
-    return {k: _as_tensor(k, v, path) for k, v in strip_wrappers(state).items()}
+    return wf.model
 
 
 def _unused_keys(model: nn.Module) -> set:
@@ -207,45 +202,79 @@ def _with_aliases(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str,
     return out
 
 
+def detector_description(wf: WeightsFile) -> dict:
+    """Return the ``wrn_det`` description a detector weights file of this project carries (``{}`` for others)."""
+    desc = wf.contents.get("wrn_det") if isinstance(wf.contents, dict) else None
+    return desc if isinstance(desc, dict) and desc.get("format") == DETECTOR_FORMAT else {}
+
+
+def detector_file_fields(model: nn.Module, cfg, metadata: dict) -> dict:
+    """Return the header fields of a detector's ``.safetensors`` (:func:`~wrn_det.engine.weights_file.save_safetensors`).
+
+    ``metadata``: the class names and ids (as :func:`checkpoint_metadata` makes them);
+    ``config``: ``cfg`` as YAML (``MODEL.WEIGHTS`` cleared: the file is the weights); ``wrn_det``: the file's
+    description, with the RPN's anchors: always ``detectron2`` (the builtin RPN's anchors are detectron2's), which
+    tells earlier releases, whose own anchors were rounded, to load the file with detectron2's.
+    """
+    desc = {"format": DETECTOR_FORMAT, "version": 1, "engine": "builtin", "anchors": "detectron2",
+            "model_name": str(cfg.MODEL.WRN.NAME), "backbone": str(cfg.MODEL.BACKBONE.NAME)}
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""  # the file is the weights
+    return {"metadata": metadata, "config": cfg.dump(), "wrn_det": desc}
+
+
+def _key_plan(model: nn.Module, wf: WeightsFile, state: Dict[str, torch.Tensor]):
+    """Return how the file's tensors meet the detector: ``(state, target, required, prefix, what, hint)``.
+
+    A detectron2-engine detector's keys are mapped to the builtin ones (the RPN head's rows in the
+    builtin anchor order); a file none of whose keys the detector has is a backbone file,
+    matched against the classification network inside the detector (whose keys then get
+    ``prefix``); anything else is matched against the whole detector, every tensor it runs
+    required.
+    """
+    own = model.state_dict()
+    prefix, net = backbone_network(model)
+    if wf.engine == "detectron2":
+        state = d2_keys.detectron2_to_builtin(state, model, wf.path)
+    if net is not None and not any(k in own for k in state):
+        required = [k for k in backbone_key_map(net) if not is_counter(k)]
+        return state, net.state_dict(), required, prefix, f"the backbone {type(net).__name__}", True
+    unused = _unused_keys(model)
+    required = [k for k in own if not is_counter(k) and k not in unused]
+    return _with_aliases(state, model), own, required, "", f"this {type(model).__name__}", False
+
+
 def load_detector_weights(model: nn.Module, path: str, key: str = "MODEL.WEIGHTS", strict: bool = True,
                           use_ema: bool = False) -> dict:
     """Load ``path`` (a detector checkpoint of either engine, or a backbone file) into a builtin detector.
 
-    A detector checkpoint must hold every tensor the detector runs, with its shape, and no
-    tensor the detector does not have; a backbone file every stem and stage tensor of the
-    network and no stage tensor it lacks (its classifier is ignored). With ``strict``
-    (``MODEL.WRN.STRICT_WEIGHTS``) a gap is a :class:`WrnDetError`, else a warning and what
-    fits is loaded. ``use_ema`` loads a training checkpoint's EMA weights
-    (``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``). Returns the whole checkpoint dict. Raises
-    :class:`WrnDetError` (one line naming ``key`` and the file) for a missing, unreadable or
-    malformed file, or one none of whose tensors fits.
+    The file is read once (:func:`~wrn_det.engine.weights_file.read_weights_file`: ``.pth``,
+    detectron2 ``.pkl``, ``.safetensors``), its keys planned (:func:`_key_plan`), then matched
+    by the one matcher. A detector checkpoint must hold every tensor the detector runs, with
+    its shape, and no tensor the detector does not have; a backbone file every stem and stage
+    tensor of the network and no stage tensor it lacks (its classifier is ignored). With
+    ``strict`` (``MODEL.WRN.STRICT_WEIGHTS``) a gap is a :class:`WrnDetError`, else a warning
+    and what fits is loaded. ``use_ema`` loads a training checkpoint's EMA weights
+    (``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``). Returns the whole checkpoint dict (a
+    safetensors file's in the same layout). Raises :class:`WrnDetError` (one line naming
+    ``key`` and the file) for a missing, unreadable or malformed file, or one none of whose
+    tensors fits.
     """
     model = unwrap(model)
     if not path:
         raise WrnDetError(f"{key}: no weights file given")
-    ckpt = _read(path, key)
-    if use_ema:
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema"), dict):
-            raise WrnDetError(f"{key}: {path} holds no EMA weights (a checkpoint of a run with MODEL_EMA.ENABLED); "
-                              "set MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY False to evaluate its model weights")
-        ckpt = dict(ckpt, model=ckpt["ema"])
-    state = _model_state(ckpt, path, key)
-    own = model.state_dict()
-    prefix, net = backbone_network(model)
-    hint = ""
-    if d2_keys.is_detectron2_state(state):
-        state = d2_keys.detectron2_to_builtin(state, model, path)
-    if net is not None and not any(k in own for k in state):
-        what = f"the backbone {type(net).__name__}"
-        required = [k for k in backbone_key_map(net) if not is_counter(k)]
-        loadable, report = match_state_dict(state, net.state_dict(), required=required, source=path)
-        loadable = {prefix + k: v for k, v in loadable.items()}
-        hint = report.hint(None)
-    else:
-        what = f"this {type(model).__name__}"
-        unused = _unused_keys(model)
-        required = [k for k in own if not is_counter(k) and k not in unused]
-        loadable, report = match_state_dict(_with_aliases(state, model), own, required=required, source=path)
+    wf = _read(path, key)
+    return _load_weights_file(model, wf, key, strict, use_ema)
+
+
+def _load_weights_file(model: nn.Module, wf: WeightsFile, key: str, strict: bool, use_ema: bool = False) -> dict:
+    path = wf.path
+    state = _weights_of(wf, key, use_ema)
+    state, target, required, prefix, what, backbone_file = _key_plan(model, wf, state)
+    loadable, report = match_state_dict(state, target, required=required, source=path)
+    hint = report.hint(None) if backbone_file else ""
+    loadable = OrderedDict((prefix + k, v) for k, v in loadable.items())
     if not loadable:
         raise WrnDetError(f"{key}: none of the {len(state)} tensors in {path} matches this model "
                           f"(e.g. {next(iter(state))!r}){hint}")
@@ -255,13 +284,15 @@ def load_detector_weights(model: nn.Module, path: str, key: str = "MODEL.WEIGHTS
             raise WrnDetError(msg + "; use the config the file was trained with, or set MODEL.WRN.STRICT_WEIGHTS "
                                     "False to load what fits")
         logger.warning("%s (MODEL.WRN.STRICT_WEIGHTS is False: loading what fits)", msg)
+    own = model.state_dict()
     model.load_state_dict(loadable, strict=False)
     logger.info("loaded %d of %d tensors of the model from %s", len(loadable), len(own), path)
     missing = [k for k in own if k not in loadable]
-    if missing and "iteration" not in ckpt:
+    if missing and not (isinstance(wf.contents, dict) and "iteration" in wf.contents):
         logger.info("%d model tensors not in the file keep their initialisation: %s", len(missing),
                     short_list(missing, 6))
-    return ckpt
+    contents = wf.contents if isinstance(wf.contents, dict) else {}
+    return dict(contents, model=wf.ema) if use_ema else contents
 
 
 class DetectorWeights(dict):
@@ -278,8 +309,9 @@ def load_inference_weights(model: nn.Module, path: str, cfg=None) -> DetectorWei
     """
     if not path:
         raise WrnDetError("no detector weights given: set MODEL.WEIGHTS (or weights=) to a trained model_final.pth")
-    ckpt = load_detector_weights(model, path, strict=True)
-    engine = "detectron2" if d2_keys.is_detectron2_state(_model_state(ckpt, path, "MODEL.WEIGHTS")) else "builtin"
+    wf = _read(path, "MODEL.WEIGHTS")
+    ckpt = _load_weights_file(unwrap(model), wf, "MODEL.WEIGHTS", strict=True)
+    engine = wf.engine or "builtin"
     num_classes = num_detector_classes(model)
     meta = read_class_metadata(ckpt, path, num_classes)
     if meta is not None:
@@ -290,3 +322,4 @@ def load_inference_weights(model: nn.Module, path: str, cfg=None) -> DetectorWei
     logger.info("loaded the %s-engine detector checkpoint %s (%d classes)", engine, path, num_classes)
     return DetectorWeights(path=str(path), engine=engine, thing_classes=names,
                            contiguous_id_to_thing_dataset_id=id_map, classes_from=where)
+
