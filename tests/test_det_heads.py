@@ -146,3 +146,14 @@ def test_box_losses_are_detectron2s_and_masked_rows_stay_out():
     assert smooth.item() == pytest.approx(0.125 + 0.125 + 0.5 * (5 * math.log(1.1)) ** 2 + 0.02, rel=1e-5)
     l1.backward()
     assert torch.isfinite(pred.grad).all() and not pred.grad[2].any()  # the masked row: no gradient, no NaN
+
+
+def test_an_image_without_proposals_gets_no_detection():
+    """A batch whose images have no proposal left (an untrained RPN under AMP, say) evaluates to empty results."""
+    model = build_detector(_cfg("shapes_wrn_frcnn.yaml", "MODEL.WRN.NAME", "wrn_10_1")).eval()
+    heads = model.roi_heads
+    k = heads.box_predictor.cls_score.out_features
+    with torch.no_grad():
+        out = heads.inference(torch.zeros(0, k), torch.zeros(0, 4 * k), [torch.zeros(0, 4), torch.zeros(0, 4)],
+                              [(64, 80), (64, 80)])
+    assert [len(r["boxes"]) for r in out] == [0, 0] and out[0]["boxes"].shape == (0, 4)

@@ -271,7 +271,8 @@ class ROIHeads(nn.Module):
         best; ``labels`` are 1..K.
         """
         k = class_logits.shape[1] - 1
-        boxes = self.box_coder.decode(box_regression, proposals)[:, 1:]  # (R, K, 4) float32, background dropped
+        # (R, K, 4) float32, background dropped; the shape is given, as torchvision's decode keeps (0, 4) for no proposal
+        boxes = self.box_coder.decode(box_regression, proposals).reshape(len(box_regression), k + 1, 4)[:, 1:]
         probs = F.softmax(class_logits.float(), dim=-1)
         counts = [len(p) for p in proposals]
         results = []
