@@ -1,5 +1,5 @@
-"""detectron2-engine checkpoints -> builtin detectors: the key mapping (C4 and FPN), detectron2's anchors, and a
-checkpoint file made to attack the reader. detectron2 itself is needed only to compare with its own key names."""
+"""detectron2-engine checkpoints -> builtin detectors: the key mapping (C4 and FPN), the RPN head's anchor order, and
+a checkpoint file made to attack the reader. detectron2 itself is needed only to compare with its own key names."""
 import math
 
 import pytest
@@ -32,16 +32,20 @@ def _model(name, opts):
 
 def to_detectron2(model):
     """A detectron2-style state dict of ``model``: the inverse of the mapping, written out in the test."""
-    from wrn_det.detection.weights.d2_keys import detectron2_key_plan
+    from wrn_det.detection.weights.d2_keys import detectron2_key_plan, rpn_anchor_order
 
     own = model.state_dict()
     out = {}
+    order = rpn_anchor_order(model)
     for d2, key, how in detectron2_key_plan(model):
         v = own[key].clone()
         if how == "cls_score":
             v = torch.cat([v[1:], v[:1]])  # background last
         elif how == "bbox_pred":
             v = v[4:]  # no background deltas
+        elif how == "rpn_anchors":  # detectron2's row of anchor i is the builtin row of the anchor listed there
+            rows = v.view(len(order), -1, *v.shape[1:])
+            v = rows[torch.argsort(torch.tensor(order))].reshape(v.shape)
         out[d2] = v
     return out
 
@@ -51,7 +55,7 @@ CASES = [("shapes_wrn_frcnn.yaml", TINY_FPN), ("Base-WRN-RCNN-C4.yaml", TINY_C4)
 
 @pytest.mark.parametrize("name, opts", CASES, ids=["fpn", "c4"])
 def test_detectron2_state_loads_every_tensor_of_the_detector(name, opts, tmp_path):
-    from wrn_det.detection.weights.d2_keys import DetectronAnchorGenerator, is_detectron2_state
+    from wrn_det.detection.weights.d2_keys import is_detectron2_state
     from wrn_det.detection.weights import load_inference_weights as load_detector_weights
 
     src = _model(name, opts)
@@ -77,7 +81,6 @@ def test_detectron2_state_loads_every_tensor_of_the_detector(name, opts, tmp_pat
     assert all(".fc." in k or k.split(".")[2] in ("fc",) for k in unused), unused
     for k in bg_deltas:
         assert torch.equal(a[k][4:], b[k][4:]) and not b[k][:4].any()
-    assert isinstance(dst.rpn.anchor_generator, DetectronAnchorGenerator)
     # the strides stay known: images padded to 32 give a p6 grid that the padded size does not divide
     assert dst.rpn.anchor_generator.strides == src.rpn.anchor_generator.strides
 
@@ -97,20 +100,28 @@ def test_detectron2_class_order_and_class_agnostic_deltas(tmp_path):
     assert out["roi_heads.box_predictor.bbox_pred.bias"].tolist() == [0.0] * 4 + [0.0, 1.0, 2.0, 3.0] * 3
 
 
-def test_detectron2_anchors():
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
+def test_rpn_rows_follow_the_anchors_from_detectron2s_order():
+    """The builtin lists a level's anchors ratio-major, detectron2 size-major: loading reorders the RPN head's rows
+    so that every objectness row and every 4 delta rows stay with their anchor."""
+    from wrn_det.detection.modeling.rpn import cell_anchors
+    from wrn_det.detection.weights.d2_keys import detectron2_to_builtin, rpn_anchor_order
 
-    from wrn_det.detection.weights.d2_keys import DetectronAnchorGenerator
-
-    ours = DetectronAnchorGenerator(((32, 64),), ((0.5, 1.0),), (16,)).cell_anchors[0]
-    expected = []
-    for s in (32, 64):  # detectron2's generate_cell_anchors: size-major, w = sqrt(s^2 / a), h = a w, no rounding
-        for a in (0.5, 1.0):
-            w = math.sqrt(s * s / a)
-            expected.append([-w / 2, -a * w / 2, w / 2, a * w / 2])
-    assert torch.allclose(ours, torch.tensor(expected), atol=1e-5)
-    tv = AnchorGenerator(((32, 64),), ((0.5, 1.0),)).cell_anchors[0]
-    assert not torch.allclose(tv, ours)  # torchvision rounds and lists ratio-major: loading needs the swap
+    model = _model(*CASES[1])  # C4: sizes 16, 32, 64 and ratios 0.5, 1, 2 on one level
+    order = rpn_anchor_order(model)
+    ours = cell_anchors((16, 32, 64), (0.5, 1.0, 2.0))
+    theirs = []
+    for size in (16, 32, 64):  # detectron2's generate_cell_anchors: size-major
+        for a in (0.5, 1.0, 2.0):
+            w = math.sqrt(size * size / a)
+            theirs.append([-w / 2, -a * w / 2, w / 2, a * w / 2])
+    assert order != list(range(9)) and all(ours[j] == pytest.approx(theirs[order[j]]) for j in range(9))
+    state = to_detectron2(model)
+    state["proposal_generator.rpn_head.objectness_logits.bias"] = torch.arange(9.0)  # detectron2 row i: value i
+    state["proposal_generator.rpn_head.anchor_deltas.bias"] = torch.arange(36.0)
+    out = detectron2_to_builtin(state, model)
+    assert out["rpn.head.cls_logits.bias"].tolist() == [float(i) for i in order]
+    assert out["rpn.head.bbox_pred.bias"].tolist() == [float(4 * i + c) for i in order for c in range(4)]
+    assert rpn_anchor_order(_model(*CASES[0])) == [0, 1, 2]  # one size per level: the same order
 
 
 def _attack(state, case):
@@ -179,10 +190,10 @@ def test_mapping_covers_detectron2s_own_model(name, opts):
 
 def test_detectron2_checkpoint_as_safetensors_keeps_its_anchors_through_a_hub_file(tmp_path):
     """A detectron2-engine detector in .safetensors loads as its .pth does; written back out (a Hub folder's weights)
-    it remembers detectron2's anchors, so it loads again to the same detections."""
+    it says its anchors are detectron2's (as every builtin RPN's are), so it loads again to the same detections."""
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install -e '.[hub]')")
     from wrn_det.detection.weights import detector_file_fields, load_detector_weights
-    from wrn_det.detection.weights.d2_keys import DetectronAnchorGenerator
+    from wrn_det.detection.weights.loading import detector_description
     from wrn_det.engine.weights_file import read_weights_file, save_safetensors
 
     name, opts = CASES[0]
@@ -201,7 +212,7 @@ def test_detectron2_checkpoint_as_safetensors_keeps_its_anchors_through_a_hub_fi
     save_safetensors(str(tmp_path / "builtin.safetensors"), b.state_dict(), **detector_file_fields(b, _cfg(name, opts), {}))
     c = _model(name, opts)
     load_detector_weights(c, str(tmp_path / "builtin.safetensors"))
-    assert isinstance(c.rpn.anchor_generator, DetectronAnchorGenerator)
+    assert detector_description(read_weights_file(str(tmp_path / "builtin.safetensors")))["anchors"] == "detectron2"
     image = (torch.rand(3, 64, 80) * 255).to(torch.uint8)
     with torch.no_grad():
         want, got = (m([{"image": image, "height": 64, "width": 80}])[0] for m in (b, c))

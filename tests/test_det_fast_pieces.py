@@ -1,9 +1,9 @@
 """The builtin engine's own fast pieces give the numbers of the pieces they replace.
 
 RoIAlign (CPU kernel) against torchvision's ``roi_align`` and detectron2's ``ROIPooler``;
-anchors against torchvision's ``AnchorGenerator``; Winograd convolutions against
-``nn.Conv2d``; whole detectors (losses, boxes, scores) against the same detector assembled
-from torchvision's pieces, as the engine was before them. The pieces are chosen when a
+anchors against detectron2's ``DefaultAnchorGenerator``; Winograd convolutions against
+``nn.Conv2d``; whole detectors (losses, boxes, scores) against the same detector with
+torchvision's pooler, as the engine was before its own kernel. The pieces are chosen when a
 detector is built (``MODEL.FAST_CPU``): with the keys off it is made of torchvision's.
 """
 import copy
@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
@@ -29,7 +28,7 @@ from wrn_det.detection.modeling import build_detector
 from wrn_det.detection.modeling.roi_heads import FCBoxHead, ROIPooler
 from wrn_det.detection.modeling.rpn import RPNConvHead
 from wrn_det.detection.modeling.poolers import assign_boxes_to_levels, boxes_to_rois, multilevel_roi_align
-from wrn_det.detection.modeling.rpn import StridedAnchorGenerator
+from wrn_det.detection.modeling.rpn import AnchorGenerator
 from wrn_det.engine.config import load_config
 
 STRIDES = [4, 8, 16, 32]
@@ -127,22 +126,33 @@ def test_pooler_equals_detectron2_roi_pooler():
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_anchors_equal_torchvision_and_know_each_stride():
+def test_anchors_are_detectron2s_and_know_each_stride():
     sizes, ratios = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5
     strides = [4, 8, 16, 32, 64]
-    ours, theirs = StridedAnchorGenerator(sizes, ratios, strides), AnchorGenerator(sizes, ratios)
-    # padded to 64, torchvision infers every stride right: the same anchors
-    image = ImageList(torch.zeros(2, 3, 128, 192), [(128, 180), (120, 192)])
-    maps = [torch.zeros(2, 1, 128 // s, 192 // s) for s in strides]
-    a, b = ours(image, maps), theirs(image, maps)
-    assert len(a) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+    ours = AnchorGenerator(sizes, ratios, strides)
+    maps = [torch.zeros(2, 1, 128 // s, 192 // s, dtype=torch.bfloat16) for s in strides]
+    anchors = ours(maps)
+    assert [a.dtype for a in anchors] == [torch.float32] * 5  # whatever the maps' dtype
+    # detectron2's cell anchors, not rounded: w = sqrt(s^2 / a), h = a w, centred on each grid point (offset 0)
+    w = math.sqrt(32 * 32 / 0.5)
+    assert anchors[0][0].tolist() == pytest.approx([-w / 2, -w / 4, w / 2, w / 4], abs=1e-5)
+    assert anchors[0][3 * 5 + 1].tolist() == pytest.approx([4 * 5 - 16, -16, 4 * 5 + 16, 16], abs=1e-5)
+    try:
+        from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+    except ImportError:
+        pass
+    else:
+        theirs = DefaultAnchorGenerator(sizes=[list(s) for s in sizes], aspect_ratios=[list(r) for r in ratios],
+                                        strides=strides, offset=0.0)
+        assert all(torch.equal(a, b.tensor) for a, b in zip(anchors, theirs(maps)))
     # padded to 32 (as detectron2 pads): the max-pooled top level keeps its stride of 64
-    image = ImageList(torch.zeros(1, 3, 96, 160), [(96, 160)])
     maps = [torch.zeros(1, 1, math.ceil(96 / s), math.ceil(160 / s)) for s in strides]
-    (anchors,) = ours(image, maps)
-    top = anchors[-3 * maps[-1].shape[-2] * maps[-1].shape[-1]:]
+    top = ours(maps)[-1]
     centres = (top[:, :2] + top[:, 2:]) / 2
     assert sorted(set(centres[:, 0].tolist())) == [0.0, 64.0, 128.0]
+    # several sizes on a level: listed ratio-major, the order of every builtin checkpoint's RPN head
+    (cells,) = AnchorGenerator(((32, 64),), ((0.5, 1.0),), (16,))([torch.zeros(1, 1, 1, 1)])
+    assert (cells[:, 2] - cells[:, 0]).tolist() == pytest.approx([math.sqrt(2) * 32, math.sqrt(2) * 64, 32, 64])
 
 
 def _nnpack_calls(monkeypatch) -> list:
@@ -311,12 +321,10 @@ class _TorchvisionPooler(nn.Module):
 
 
 def _reference_detector(model):
-    """The same detector (same weights) with torchvision's pooler and anchor generator (``model`` has plain convs)."""
+    """The same detector (same weights) with torchvision's pooler (``model`` has plain convs)."""
     assert not any(isinstance(m, FastConv2d) for m in model.modules())
     ref = copy.deepcopy(model)
     ref.roi_heads.box_roi_pool = _TorchvisionPooler(model.roi_heads.box_roi_pool)
-    ag = model.rpn.anchor_generator
-    ref.rpn.anchor_generator = AnchorGenerator(ag.sizes, ag.aspect_ratios)
     return ref
 
 
@@ -434,7 +442,8 @@ def test_the_keys_choose_the_pieces_when_the_detector_is_built(config, net, size
 
 
 def test_torchvision_blocks_built_with_the_conv_class_are_torchvisions():
-    """FPN, RPN head and box head: torchvision's keys, initial weights and outputs, built with FastConv2d."""
+    """FPN, RPN head and box head: torchvision's keys, initial weights (the box head's fully connected layers
+    excepted: detectron2's) and outputs, built with FastConv2d."""
     x = [torch.randn(1, c, s, s) for c, s in ((16, 24), (32, 12), (64, 6))]
     for ours_of, theirs_of, run in [
         (lambda conv: FeaturePyramid([16, 32, 64], 24, LastLevelMaxPool(), nn.BatchNorm2d, conv_layer=conv),
@@ -450,7 +459,14 @@ def test_torchvision_blocks_built_with_the_conv_class_are_torchvisions():
         torch.manual_seed(0)
         ours = ours_of(FastConv2d).eval()
         assert list(ours.state_dict()) == list(theirs.state_dict()) and isinstance(ours, type(theirs))
-        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+        fcs = [n for n, m in ours.named_modules() if isinstance(m, nn.Linear)]
+        assert all(torch.equal(a, b) for k, a, b in zip(ours.state_dict(), ours.state_dict().values(),
+                                                         theirs.state_dict().values()) if k.rsplit(".", 1)[0] not in fcs)
+        for name in fcs:  # detectron2's c2_xavier_fill: U(-sqrt(3 / fan_in), sqrt(3 / fan_in)), zero bias
+            fc = ours.get_submodule(name)
+            bound = math.sqrt(3.0 / fc.in_features)
+            assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.9 * bound and not fc.bias.any()
+        theirs.load_state_dict(ours.state_dict())
         assert all(type(m) is FastConv2d for m in ours.modules() if isinstance(m, nn.Conv2d))
         assert not any(type(m) is FastConv2d for m in ours_of(None).modules())
         with torch.no_grad(), fast_convs():

@@ -134,10 +134,10 @@ def check_anchors(config: str, device, size: int) -> bool:
     with torch.no_grad():
         images = model.preprocess_image([x])
         feats = [model.backbone(images.tensors)[f] for f in model.rpn.in_features]
-        anchors32 = gen(images, feats)[0]
+        anchors32 = torch.cat(gen(feats))  # every level's anchors
         with torch.autocast(device.type, dtype=torch.bfloat16):
             feats16 = [model.backbone(images.tensors)[f] for f in model.rpn.in_features]
-            anchors16 = gen(images, feats16)[0]
+            anchors16 = torch.cat(gen(feats16))
     diff = (anchors16.double() - anchors32.double()).abs().max().item()
     if anchors16.dtype != torch.float32:
         result("check_anchors_bf16", None, 0.0, higher_is_better=False, unit=" px",

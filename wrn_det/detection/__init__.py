@@ -1,5 +1,5 @@
-"""The builtin detection engine: WRN backbones (C4, FPN) in Faster R-CNN built from
-torchvision's detection pieces, an iteration-based trainer and COCO evaluation.
+"""The builtin detection engine: WRN backbones (C4, FPN) in detectron2's Faster R-CNN, written on
+torchvision's operators, an iteration-based trainer and COCO evaluation.
 
     from wrn_det.detection.config import get_det_cfg       # detectron2 key names + MODEL.WRN.*
     from wrn_det.detection.modeling import build_detector   # MODEL.META_ARCHITECTURE

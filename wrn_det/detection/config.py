@@ -136,8 +136,13 @@ def get_det_cfg() -> CN:
     _C.MODEL.RPN.IOU_LABELS = [0, -1, 1]
     _C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
     _C.MODEL.RPN.POSITIVE_FRACTION = 0.5
+    # the box loss of the RPN and of the box head (detectron2's keys and defaults): "smooth_l1" (an L1 loss with
+    # SMOOTH_L1_BETA 0), "giou", "diou" or "ciou"; the losses are sums divided by BATCH_SIZE_PER_IMAGE x images
+    # (RPN) and by the number of sampled proposals (box head)
+    _C.MODEL.RPN.BBOX_REG_LOSS_TYPE = "smooth_l1"
     _C.MODEL.RPN.BBOX_REG_LOSS_WEIGHT = 1.0
     _C.MODEL.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    _C.MODEL.RPN.SMOOTH_L1_BETA = 0.0
     _C.MODEL.RPN.LOSS_WEIGHT = 1.0
     _C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 12000
     _C.MODEL.RPN.PRE_NMS_TOPK_TEST = 6000
@@ -160,8 +165,10 @@ def get_det_cfg() -> CN:
 
     _C.MODEL.ROI_BOX_HEAD = CN()
     _C.MODEL.ROI_BOX_HEAD.NAME = ""
+    _C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "smooth_l1"
     _C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT = 1.0
     _C.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    _C.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0
     _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 14
     _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
     _C.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"

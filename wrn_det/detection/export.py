@@ -141,7 +141,7 @@ class InferenceModel(nn.Module):
         return boxes, scores, labels - 1
 
     def _postprocess(self, class_logits, box_regression, proposals, new_h, new_w):
-        """torchvision's RoIHeads.postprocess_detections for one image, without data-dependent branches."""
+        """The RoI heads' inference (detectron2's) for one image, without data-dependent branches."""
         heads = self.model.roi_heads
         num_classes = class_logits.shape[-1]
         boxes = heads.box_coder.decode(box_regression, [proposals]).reshape(-1, num_classes, 4)
@@ -154,12 +154,12 @@ class InferenceModel(nn.Module):
         boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
         keep = torch.where(scores > heads.score_thresh)[0]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         # batched NMS by offsetting each class's boxes, as torchvision's coordinate trick (empty-safe max)
         top = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
         keep = box_ops.nms(boxes + (labels.to(boxes) * (top + 1))[:, None], scores, heads.nms_thresh)
         keep = keep[: heads.detections_per_img]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = torch.where(((boxes[:, 2:] - boxes[:, :2]) > 0).all(dim=1))[0]  # the detector drops empty boxes
         return boxes[keep], scores[keep], labels[keep]
 
 

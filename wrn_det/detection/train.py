@@ -46,18 +46,19 @@ __all__ = ["setup", "main", "Trainer", "build_optimizer", "build_lr_schedule", "
 
 logger = logging.getLogger("wrn_det")
 
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
-               nn.LayerNorm, nn.LocalResponseNorm)
+# detectron2's list of normalisation layers (get_default_optimizer_params); FrozenBatchNorm has no parameters
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """Return SGD over the trainable parameters with detectron2's groups.
+    """Return SGD over the trainable parameters with detectron2's groups (``get_default_optimizer_params``).
 
-    Normalisation parameters get ``SOLVER.WEIGHT_DECAY_NORM``, biases ``BASE_LR *
-    BIAS_LR_FACTOR`` and ``WEIGHT_DECAY_BIAS`` (default: ``WEIGHT_DECAY``). Fused on CUDA.
+    Every parameter gets ``SOLVER.BASE_LR`` and ``WEIGHT_DECAY``; those of normalisation layers
+    ``WEIGHT_DECAY_NORM`` instead; then every parameter named ``bias`` (a normalisation layer's
+    too) ``BASE_LR * BIAS_LR_FACTOR`` and, when set, ``WEIGHT_DECAY_BIAS``. Fused on CUDA.
     """
     s = cfg.SOLVER
-    wd_bias = s.WEIGHT_DECAY if s.WEIGHT_DECAY_BIAS is None else s.WEIGHT_DECAY_BIAS
     groups: Dict[tuple, list] = OrderedDict()
     seen = set()
     for module in model.modules():
@@ -68,8 +69,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
             lr, wd = s.BASE_LR, s.WEIGHT_DECAY
             if isinstance(module, _NORM_TYPES):
                 wd = s.WEIGHT_DECAY_NORM
-            elif name == "bias":
-                lr, wd = s.BASE_LR * s.BIAS_LR_FACTOR, wd_bias
+            if name == "bias":
+                lr = s.BASE_LR * s.BIAS_LR_FACTOR
+                if s.WEIGHT_DECAY_BIAS is not None:
+                    wd = s.WEIGHT_DECAY_BIAS
             groups.setdefault((lr, wd), []).append(p)
     if not groups:
         raise ConfigError("the model has no trainable parameter (check MODEL.BACKBONE.FREEZE_AT)")

@@ -93,7 +93,9 @@ class WRNBackbone(nn.Module):
         for p in net.parameters():
             if id(p) in frozen_params or id(p) not in running_params:
                 p.requires_grad_(False)
-        self.size_divisibility = max(s.stride for s in self._out_shapes.values())
+        # images are padded only to the batch's largest size, as detectron2's C4 ResNet (its convolutions
+        # pad the borders themselves); an FPN over this trunk pads to its coarsest stride (WRNFPN)
+        self.size_divisibility = 0
 
     def output_shape(self) -> "OrderedDict[str, ShapeSpec]":
         """Return ``name -> ShapeSpec(channels, stride)`` of every returned feature."""

@@ -1,5 +1,5 @@
-"""What every detector of the builtin engine shares: input handling, loss names, the unsupported-key checks,
-the convolution class of its layers.
+"""What every detector of the builtin engine shares: input handling, the unsupported-key checks, the
+convolution class of its layers.
 
 :class:`DetectorBase` normalises the images (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``), pads
 them into a batch divisible by the backbone's stride, turns annotations into
@@ -21,11 +21,7 @@ from wrn_det.engine.errors import ConfigError
 
 from .fast_conv import FastConv2d
 
-__all__ = ["DetectorBase", "LOSS_NAMES", "check_unsupported", "in_feature_channels", "get_conv_layer", "ConvNormAct"]
-
-# torchvision's loss names -> detectron2's, which metrics.json and plots use
-LOSS_NAMES = {"loss_classifier": "loss_cls", "loss_box_reg": "loss_box_reg",
-              "loss_objectness": "loss_rpn_cls", "loss_rpn_box_reg": "loss_rpn_loc"}
+__all__ = ["DetectorBase", "check_unsupported", "in_feature_channels", "get_conv_layer", "ConvNormAct"]
 
 
 def in_feature_channels(key: str, in_features, shapes) -> int:

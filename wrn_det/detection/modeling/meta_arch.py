@@ -1,9 +1,11 @@
-"""The detectors of the builtin engine (``MODEL.META_ARCHITECTURE``), assembled from torchvision's detection pieces.
+"""The detectors of the builtin engine (``MODEL.META_ARCHITECTURE``): detectron2's ``GeneralizedRCNN`` and
+``ProposalNetwork`` with the same semantics, built on torchvision's layers and operators.
 
-``GeneralizedRCNN`` = a WRN backbone (C4 or FPN) + torchvision's ``RegionProposalNetwork`` +
-torchvision's ``RoIHeads`` with a RoIAlign pooler, a box head (two FC layers for FPN, the
+``GeneralizedRCNN`` = a WRN backbone (C4 or FPN) + the :class:`~.rpn.RPN` + the
+:class:`~.roi_heads.ROIHeads` with a RoIAlign pooler, a box head (two FC layers for FPN, the
 network's res5 stage for C4) and a ``FastRCNNPredictor``. ``ProposalNetwork`` = the backbone and
-the RPN alone. Inputs and outputs follow detectron2: the model takes a list of dicts (``image``:
+the RPN alone. Their losses, proposals and detections are detectron2's for the same config,
+weights and inputs (the tests compare them term by term). Inputs and outputs follow detectron2: the model takes a list of dicts (``image``:
 uint8 CHW tensor in ``INPUT.FORMAT``, ``boxes``/``classes`` for training, ``height``/``width`` of
 the original image) and returns a loss dict in training and, in inference, one dict per image
 with ``boxes`` (XYXY, original image coordinates), ``scores`` and ``classes`` (contiguous ids
@@ -21,13 +23,12 @@ from typing import List, Tuple
 
 import torch
 from torch import nn
-from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from wrn_det.engine.device import prepare_device, resolve_device
 from wrn_det.engine.errors import ConfigError
 
 from .backbone import build_backbone
-from .base import LOSS_NAMES, DetectorBase, check_unsupported
+from .base import DetectorBase, check_unsupported
 from .fast_conv import fast_convs
 from .registry import META_ARCH_REGISTRY
 from .roi_heads import build_roi_heads
@@ -53,12 +54,6 @@ class GeneralizedRCNN(DetectorBase):
         super().__init__(cfg, build_backbone(cfg))
         self.rpn = build_rpn(cfg, self.backbone.output_shape()) if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "RPN" else None
         self.roi_heads = build_roi_heads(cfg, self.backbone)
-        self.loss_weights = {
-            "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
-            "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT,
-            "loss_cls": 1.0,
-            "loss_box_reg": cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT,
-        }
 
     def forward(self, batched_inputs: List[dict]):
         """Return the loss dict (training) or the detections of every image (inference)."""
@@ -77,13 +72,14 @@ class GeneralizedRCNN(DetectorBase):
             proposals, rpn_losses = self.given_proposals(batched_inputs), {}
         detections, det_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
         if self.training:
-            losses = {**rpn_losses, **det_losses}
-            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
+            return {**rpn_losses, **det_losses}
         results = []
         for x, det, size in zip(batched_inputs, detections, images.image_sizes):
             h, w = x.get("height", size[0]), x.get("width", size[1])
-            results.append({"boxes": self.rescale(det["boxes"], size, h, w), "scores": det["scores"],
-                            "classes": det["labels"] - 1})
+            boxes = self.rescale(det["boxes"], size, h, w)
+            # as detectron2's detector_postprocess: a box squeezed to nothing in the original image is dropped
+            keep = torch.where(((boxes[:, 2:] - boxes[:, :2]) > 0).all(dim=1))[0]
+            results.append({"boxes": boxes[keep], "scores": det["scores"][keep], "classes": det["labels"][keep] - 1})
         return results
 
     def given_proposals(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
@@ -154,9 +150,6 @@ class ProposalNetwork(DetectorBase):
         check_unsupported(cfg)
         super().__init__(cfg, build_backbone(cfg))
         self.rpn = build_rpn(cfg, self.backbone.output_shape())
-        self.min_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
-        w = cfg.MODEL.RPN.LOSS_WEIGHT
-        self.loss_weights = {"loss_rpn_cls": w, "loss_rpn_loc": w * cfg.MODEL.RPN.BBOX_REG_LOSS_WEIGHT}
 
     def forward(self, batched_inputs: List[dict]):
         """Return the RPN losses (training) or the proposals and objectness logits of every image (inference)."""
@@ -169,30 +162,23 @@ class ProposalNetwork(DetectorBase):
         features = self.backbone(images.tensors)
         feats = OrderedDict((f, features[f]) for f in self.rpn.in_features)
         if self.training:
-            # torchvision's RPN also selects proposals in training; they are not needed here (as in detectron2)
-            _, losses = self.rpn(images, feats, targets)
-            return {LOSS_NAMES[k]: v * self.loss_weights[LOSS_NAMES[k]] for k, v in losses.items()}
+            # the proposals are not used by an RPN trained alone: not computed
+            _, losses = self.rpn(images, feats, targets, need_proposals=False)
+            return losses
         results = []
         for (boxes, logits), x, size in zip(self.propose(images, list(feats.values())), batched_inputs,
                                             images.image_sizes):
             boxes = self.rescale(boxes, size, x.get("height", size[0]), x.get("width", size[1]))
             # boxes squeezed to nothing by the clip in the original image are no proposals
-            keep = ((boxes[:, 2:] - boxes[:, :2]) > 0).all(dim=1)
+            keep = torch.where(((boxes[:, 2:] - boxes[:, :2]) > 0).all(dim=1))[0]
             results.append({"proposals": boxes[keep], "objectness_logits": logits[keep]})
         return results
 
     def propose(self, images, feats: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Return ``(boxes, logits)`` per image in network-input coordinates (inference settings of the RPN).
 
-        torchvision's RPN returns boxes only; the logits are what detectron2 stores in
-        proposal files, so the selection is redone here keeping them.
+        The logits are what detectron2 stores in proposal files.
         """
         rpn = self.rpn
-        objectness, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(images, feats)
-        num_per_level = [o[0].numel() for o in objectness]  # A * H * W per level
-        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        return select_top_proposals(proposals, objectness.detach().view(len(anchors), -1), num_per_level,
-                                    images.image_sizes, rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"],
-                                    rpn.nms_thresh, max(self.min_size, 0.0))
+        logits, deltas = rpn.flat_predictions(feats)
+        return rpn.predict_proposals(rpn.anchor_generator(feats), logits, deltas, images.image_sizes)

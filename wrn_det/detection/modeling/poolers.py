@@ -34,13 +34,13 @@ def assign_boxes_to_levels(boxes: Tensor, min_level: int, max_level: int, canoni
                            canonical_level: int = 4) -> Tensor:
     """Return the pyramid level of every XYXY box as an index from ``min_level`` (int64, (R,)).
 
-    The FPN paper's rule as torchvision's ``LevelMapper`` applies it: level
-    ``floor(canonical_level + log2(sqrt(area) / canonical_size) + 1e-6)``, clamped to
-    ``[min_level, max_level]``.
+    The FPN paper's rule as detectron2's ``assign_boxes_to_levels`` applies it: level
+    ``floor(canonical_level + log2(sqrt(area) / canonical_size + 1e-8))``, clamped to
+    ``[min_level, max_level]`` (torchvision's ``LevelMapper`` adds its 1e-6 to the level
+    instead, which moves boxes within 1e-4 pixels of a level boundary).
     """
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    lvl = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_size)
-                      + torch.tensor(1e-6, dtype=area.dtype))
+    lvl = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_size + 1e-8))
     return torch.clamp(lvl, min=min_level, max=max_level).to(torch.int64) - min_level
 
 

@@ -2,10 +2,11 @@
 
 A model trained with ``tools/train_net.py --engine detectron2`` is detectron2's
 ``GeneralizedRCNN`` around the same WRN modules (:mod:`wrn_det.d2`). Its state dict
-differs from the builtin detector's in names and in two layouts:
+differs from the builtin detector's in names and in three layouts (the third, the RPN
+head's anchor order, is described below the table):
 
 ============================================  ============================================
-detectron2                                    builtin (torchvision's detection pieces)
+detectron2                                    builtin (torchvision's state-dict layout)
 ============================================  ============================================
 ``backbone.bottom_up.{stem,res2..}.*`` (FPN)  ``backbone.bottom_up.net.<network keys>``
 ``backbone.{stem,res2..res4}.*`` (C4)         ``backbone.net.<network keys>``
@@ -22,17 +23,17 @@ detectron2                                    builtin (torchvision's detection p
                                               (or 4 class-agnostic ones) in detectron2
 ============================================  ============================================
 
-detectron2's cell anchors are not rounded and are listed size-major; torchvision's are
-rounded to integers and listed ratio-major. :func:`use_detectron2_anchors` gives the
-builtin RPN detectron2's anchors, so its weights mean what they meant in training.
+The builtin RPN's anchors are detectron2's (:func:`~wrn_det.detection.modeling.rpn.cell_anchors`),
+listed ratio-major where detectron2 lists them size-major: with several sizes on a level (the C4
+configs) the RPN head's objectness and delta rows are reordered (:func:`rpn_anchor_order`), so
+its weights mean what they meant in training.
 
 The file is hostile input: every key of the mapping must be present, every tensor must
 have the shape the configured detector expects, and keys the mapping does not know are
 refused (a mask head, say), each with one line naming the key.
 """
-import math
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,13 +42,10 @@ from wrn_det.engine.errors import WrnDetError, a_type
 from wrn_det.engine.weights_file import is_detectron2_state  # the reader tells a detectron2 checkpoint by its keys
 from wrn_det.models.convert import backbone_key_map
 
-from ..modeling.rpn import StridedAnchorGenerator
-
-__all__ = ["is_detectron2_state", "detectron2_key_plan", "detectron2_to_builtin", "DetectronAnchorGenerator",
-           "use_detectron2_anchors"]
+__all__ = ["is_detectron2_state", "detectron2_key_plan", "detectron2_to_builtin", "rpn_anchor_order"]
 
 # how a detectron2 tensor becomes the builtin one
-_SAME, _CLS_SCORE, _BBOX_PRED = "same", "cls_score", "bbox_pred"
+_SAME, _CLS_SCORE, _BBOX_PRED, _RPN_ANCHORS = "same", "cls_score", "bbox_pred", "rpn_anchors"
 
 
 def _backbone_plan(model: nn.Module) -> List[Tuple[str, str, str]]:
@@ -85,8 +83,29 @@ def _rpn_plan(model: nn.Module) -> List[Tuple[str, str, str]]:
             plan.append((f"{d2}.{name}", f"rpn.head.conv.{k}.0.{name}", _SAME))
     for d2, own in (("objectness_logits", "cls_logits"), ("anchor_deltas", "bbox_pred")):
         for name in ("weight", "bias"):
-            plan.append((f"proposal_generator.rpn_head.{d2}.{name}", f"rpn.head.{own}.{name}", _SAME))
+            plan.append((f"proposal_generator.rpn_head.{d2}.{name}", f"rpn.head.{own}.{name}", _RPN_ANCHORS))
     return plan
+
+
+def rpn_anchor_order(model: nn.Module) -> Optional[List[int]]:
+    """Return, for every cell anchor of the builtin RPN, the index of the same anchor in detectron2's RPN head.
+
+    The builtin lists a level's anchors ratio-major, detectron2 size-major; with one size
+    or one ratio per level the two lists are the same. Returns None for a model without an
+    RPN. Raises :class:`WrnDetError` when levels differ in their numbers of sizes and ratios
+    (no single reordering of the shared head fits every level).
+    """
+    rpn = getattr(model, "rpn", None)
+    if rpn is None:
+        return None
+    ag = rpn.anchor_generator
+    shapes = {(len(s), len(r)) for s, r in zip(ag.sizes, ag.aspect_ratios)}
+    if len(shapes) > 1 and any(s > 1 and r > 1 for s, r in shapes):
+        raise WrnDetError(f"detectron2 checkpoints: the RPN levels have different numbers of anchor sizes and ratios "
+                          f"{sorted(shapes)}; their shared head's rows cannot be mapped")
+    sizes, ratios = next(iter(shapes))
+    # builtin anchor j = (ratio j // sizes, size j % sizes); detectron2's index of it: size * ratios + ratio
+    return [(j % sizes) * ratios + j // sizes for j in range(sizes * ratios)]
 
 
 def _box_head_plan(model: nn.Module) -> List[Tuple[str, str, str]]:
@@ -110,11 +129,15 @@ def _box_head_plan(model: nn.Module) -> List[Tuple[str, str, str]]:
 def detectron2_key_plan(model: nn.Module) -> List[Tuple[str, str, str]]:
     """Return ``(detectron2 key, builtin key, how)`` for every tensor a detectron2 checkpoint of ``model`` holds.
 
-    ``model`` is a builtin ``GeneralizedRCNN`` (FPN or C4); ``how`` is ``same``, or
-    ``cls_score`` / ``bbox_pred`` for the predictor's reordered rows.
+    ``model`` is a builtin ``GeneralizedRCNN`` (FPN or C4) or ``ProposalNetwork``; ``how`` is
+    ``same``, ``rpn_anchors`` for the RPN head's rows (reordered as :func:`rpn_anchor_order`
+    says), or ``cls_score`` / ``bbox_pred`` for the predictor's reordered rows.
     """
     if not hasattr(model, "roi_heads"):
-        raise WrnDetError(f"detectron2 checkpoints load into GeneralizedRCNN detectors, not {type(model).__name__}")
+        if getattr(model, "rpn", None) is None:
+            raise WrnDetError(f"detectron2 checkpoints load into GeneralizedRCNN and ProposalNetwork detectors, "
+                              f"not {type(model).__name__}")
+        return _backbone_plan(model) + _rpn_plan(model)
     plan = _backbone_plan(model) + _rpn_plan(model) + _box_head_plan(model)
     for p in ("weight", "bias"):
         plan.append((f"roi_heads.box_predictor.cls_score.{p}", f"roi_heads.box_predictor.cls_score.{p}", _CLS_SCORE))
@@ -132,8 +155,12 @@ def _as_tensor(value, key: str, path: str) -> torch.Tensor:
     raise WrnDetError(f"detectron2 checkpoint {path}: {key} is {a_type(value)}, not a tensor")
 
 
-def _convert(how: str, v: torch.Tensor, expected: torch.Size, key: str, path: str) -> torch.Tensor:
+def _convert(how: str, v: torch.Tensor, expected: torch.Size, key: str, path: str,
+             anchor_order: Optional[List[int]] = None) -> torch.Tensor:
     rows = expected[0] if len(expected) else 0
+    if how == _RPN_ANCHORS and tuple(v.shape) == tuple(expected) and anchor_order is not None:
+        per_anchor = v.view(len(anchor_order), -1, *v.shape[1:])  # objectness: 1 row per anchor, deltas: 4
+        return per_anchor[anchor_order].reshape(v.shape)
     if how == _CLS_SCORE:
         # detectron2: classes 0..K-1 then background; builtin: background then classes 1..K
         if v.dim() != len(expected) or v.shape[1:] != expected[1:] or v.shape[0] != rows:
@@ -174,38 +201,9 @@ def detectron2_to_builtin(state: Dict[str, object], model: nn.Module, path: str 
     if unknown:
         raise WrnDetError(f"detectron2 checkpoint {path} has {len(unknown)} tensors this detector does not have "
                           f"(e.g. {', '.join(unknown[:3])}); only box detectors of wrn_det's configs are supported")
+    order = rpn_anchor_order(model)
     for d2, key, how in plan:
         if d2 not in state:
             continue
-        out[key] = _convert(how, _as_tensor(state[d2], d2, path), own[key].shape, d2, path)
+        out[key] = _convert(how, _as_tensor(state[d2], d2, path), own[key].shape, d2, path, order)
     return out
-
-
-class DetectronAnchorGenerator(StridedAnchorGenerator):
-    """The builtin anchor generator (strides known) with detectron2's cell anchors (``DefaultAnchorGenerator``, offset 0).
-
-    For a size ``s`` and ratio ``a``: ``w = sqrt(s * s / a)``, ``h = a * w``, the box
-    ``(-w/2, -h/2, w/2, h/2)`` without rounding, listed size-major (all ratios of the
-    first size first), as detectron2's RPN head weights expect.
-    """
-
-    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
-        """Return the (len(scales) * len(aspect_ratios), 4) cell anchors of one level, centred on 0."""
-        cells = []
-        for size in scales:
-            area = float(size) ** 2.0
-            for ratio in aspect_ratios:
-                w = math.sqrt(area / float(ratio))
-                h = float(ratio) * w
-                cells.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
-        return torch.tensor(cells, dtype=dtype, device=device)
-
-
-def use_detectron2_anchors(model: nn.Module) -> None:
-    """Give ``model``'s RPN (if any) detectron2's anchors of the same sizes and ratios, in place; returns None."""
-    rpn = getattr(model, "rpn", None)
-    if rpn is None:
-        return
-    old = rpn.anchor_generator
-    # the RPN moves the cell anchors to the features' device and dtype on every call
-    rpn.anchor_generator = DetectronAnchorGenerator(old.sizes, old.aspect_ratios, old.strides)

@@ -212,14 +212,11 @@ def detector_file_fields(model: nn.Module, cfg, metadata: dict) -> dict:
     """Return the header fields of a detector's ``.safetensors`` (:func:`~wrn_det.engine.weights_file.save_safetensors`).
 
     ``metadata``: the class names and ids (as :func:`checkpoint_metadata` makes them);
-    ``config``: ``cfg`` as YAML (``MODEL.WEIGHTS`` cleared: the file is the weights); ``wrn_det``: the file's description, with the RPN's anchors
-    (``detectron2`` for a model whose weights came from the detectron2 engine), so that the file
-    loads back to the same detections.
+    ``config``: ``cfg`` as YAML (``MODEL.WEIGHTS`` cleared: the file is the weights); ``wrn_det``: the file's
+    description, with the RPN's anchors: always ``detectron2`` (the builtin RPN's anchors are detectron2's), which
+    tells earlier releases, whose own anchors were rounded, to load the file with detectron2's.
     """
-    model = unwrap(model)
-    anchors = "detectron2" if isinstance(getattr(getattr(model, "rpn", None), "anchor_generator", None),
-                                         d2_keys.DetectronAnchorGenerator) else "builtin"
-    desc = {"format": DETECTOR_FORMAT, "version": 1, "engine": "builtin", "anchors": anchors,
+    desc = {"format": DETECTOR_FORMAT, "version": 1, "engine": "builtin", "anchors": "detectron2",
             "model_name": str(cfg.MODEL.WRN.NAME), "backbone": str(cfg.MODEL.BACKBONE.NAME)}
     cfg = cfg.clone()
     cfg.defrost()
@@ -230,8 +227,8 @@ def detector_file_fields(model: nn.Module, cfg, metadata: dict) -> dict:
 def _key_plan(model: nn.Module, wf: WeightsFile, state: Dict[str, torch.Tensor]):
     """Return how the file's tensors meet the detector: ``(state, target, required, prefix, what, hint)``.
 
-    A detectron2-engine detector's keys are mapped to the builtin ones (and the RPN gets
-    detectron2's anchors); a file none of whose keys the detector has is a backbone file,
+    A detectron2-engine detector's keys are mapped to the builtin ones (the RPN head's rows in the
+    builtin anchor order); a file none of whose keys the detector has is a backbone file,
     matched against the classification network inside the detector (whose keys then get
     ``prefix``); anything else is matched against the whole detector, every tensor it runs
     required.
@@ -240,8 +237,6 @@ def _key_plan(model: nn.Module, wf: WeightsFile, state: Dict[str, torch.Tensor])
     prefix, net = backbone_network(model)
     if wf.engine == "detectron2":
         state = d2_keys.detectron2_to_builtin(state, model, wf.path)
-    if wf.engine == "detectron2" or detector_description(wf).get("anchors") == "detectron2":
-        d2_keys.use_detectron2_anchors(model)  # the RPN's weights mean what they meant in training
     if net is not None and not any(k in own for k in state):
         required = [k for k in backbone_key_map(net) if not is_counter(k)]
         return state, net.state_dict(), required, prefix, f"the backbone {type(net).__name__}", True
