@@ -15,23 +15,26 @@ import torch
 from helpers import DRAW_64, SHAPES_DETECTOR_CONFIG, SHAPES_DETECTOR_OPTS, write_fake_coco
 
 
-def _built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Tuple[Path, object]:
-    """Return ``(folder, value)``: the folder ``name`` that ``build(folder)`` filled and the JSON value it returned,
-    built once for the whole test run.
+def _run_base(tmp_path_factory) -> Path:
+    """Return the folder shared by the whole test run: the run's base temporary folder (every xdist worker's parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _built_once(base: Path, name: str, build: Callable[[Path], object]) -> Tuple[Path, object]:
+    """Return ``(folder, value)``: the folder ``name`` under ``base`` that ``build(folder)`` filled and the JSON value
+    it returned, built once for the whole test run.
 
     Under pytest-xdist each worker has a base temporary folder of its own inside the run's:
-    the folder lives in the run's, and the first worker that asks builds it under a file
+    the folder lives in the run's, and the first process that asks builds it under a file
     lock while the others wait, then read what it left. The value, kept in ``<name>.json``
-    beside the folder, is written last: a build that failed (or whose worker died) leaves
-    none, and the next worker to ask builds the folder again.
+    beside the folder, is written last: a build that failed (or whose process died) leaves
+    none, and the next process to ask builds the folder again.
     """
     from filelock import FileLock
 
     from wrn_det.engine.fileio import write_json
 
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
     folder, done = base / name, base / f"{name}.json"
     with FileLock(str(base / f"{name}.lock")):
         if not done.is_file():
@@ -39,6 +42,72 @@ def _built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) ->
             folder.mkdir()
             write_json(str(done), {"value": build(folder)})
         return folder, json.loads(done.read_text())["value"]
+
+
+def build_det_coco_root(base: Path) -> str:
+    """Write (once per run, under ``base``) the fake COCO tree of :func:`det_coco_root`; returns the datasets root."""
+    def build(folder):
+        write_fake_coco(folder, {"train2017": (800, 11), "val2017": (100, 12)}, **DRAW_64)
+
+    return str(_built_once(base, "d2root", build)[0])
+
+
+def build_shapes_detector(base: Path) -> Tuple[Path, dict]:
+    """Train (once per run, under ``base``) the detector of :func:`trained_shapes_detector`; returns ``(folder, run)``."""
+    from wrn_det.detection.config import get_det_cfg
+    from wrn_det.detection.train import Trainer
+    from wrn_det.engine.config import load_config, save_config
+
+    root = build_det_coco_root(base)
+
+    def train(out):
+        opts = SHAPES_DETECTOR_OPTS + ["OUTPUT_DIR", str(out)]
+        threads = torch.get_num_threads()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DETECTRON2_DATASETS", root)
+            torch.set_num_threads(1)
+            try:
+                cfg = load_config(get_det_cfg(), SHAPES_DETECTOR_CONFIG, opts)
+                save_config(cfg, os.path.join(out, "config.yaml"))
+                t0 = time.time()
+                results = Trainer(cfg).train()
+                return {"results": results, "seconds": time.time() - t0, "opts": opts, "root": root}
+            finally:
+                torch.set_num_threads(threads)
+
+    return _built_once(base, "shapes_detector", train)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Under pytest-xdist, start training the shared shapes detector at once, in a child of the controller.
+
+    Several test files need it; without this, the first worker to ask trains it (about 1.5
+    minutes) while a second one asking waits idle. The child takes the same file lock as the
+    workers (:func:`_built_once`): whoever comes first builds, the others read, and a child that
+    fails leaves the build to the first worker that asks. Its output goes to
+    ``<run folder>/shapes_detector_prebuild.log``.
+    """
+    import subprocess
+    import sys
+
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return  # a worker, or a run without xdist: the fixture builds it when first asked
+    base = config._tmp_path_factory.getbasetemp()
+    log = open(base / "shapes_detector_prebuild.log", "w")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); from pathlib import Path; import conftest; " \
+           f"conftest.build_shapes_detector(Path({str(base)!r}))"
+    config._shapes_prebuild = subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=log,
+                                               stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def pytest_unconfigure(config):
+    """Stop the controller's child of :func:`pytest_configure` if no test needed it before the run ended."""
+    proc = getattr(config, "_shapes_prebuild", None)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait()
 
 
 @pytest.fixture
@@ -70,10 +139,7 @@ def det_coco_root(tmp_path_factory) -> str:
     Written once for the whole test run (every xdist worker reads the same tree); returns the
     datasets root (what ``DETECTRON2_DATASETS`` points at).
     """
-    def build(folder):
-        write_fake_coco(folder, {"train2017": (800, 11), "val2017": (100, 12)}, **DRAW_64)
-
-    return str(_built_once(tmp_path_factory, "d2root", build)[0])
+    return build_det_coco_root(_run_base(tmp_path_factory))
 
 
 class TrainedDetector(NamedTuple):
@@ -95,29 +161,10 @@ class TrainedDetector(NamedTuple):
 def trained_shapes_detector(det_coco_root, tmp_path_factory) -> TrainedDetector:
     """Train the learning test's WRN-10-1-FPN detector once for the whole test run; returns the run.
 
-    About 1.5 minutes on the 2-core development machine, spent by the first xdist worker that
-    needs it while the others wait (see :func:`_built_once`). The run folder is laid out as
-    tools/train_net.py leaves it (config.yaml included), so tools can be pointed at it; tests
-    only read it.
+    About 1.5 minutes on the 2-core development machine, started by the xdist controller as the
+    run begins (:func:`pytest_configure`), or spent by the first worker that needs it while the
+    others wait (see :func:`_built_once`). The run folder is laid out as tools/train_net.py
+    leaves it (config.yaml included), so tools can be pointed at it; tests only read it.
     """
-    from wrn_det.detection.config import get_det_cfg
-    from wrn_det.detection.train import Trainer
-    from wrn_det.engine.config import load_config, save_config
-
-    def train(out):
-        opts = SHAPES_DETECTOR_OPTS + ["OUTPUT_DIR", str(out)]
-        threads = torch.get_num_threads()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DETECTRON2_DATASETS", det_coco_root)
-            torch.set_num_threads(1)
-            try:
-                cfg = load_config(get_det_cfg(), SHAPES_DETECTOR_CONFIG, opts)
-                save_config(cfg, os.path.join(out, "config.yaml"))
-                t0 = time.time()
-                results = Trainer(cfg).train()
-                return {"results": results, "seconds": time.time() - t0, "opts": opts}
-            finally:
-                torch.set_num_threads(threads)
-
-    out, run = _built_once(tmp_path_factory, "shapes_detector", train)
-    return TrainedDetector(out, run["results"], det_coco_root, run["seconds"], run["opts"])
+    out, run = build_shapes_detector(_run_base(tmp_path_factory))
+    return TrainedDetector(out, run["results"], run["root"], run["seconds"], run["opts"])
