@@ -211,3 +211,17 @@ def test_zca_whitening_is_fitted_on_train_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(cls_preprocess, "fit_zca", lambda *a, **k: pytest.fail("refitted despite the cache"))
     again, _ = zca_whiten(train, test, 55.0, 0.1)
     assert torch.equal(again.images, wtr.images)
+
+
+@pytest.mark.parametrize("n", [5, 150, 191, 193, 400])
+def test_zca_of_fewer_images_than_pixels_equals_the_eigen_decomposition(n):
+    # below D = 192 rows the fit takes the thin SVD of the rows; it must give the D x D eigen-decomposition's W
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 192, generator=g, dtype=torch.float64) @ torch.randn(192, 192, generator=g, dtype=torch.float64) * 0.3
+    mean, w = cls_preprocess.fit_zca(x, 0.1)
+    xc = x - x.mean(dim=0)
+    evals, evecs = torch.linalg.eigh(xc.T @ xc / n)
+    expect = (evecs * (evals.clamp(min=0) + 0.1).rsqrt()) @ evecs.T
+    assert mean.dtype == w.dtype == torch.float32 and w.shape == (192, 192)
+    assert torch.allclose(mean.double(), x.mean(dim=0), atol=1e-5)
+    assert torch.allclose(w.double(), expect, rtol=1e-4, atol=1e-5), (w.double() - expect).abs().max()

@@ -101,11 +101,20 @@ def fit_zca(x: torch.Tensor, filter_bias: float = 0.1, chunk: int = 4096) -> Tup
 
     ``(x - mean) @ W`` is whitened: the covariance's eigenvalues ``l`` become
     ``l / (l + filter_bias)``. The covariance is accumulated in float64 by chunks, so
-    memory stays at one chunk plus a D x D matrix.
+    memory stays at one chunk plus a D x D matrix. With fewer rows than columns (a small
+    subset) the covariance has rank below N and ``W`` comes exactly from the thin SVD of the
+    centred rows: ``b^-1/2`` outside their span, ``(s^2/N + b)^-1/2`` along it (an N x D
+    decomposition instead of D x D: for CIFAR, D = 3072).
     """
     x = x.to(torch.float64)
     n, d = x.shape
     mean = x.mean(dim=0)
+    if n < d:
+        _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        inv_b = filter_bias ** -0.5
+        w = (vh.T * ((s.square() / n + filter_bias).rsqrt() - inv_b)) @ vh
+        w.diagonal().add_(inv_b)
+        return mean.float(), w.float()
     cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for i in range(0, n, chunk):
         xc = x[i:i + chunk] - mean
