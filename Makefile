@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.wrn_det-installed
 # two pytest workers (one per core), each taking whole test files so that module fixtures are built once
-PYTEST_ARGS ?= -q -n 2 --dist loadfile
+PYTEST_ARGS ?= -q -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install test demo bench clean help
 

@@ -27,7 +27,7 @@ setup(
         # filelock: the xdist workers build the session's trained detector once, one waiting for the other;
         # mlflow and wandb: the tracker tests, run offline (local MLflow stores, WANDB_MODE=offline); the hub
         # extra's packages, so that CI runs the timm, safetensors and Hub folder tests
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "filelock>=3.12", "mlflow>=2.9", "wandb>=0.16",
+        "test": ["pytest>=7.4", "pytest-xdist>=3.8", "filelock>=3.12", "mlflow>=2.9", "wandb>=0.16",
                  "timm>=0.9.2", "huggingface_hub>=0.23", "safetensors>=0.4"],
         # LOGGERS "('mlflow',)" / "('wandb',)": the experiment trackers (wrn_det.engine.trackers)
         "trackers": ["mlflow>=2.9", "wandb>=0.16"],

@@ -91,6 +91,7 @@ def pytest_configure(config):
     import subprocess
     import sys
 
+    config.addinivalue_line("markers", "slow: a test of 15 s or more on a 2-core machine (its file is run first)")
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
         return  # a worker, or a run without xdist: the fixture builds it when first asked
     base = config._tmp_path_factory.getbasetemp()
@@ -100,6 +101,22 @@ def pytest_configure(config):
            f"conftest.build_shapes_detector(Path({str(base)!r}))"
     config._shapes_prebuild = subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=log,
                                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the test files for pytest-xdist's workers (``--dist loadfile`` hands files out in this order).
+
+    Files with a ``slow`` test come first, so that no worker starts a long test near the end
+    while the other has nothing left; files that use the trained shapes detector come last,
+    so that the workers do other work while :func:`pytest_configure`'s child trains it
+    (about 2 minutes) instead of waiting for it. Within a file the order is unchanged.
+    """
+    files: Dict[Path, List] = {}
+    for i, item in enumerate(items):
+        key = files.setdefault(item.path, [False, True, i])  # uses the detector, has no slow test, first position
+        key[0] |= "trained_shapes_detector" in item.fixturenames
+        key[1] &= item.get_closest_marker("slow") is None
+    items.sort(key=lambda item: tuple(files[item.path]))
 
 
 def pytest_unconfigure(config):

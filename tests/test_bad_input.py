@@ -498,6 +498,7 @@ def test_fuzzed_coco_files_load_cleanly_or_raise_one_line(tmp_path):
     assert outcomes["ok"] >= 5 and outcomes["refused"] >= 100, outcomes
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_two_process_run_is_still_one_line(tmp_path):
     out = tmp_path / "out"
     r = run_tool("train_net", "--num-gpus", "2", "--config-file", "shapes_wrn_frcnn.yaml", *TINY_DET[:-4],

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import REPO, tool_env, torchrun_two_agents
@@ -18,6 +19,7 @@ def _losses(out: Path):
     return [(int(e), int(i), float(v)) for e, i, v in LOSS.findall((out / "log.txt").read_text())]
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_match_one_process(tmp_path):
     root = write_synthetic_cifar(str(tmp_path / "data"), n_train=128, n_test=64, seed=11)
     # BatchNorm: MODEL.SYNC_BN (the default) normalises with the statistics of the global batch,

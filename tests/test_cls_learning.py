@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import load_tool
@@ -21,6 +22,7 @@ def _colour_only_accuracy(train, test) -> float:
     return (pred == test.labels).float().mean().item()
 
 
+@pytest.mark.slow
 def test_wrn_learns_synthetic_cifar10_to_90_percent(tmp_path, one_thread):
     root = write_synthetic_cifar(str(tmp_path / "data"), n_train=2000, n_test=500, seed=1)
     train = read_cifar(root, "cifar10", True, verify_checksums=False)

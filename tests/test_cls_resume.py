@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import REPO, tool_env
@@ -31,6 +32,7 @@ def _epoch3_started(out: Path) -> bool:
             and "epoch 3/4 iter 3/10 " in log.read_text())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     root = write_synthetic_cifar(str(tmp_path / "data"), n_train=320, n_test=100, seed=5)
     env = tool_env()

@@ -189,6 +189,7 @@ def _losses(out):
             if "total_loss" in r]
 
 
+@pytest.mark.slow
 def test_syncbn_over_two_gloo_processes_gives_the_single_process_losses(tmp_path):
     """SyncBN on CPUs with gloo: 2 processes of 2 images (two torchrun agents) give the losses of 1 process of 4,
     per-process BN does not."""

@@ -17,6 +17,8 @@ from helpers import REPO, load_tool
 
 from wrn_det.engine.launch import launch
 
+pytestmark = pytest.mark.slow  # see conftest.py: run first under pytest-xdist
+
 STEPS = 3
 
 

@@ -16,6 +16,8 @@ from helpers import DRAW_64, REPO, TINY_DET, free_port, tool_env, write_fake_coc
 from wrn_det.data.cls_synthetic import write_synthetic_cifar
 from wrn_det.engine.errors import PREEMPTED_EXIT_CODE, WrnDetError
 
+pytestmark = pytest.mark.slow  # see conftest.py: run first under pytest-xdist
+
 PREEMPTED = re.compile(r"preempted at iteration (\d+); checkpoint (\S+); continue with --resume")
 
 

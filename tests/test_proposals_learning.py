@@ -12,6 +12,8 @@ from helpers import DRAW_64, write_fake_coco
 
 from wrn_det.data.proposals import load_proposal_file
 
+pytestmark = pytest.mark.slow  # see conftest.py: run first under pytest-xdist
+
 # the demo's detector, narrowed to WRN-10-1; 800 RPN iterations of 2 images, then 1000 Fast R-CNN
 # iterations from the RPN's backbone: about 3 minutes on the 2-core development machine.
 # Measured with detectron2's RPN and box-head losses: AR@100 52.1, AR@1000 59.5 on the held-out images, then

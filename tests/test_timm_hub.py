@@ -135,6 +135,7 @@ def test_checkpoints_load_through_pretrained_cfg_overlay(cls_run, tmp_path):
         timm.create_model("wrn_16_4", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "bb.pth")))
 
 
+@pytest.mark.slow
 def test_registration_follows_timm_whichever_is_imported_first(tmp_path):
     code = ("import sys, json\n"
             "first = sys.argv[1]\n"
