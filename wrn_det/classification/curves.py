@@ -19,7 +19,8 @@ from wrn_det.engine import comm
 from wrn_det.engine.config import flatten_config as flatten_options
 from wrn_det.engine.curves import JSON_STATS_PREFIX
 from wrn_det.engine.errors import WrnDetError
-from wrn_det.engine.events import json_value, read_json_lines
+from wrn_det.engine.events import read_json_lines
+from wrn_det.engine.fileio import json_value
 
 __all__ = ["JSON_STATS_PREFIX", "flatten_options", "json_stats_line", "append_json_stats", "run_options",
            "legend_labels"]

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from .fileio import write_text
+from .fileio import json_value, write_text
 from .errors import ConfigError, a_type
 
 __all__ = ["CfgNode", "CN", "resolve_config_file", "load_config", "save_config", "config_search_dirs", "add_run_config",
@@ -97,8 +97,6 @@ def add_run_config(cfg: CfgNode, task: str) -> CfgNode:
 
 def flatten_config(cfg, prefix: str = "") -> Dict[str, object]:
     """Return a config (a CfgNode or nested dict) as ``{"MODEL.NAME": value, ...}`` with JSON-ready values."""
-    from .events import json_value
-
     out: Dict[str, object] = {}
     for k, v in cfg.items():
         key = f"{prefix}{k}"

@@ -5,7 +5,6 @@ written as null, see :func:`json_value`), read back by :func:`read_metrics` alon
 """
 import json
 import logging
-import math
 import os
 import sys
 from collections import deque
@@ -13,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import comm
 from .errors import WrnDetError
-from .fileio import atomic_write
+from .fileio import atomic_write, json_value
 
 
 class _Buffer(logging.Handler):
@@ -92,23 +91,6 @@ def attach_log_file(output_dir: str, distributed_rank: int = 0, name: str = "wrn
             h.close()
     logger.addHandler(fh)
     return path
-
-
-def json_value(v):
-    """Return ``v`` as strict JSON holds it: tensors and numpy scalars as numbers, tuples as lists, NaN and infinities as None.
-
-    Strict, so that any JSON reader takes the file (``NaN`` is not JSON); a value that is not
-    a number is no point of a curve either way.
-    """
-    if hasattr(v, "item") and callable(v.item):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [json_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): json_value(x) for k, x in v.items()}
-    return v
 
 
 def _metrics_file(path: str) -> str:

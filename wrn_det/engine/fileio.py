@@ -10,6 +10,7 @@ appended to instead.
 """
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .errors import WrnDetError
 
 __all__ = ["read_json", "atomic_write", "atomic_write_all", "atomic_write_dir", "atomic_save", "write_text",
-           "write_json", "save_figure", "check_output_dir"]
+           "write_json", "save_figure", "check_output_dir", "json_value"]
 
 Writer = Callable[[str], None]
 
@@ -197,3 +198,20 @@ def check_output_dir(path: str, key: str = "OUTPUT_DIR") -> str:
         what = "is a file" if p == os.path.abspath(path) else f"is under the file {p}"
         raise WrnDetError(f"{key} {path!r} {what}; expected a folder")
     return path
+
+
+def json_value(v):
+    """Return ``v`` as strict JSON holds it: tensors and numpy scalars as numbers, tuples as lists, NaN and infinities as None.
+
+    Strict, so that any JSON reader takes the file (``NaN`` is not JSON); a value that is not
+    a number is no point of a curve either way.
+    """
+    if hasattr(v, "item") and callable(v.item):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): json_value(x) for k, x in v.items()}
+    return v
