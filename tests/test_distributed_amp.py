@@ -90,7 +90,8 @@ def test_syncbn_under_bfloat16_keeps_float32_statistics_of_the_global_batch(tmp_
 CONFIGS = REPO / "configs"
 CLS_CONFIGS = sorted(p for p in (CONFIGS / "classification").glob("*.yaml") if not p.name.startswith("Base-"))
 # the RPN configs first: their evaluation writes the proposal files the Fast R-CNN configs train and test on
-DET_CONFIGS = sorted([*(CONFIGS / "COCO-Detection").glob("*.yaml"), *(CONFIGS / "demo").glob("*.yaml")],
+DET_CONFIGS = sorted([*(CONFIGS / "COCO-Detection").glob("*.yaml"), *(CONFIGS / "PascalVOC-Detection").glob("*.yaml"),
+                      *(CONFIGS / "demo").glob("*.yaml")],
                      key=lambda p: ("rpn" not in p.stem, p.parent.name, p.stem))
 
 
