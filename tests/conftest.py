@@ -80,7 +80,8 @@ def build_shapes_detector(base: Path) -> Tuple[Path, dict]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    """Under pytest-xdist, start training the shared shapes detector at once, in a child of the controller.
+    """Register the ``slow`` marker (see :func:`pytest_collection_modifyitems`); under pytest-xdist, start training
+    the shared shapes detector at once, in a child of the controller.
 
     Several test files need it; without this, the first worker to ask trains it (about 1.5
     minutes) while a second one asking waits idle. The child takes the same file lock as the
